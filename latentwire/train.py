@@ -1,0 +1,163 @@
+"""Phase 1 training of the adapter on reconstruction.
+
+The adapters are per-token maps (k -> d), and a token's input embedding
+depends only on its id, so a training example is a token id: x = table[id],
+z = compressor(x). Batches mix ids sampled from the training corpus (so
+frequent tokens weigh as they do in text) with ids drawn uniformly from the
+whole vocabulary (so tokens never seen in training text still reconstruct).
+No LLM forward pass is needed, which is why Phase 1 takes seconds on a CPU.
+
+Plain loop (torchtune style): sample -> loss terms -> clip -> step -> log.
+Checkpoints (adapter, optimizer, scheduler, RNG, step, best) are written
+atomically every `ckpt_every` steps; `resume=True` continues exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .errors import LatentWireError
+from .losses import reconstruction_loss
+from .runio import JsonlLogger, atomic_torch_save
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def token_recovery(recon: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, chunk: int = 2048) -> float:
+    """Share of reconstructed vectors whose nearest vocabulary row (cosine
+    over the embedding table) is the original token."""
+    tn = torch.nn.functional.normalize(table.float(), dim=-1)
+    hits = 0
+    for i in range(0, recon.shape[0], chunk):
+        r = torch.nn.functional.normalize(recon[i:i + chunk].float(), dim=-1)
+        hits += int(((r @ tn.T).argmax(-1) == ids[i:i + chunk].to(r.device)).sum())
+    return hits / max(1, recon.shape[0])
+
+
+@torch.no_grad()
+def apply_adapter(adapter, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    return torch.cat([adapter(z[i:i + chunk]) for i in range(0, z.shape[0], chunk)]) if z.shape[0] else z
+
+
+@torch.no_grad()
+def recon_metrics(adapter, z_table: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> dict:
+    was = adapter.training
+    adapter.eval()
+    y = apply_adapter(adapter, z_table[ids])
+    x = table[ids]
+    terms = reconstruction_loss(y, x)
+    nr = (y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8))
+    adapter.train(was)
+    return {"cos": float(terms["cos"]), "mse": float(terms["mse"]), "norm_ratio": float(nr.mean()),
+            "token_recovery": token_recovery(y, ids, table)}
+
+
+def _has_params(adapter) -> bool:
+    return any(p.requires_grad for p in adapter.parameters())
+
+
+def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.Tensor, pool_ids: torch.Tensor,
+                 cfg: TrainConfig, out_dir: str | Path, seed: int = 0, quick_ids: torch.Tensor | None = None,
+                 progress: bool = True, resume: bool = False,
+                 on_epoch: Callable[[int, dict], None] | None = None, stop_after: int | None = None) -> dict:
+    """Train `adapter` so that adapter(z_table[id]) ~ table[id].
+
+    Returns a summary (final/best metrics). Writes `train_log.jsonl`,
+    `ckpt.pt` (resumable) and `adapter_best.pt` state in `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    log = JsonlLogger(out_dir / "train_log.jsonl")
+    V = table.shape[0]
+    if not _has_params(adapter):
+        return {"steps": 0, "note": "adapter has no trainable parameters"}
+    if pool_ids.numel() == 0 and cfg.vocab_fraction < 1.0:
+        raise LatentWireError("training token pool is empty (no training prompts?); set --vocab-fraction 1")
+    g = torch.Generator().manual_seed(seed)
+    if quick_ids is None:
+        quick_ids = torch.randint(0, V, (2048,), generator=torch.Generator().manual_seed(seed + 1))
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * cfg.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, cfg.warmup_steps))
+    step, best = 0, {"token_recovery": -1.0, "cos": -1.0}
+    ckpt_path = out_dir / "ckpt.pt"
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        adapter.load_state_dict(ck["adapter"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        g.set_state(ck["sampler_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        step, best = ck["step"], ck["best"]
+        log.log(event="resume", step=step)
+
+    def save_ckpt() -> None:
+        atomic_torch_save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "sampler_rng": g.get_state(),
+                           "torch_rng": torch.get_rng_state(), "step": step, "best": best,
+                           "train_config": asdict(cfg)}, ckpt_path)
+
+    n_vocab = round(cfg.vocab_fraction * cfg.batch_tokens)
+    n_pool = cfg.batch_tokens - n_vocab
+    adapter.train()
+    bar = tqdm(total=total, initial=step, desc="train phase 1", disable=not progress, leave=False)
+    while step < total:
+        ids = torch.cat([torch.randint(0, V, (n_vocab,), generator=g),
+                         pool_ids[torch.randint(0, max(1, pool_ids.numel()), (n_pool,), generator=g)]
+                         if n_pool else torch.empty(0, dtype=torch.long)])
+        terms = reconstruction_loss(adapter(z_table[ids]), table[ids], w_cos=cfg.w_cos, w_mse=cfg.w_mse)
+        for name, v in terms.items():
+            if not torch.isfinite(v):
+                # no save here: the last good checkpoint on disk stays as it is
+                raise LatentWireError(f"training stopped at step {step}: loss term {name!r} is {float(v.detach())} "
+                                      f"(last good checkpoint: {ckpt_path})")
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(gn):
+            raise LatentWireError(f"training stopped at step {step}: gradient norm is {float(gn)} "
+                                  f"(loss terms {', '.join(terms)}; last good checkpoint: {ckpt_path})")
+        opt.step()
+        sched.step()
+        step += 1
+        row = {"event": "step", "step": step, "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
+               **{k: float(v.detach()) for k, v in terms.items()}}
+        if step % cfg.eval_every == 0 or step == total:
+            row.update({f"quick_{k}": v for k, v in recon_metrics(adapter, z_table, table, quick_ids).items()})
+        log.log(**row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", cos=f"{row['cos']:.3f}")
+        if step % cfg.steps_per_epoch == 0 or step == total:
+            epoch = math.ceil(step / cfg.steps_per_epoch)
+            full = recon_metrics(adapter, z_table, table, torch.arange(V))
+            log.log(event="epoch", epoch=epoch, step=step, **{f"vocab_{k}": v for k, v in full.items()})
+            key = (full["token_recovery"], full["cos"])
+            if key > (best["token_recovery"], best["cos"]):
+                best = {"token_recovery": full["token_recovery"], "cos": full["cos"], "step": step}
+                atomic_torch_save(adapter.state_dict(), out_dir / "adapter_best_state.pt")
+            if on_epoch:
+                on_epoch(epoch, full)
+        if step % cfg.ckpt_every == 0 or step == total:
+            save_ckpt()
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            return {"steps": step, "best": best, "stopped_early": True}
+    bar.close()
+    # finish on the best checkpoint, as the seed's "best model" intended
+    best_path = out_dir / "adapter_best_state.pt"
+    if best_path.exists():
+        adapter.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False))
+    adapter.eval()
+    return {"steps": step, "best": best}

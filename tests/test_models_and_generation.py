@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from latentwire.data import PromptBuilder, synthetic_squad
+from latentwire.errors import LatentWireError
+from latentwire.evaluate import (EvalSwitches, generate_one_at_a_time, generate_predictions, greedy_generate, left_pad,
+                                 pipeline_embeds, stop_token_ids)
+from latentwire.models import embedding_table, load_model, resolve_device, resolve_dtype, resolve_model_source
+
+
+def test_tiny_model_is_frozen(tiny):
+    assert not tiny.model.training
+    assert all(not p.requires_grad for p in tiny.model.parameters())
+    assert tiny.tokenizer.padding_side == "left"
+
+
+def test_resolvers():
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(LatentWireError, match="--dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name,msg", [
+    ("./no/such/dir", "no such file or folder"),
+    ("/nonexistent/model.gguf", "no such file or folder"),
+])
+def test_bad_model_names(name, msg):
+    with pytest.raises(LatentWireError, match=msg):
+        resolve_model_source(name)
+
+
+def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LatentWireError, match="--model definitely-not-a-model-xyz"):
+        load_model("definitely-not-a-model-xyz")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(LatentWireError, match="no config.json"):
+        resolve_model_source(str(tmp_path))
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """Gemma-style: the module scales its output by sqrt(d)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * (self.embedding_dim ** 0.5)
+
+
+def test_embedding_table_goes_through_the_module(tiny):
+    m = tiny.model
+    orig = m.get_input_embeddings()
+    scaled = ScaledEmbedding(orig.num_embeddings, orig.embedding_dim)
+    scaled.weight.data.copy_(orig.weight.data)
+    m.set_input_embeddings(scaled)
+    try:
+        t = embedding_table(m)
+        assert torch.allclose(t, orig.weight * orig.embedding_dim ** 0.5)
+        assert torch.allclose(tiny.embed(torch.tensor([3]))[0], t[3])
+    finally:
+        m.set_input_embeddings(orig)
+
+
+def _prompts(tiny, n=6, template="fewshot"):
+    b = PromptBuilder(tiny.tokenizer, template, 400)
+    return [b.build(e) for e in synthetic_squad(4, seed=1)[:n]]
+
+
+def test_ids_and_embeds_paths_give_identical_outputs(tiny):
+    prompts = _prompts(tiny)
+    stops = stop_token_ids(tiny.tokenizer)
+    ids, mask = left_pad([p.ids for p in prompts], tiny.tokenizer.pad_token_id)
+    a = greedy_generate(tiny.model, mask, input_ids=ids, max_new_tokens=8, stop_ids=stops)
+    b = greedy_generate(tiny.model, mask, inputs_embeds=tiny.embed(ids), max_new_tokens=8, stop_ids=stops)
+    assert a == b and any(len(x) for x in a)
+    assert generate_predictions(tiny, prompts, use_input_ids=True, max_new_tokens=8, progress=False) == \
+        generate_predictions(tiny, prompts, max_new_tokens=8, progress=False)
+
+
+def test_batched_equals_one_at_a_time_despite_left_padding(tiny):
+    prompts = _prompts(tiny)
+    assert len({len(p.ids) for p in prompts}) > 1  # padding really happens
+    batched = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=8, progress=False)
+    single = generate_one_at_a_time(tiny, prompts, max_new_tokens=8, progress=False)
+    assert batched == single
+
+
+def test_identity_transform_equals_text_and_keep_mask(tiny):
+    prompts = _prompts(tiny, 3)
+    text = generate_predictions(tiny, prompts, max_new_tokens=6, progress=False)
+    ident = generate_predictions(tiny, prompts, transform=lambda x: x, max_new_tokens=6, progress=False)
+    assert text == ident
+    # a transform that zeroes everything, with the cue kept: cue positions stay original
+    sw = EvalSwitches(keep_bos=False, keep_prefix=0, keep_cue=True)
+    emb, mask = pipeline_embeds(tiny, prompts, lambda x: torch.zeros_like(x), sw, tiny.tokenizer.pad_token_id)
+    n_cue = prompts[0].n_cue
+    orig = tiny.embed(torch.tensor(prompts[0].ids[-n_cue:]))
+    assert torch.allclose(emb[0, -n_cue:], orig)
+    assert emb[0, -n_cue - 1].abs().sum() == 0
+
+
+def test_stop_ids_include_newline_tokens_and_eos(tiny):
+    s = set(stop_token_ids(tiny.tokenizer))
+    assert tiny.tokenizer.eos_token_id in s
+    nl = tiny.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert set(nl) & s
