@@ -70,6 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="also evaluate the linear-PCA-inverse control (default: on)")
     pr.add_argument("--no-cache", action="store_true", help="recompute the text baseline instead of reusing it")
     pr.add_argument("--resume", action="store_true", help="continue training from the run folder's ckpt.pt")
+    pr.add_argument("--overwrite", action="store_true", help="start over in a run folder that already holds a run")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             from .run import run_experiment
             cfg = _build(args, tuple(_GROUPS))
             apply_preset(cfg)
-            run_experiment(cfg, use_cache=not args.no_cache, resume=args.resume)
+            run_experiment(cfg, use_cache=not args.no_cache, resume=args.resume, overwrite=args.overwrite)
     except LatentWireError as e:
         print(f"latentwire: error: {e}", file=sys.stderr)
         return 2

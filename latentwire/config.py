@@ -58,7 +58,7 @@ class DataConfig:
     seed: int = 0
     """Seed for splits, sampling, initialisation and bootstrap."""
 
-    def validate(self) -> None:
+    def validate(self, need_train: bool = True) -> None:
         _choice("template", self.template, ("plain", "fewshot", "chat"))
         _choice("bos", self.bos, ("none", "original", "reconstructed"))
         _positive("max_prompt_tokens", self.max_prompt_tokens)
@@ -73,7 +73,7 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and v != "hub" and not Path(v).is_file():
                 raise LatentWireError(f"{_flag(name)} {v}: no such file")
-        if (self.squad_train is None) != (self.squad_eval is None):
+        if need_train and (self.squad_train is None) != (self.squad_eval is None):
             raise LatentWireError("--squad-train and --squad-eval go together (train and evaluate on disjoint files)")
         if self.squad_train is not None and self.squad_train != "hub" and self.squad_train == self.squad_eval:
             raise LatentWireError("--squad-train and --squad-eval are the same file; evaluation articles must be unseen")

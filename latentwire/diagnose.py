@@ -126,3 +126,28 @@ def summary_lines(name: str, d: dict) -> list[str]:
     for ex in d["examples"][:3]:
         lines.append(f"  gold={ex['gold'][0]!r} text={ex['text_output']!r} recon={ex['reconstructed_output']!r}")
     return lines
+
+
+def findings(name: str, m: dict, d: dict) -> list[str]:
+    """Plain-language reading of one pipeline's numbers, cause first."""
+    out = []
+    ret, ag = m.get("f1_retention"), m.get("agreement", 0.0)
+    vr = m.get("token_recovery_vocab")
+    if d["norm_status"] != "OK":
+        out.append(f"{name}: magnitude mismatch -- reconstructed/original norm ratio {d['norm_ratio']:.2f} "
+                   f"({d['norm_status']}); the LLM reads vectors of the wrong scale (try --calibration rms)")
+    if vr is not None and vr < 0.99:
+        out.append(f"{name}: reconstructions leave the vocabulary -- only {100 * vr:.1f}% of all token ids come back "
+                   f"as their own nearest embedding row")
+    if d["cos"] > 0.8 and ret is not None and ret < 0.5:
+        out.append(f"{name}: cosine {d['cos']:.3f} looks high, yet F1 retention is {100 * ret:.0f}% -- direction "
+                   f"alone is not what the LLM needs")
+    if d["collapsed"]:
+        out.append(f"{name}: outputs collapsed -- {d['top_output']!r} for {100 * d['top_output_share']:.0f}% of "
+                   f"questions (diversity {d['diversity']:.2f} vs text {d['text_diversity']:.2f})")
+    if ret is not None and ret >= 0.95 and ag >= 0.9:
+        out.append(f"{name}: faithful to the text pipeline -- F1 retention {100 * ret:.1f}%, agreement {100 * ag:.1f}%")
+    elif not out:
+        out.append(f"{name}: F1 retention {100 * (ret or 0):.1f}%, agreement {100 * ag:.1f}%; no single diagnostic "
+                   f"stands out")
+    return out

@@ -47,7 +47,7 @@ def plot_norms(run_dir: Path, diags: dict) -> str | None:
     for name, d in diags.items():
         r = d.get("token_norm_ratios_sample") or []
         if r:
-            ax.hist([min(x, 3.0) for x in r], bins=60, alpha=0.5, label=name)
+            ax.hist([min(x, 3.0) for x in r], bins=60, histtype="step", linewidth=1.5, label=name)
             drew = True
     if not drew:
         plt.close(fig)

@@ -19,7 +19,7 @@ from .compress import make_compressor
 from .config import RunConfig
 from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, load_squad_json, split_by_title, \
     synthetic_squad
-from .diagnose import diagnose, summary_lines
+from .diagnose import diagnose, findings, summary_lines
 from .errors import LatentWireError
 from .evaluate import EvalSwitches, generate_predictions, score_predictions
 from .metrics import bootstrap_ci
@@ -32,9 +32,14 @@ from .train import recon_metrics, train_phase1
 def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:
     """Train/eval examples from disjoint articles, and a description."""
     d = cfg.data
-    if d.squad_train is not None:
-        def load(src, flag, split):
-            return load_squad_hub(split) if src == "hub" else load_squad_json(src, flag)
+
+    def load(src, flag, split):
+        return load_squad_hub(split) if src == "hub" else load_squad_json(src, flag)
+
+    if d.squad_train is None and d.squad_eval is not None:  # `latentwire eval` needs no training data
+        ev, rev = load(d.squad_eval, "--squad-eval", "validation")
+        train, desc = [], {"train": None, "eval": rev.source, "eval_report": asdict(rev)}
+    elif d.squad_train is not None:
         train, rtr = load(d.squad_train, "--squad-train", "train")
         ev, rev = load(d.squad_eval, "--squad-eval", "validation")
         shared = {e.title for e in train} & {e.title for e in ev}
@@ -71,26 +76,41 @@ def training_pool(builder: PromptBuilder, train: Sequence[Example]) -> torch.Ten
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _text_cache_key(lm, prompts, max_new_tokens: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([lm.source, str(lm.dtype), max_new_tokens, __version__]).encode())
-    for p in prompts:
-        h.update(json.dumps(p.ids).encode())
-    return h.hexdigest()[:24]
+def _text_cache_path(lm, max_new_tokens: int) -> Path:
+    key = hashlib.sha256(json.dumps([lm.source, str(lm.dtype), max_new_tokens, __version__]).encode()).hexdigest()
+    return cache_root() / "text_baseline" / f"{key[:24]}.jsonl"
 
 
-def text_predictions(lm, prompts, cfg: RunConfig, use_cache: bool = True) -> list[str]:
-    """Text-baseline answers. Greedy decoding is deterministic, so results are
-    cached by (model, dtype, prompt ids, max_new_tokens) and reused across
-    runs on the same questions (`--no-cache` to recompute)."""
-    path = cache_root() / "text_baseline" / f"{_text_cache_key(lm, prompts, cfg.eval.max_new_tokens)}.json"
-    if use_cache and path.exists():
-        return json.loads(path.read_text())
-    preds = generate_predictions(lm, prompts, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                                 desc="text baseline", progress=cfg.progress)
-    if use_cache:
-        write_json(path, preds)
-    return preds
+def _prompt_key(p) -> str:
+    return hashlib.sha256(json.dumps(p.ids).encode()).hexdigest()[:32]
+
+
+def text_predictions(lm, prompts, cfg: RunConfig, read_cache: bool = True, write_cache: bool = True) -> list[str]:
+    """Text-baseline answers. Greedy decoding is deterministic and batched
+    output equals one-at-a-time output (tested), so answers are cached per
+    prompt -- keyed by (model, dtype, max_new_tokens, prompt ids) -- and reused
+    by later runs on the same questions (`--no-cache` to recompute)."""
+    path = _text_cache_path(lm, cfg.eval.max_new_tokens)
+    cache: dict[str, str] = {}
+    if read_cache and path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                cache[row["key"]] = row["prediction"]
+            except (json.JSONDecodeError, KeyError):
+                continue  # a torn last line from a killed run: recompute that prompt
+    keys = [_prompt_key(p) for p in prompts]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        new = generate_predictions(lm, [prompts[i] for i in todo], batch_size=cfg.eval.batch_size,
+                                   max_new_tokens=cfg.eval.max_new_tokens, desc="text baseline",
+                                   progress=cfg.progress)
+        if write_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps({"key": keys[i], "prediction": p}) + "\n" for i, p in zip(todo, new)))
+        cache.update({keys[i]: p for i, p in zip(todo, new)})
+    return [cache[k] for k in keys]
 
 
 def _pipeline_metrics(rows: list[dict], agg: dict, n_boot: int, seed: int) -> dict:
@@ -111,17 +131,20 @@ def _retention(text_rows, rows, n_boot, seed) -> tuple[float | None, list[float]
     return ret, list(ci)
 
 
-def text_baseline_eval(cfg: RunConfig, use_cache: bool = False) -> dict:
+def text_baseline_eval(cfg: RunConfig) -> dict:
     """`latentwire eval`: the text pipeline alone, written to cfg.out."""
     t0 = time.time()
-    cfg.data.validate(); cfg.eval.validate()
+    cfg.data.validate(need_train=False)
+    cfg.eval.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
     _, ev, desc = load_data(cfg)
     builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
     prompts = [builder.build(e) for e in ev]
-    preds = text_predictions(lm, prompts, cfg, use_cache=use_cache)
+    # always generated afresh here (this *is* the baseline measurement); the
+    # answers are added to the cache that `latentwire run` reads
+    preds = text_predictions(lm, prompts, cfg, read_cache=False)
     rows, agg = score_predictions(prompts, preds)
     write_jsonl(out / "predictions.jsonl", rows)
     m = {"model": lm.source, "n_eval": len(prompts), "data": desc, "wall_s": time.time() - t0,
@@ -131,12 +154,28 @@ def text_baseline_eval(cfg: RunConfig, use_cache: bool = False) -> dict:
     return m
 
 
-def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False, log=print) -> dict:
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Never silently mix or destroy runs: a folder that already holds a run
+    needs --resume (continue it) or --overwrite (start over)."""
+    held = [f for f in ("ckpt.pt", "metrics.json", "train_log.jsonl") if (out / f).exists()]
+    if held and not (resume or overwrite):
+        raise LatentWireError(f"--out {out}: already holds a run ({', '.join(held)}); "
+                              "pass --resume to continue it or --overwrite to start over")
+    if resume and not (out / "ckpt.pt").exists():
+        raise LatentWireError(f"--resume: {out} has no ckpt.pt to resume from")
+    if overwrite and not resume:
+        for f in ("ckpt.pt", "train_log.jsonl", "events.jsonl", "adapter_best_state.pt", "metrics.json"):
+            (out / f).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False, overwrite: bool = False,
+                   log=print) -> dict:
     """`latentwire run`: the whole Stage 1 Phase 1 pipeline into cfg.out."""
     t0 = time.time()
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, resume, overwrite)
     events = JsonlLogger(out / "events.jsonl")
     write_json(out / "config.json", asdict(cfg))
     seed_everything(cfg.data.seed)
@@ -182,7 +221,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     # --- evaluate -------------------------------------------------------------
     sw = EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
                       keep_cue=cfg.eval.anchor == "original")
-    text_preds = text_predictions(lm, prompts, cfg, use_cache=use_cache)
+    text_preds = text_predictions(lm, prompts, cfg, read_cache=use_cache)
     text_rows, text_agg = score_predictions(prompts, text_preds)
     write_jsonl(out / "predictions_text.jsonl", text_rows)
     log(f"text baseline: F1 {text_agg['f1']:.2f} EM {text_agg['exact_match']:.2f} on {len(prompts)} questions")
@@ -223,6 +262,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
             "token_recovery_vocab": vocab_m["token_recovery"], "token_recovery_prompts": diag["token_recovery_prompts"],
             "cos": diag["cos"], "norm_ratio": diag["norm_ratio"], "norm_status": diag["norm_status"],
             "collapsed": diag["collapsed"]}
+        metrics.setdefault("verdict", []).extend(findings(name, metrics["pipelines"][name], diag))
         for line in summary_lines(name, diag):
             log(line)
     metrics["wall_s"] = time.time() - t0
@@ -230,6 +270,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, diags, asdict(cfg))
     log("\n" + metrics_table(metrics))
+    log("\n".join(["", "verdict:"] + [f"- {v}" for v in metrics.get("verdict", [])]))
     log(f"\nrun folder: {out} (report.md, metrics.json, predictions_*.jsonl, diagnostics_*.json)")
     return metrics
 
