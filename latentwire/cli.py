@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except LatentWireError as e:
         print(f"latentwire: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("latentwire: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        hint = f" -- continue with: latentwire run --resume --out {args.out} (same flags)" if args.cmd == "run" else ""
+        print(f"latentwire: interrupted{': ' + str(e) if str(e) else ''}{hint}", file=sys.stderr)
         return 130
     return 0
 

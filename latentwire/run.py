@@ -154,7 +154,17 @@ def text_baseline_eval(cfg: RunConfig) -> dict:
     return m
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig | None = None) -> None:
     """Never silently mix or destroy runs: a folder that already holds a run
     needs --resume (continue it) or --overwrite (start over)."""
     held = [f for f in ("ckpt.pt", "metrics.json", "train_log.jsonl") if (out / f).exists()]
@@ -163,6 +173,14 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                               "pass --resume to continue it or --overwrite to start over")
     if resume and not (out / "ckpt.pt").exists():
         raise LatentWireError(f"--resume: {out} has no ckpt.pt to resume from")
+    if resume and config is not None and (out / "config.json").exists():
+        saved = _flatten(json.loads((out / "config.json").read_text()))
+        now = _flatten(json.loads(json.dumps(asdict(config))))
+        diff = [k for k in sorted(set(saved) | set(now)) if k not in ("progress",) and saved.get(k) != now.get(k)]
+        if diff:
+            k = diff[0]
+            raise LatentWireError(f"--resume: the flags differ from the run being resumed ({len(diff)} field(s)); "
+                                  f"first: {k} is {saved.get(k)!r} there but {now.get(k)!r} now")
     if overwrite and not resume:
         for f in ("ckpt.pt", "train_log.jsonl", "events.jsonl", "adapter_best_state.pt", "metrics.json"):
             (out / f).unlink(missing_ok=True)
@@ -175,7 +193,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     t0 = time.time()
     cfg.validate()
     out = Path(cfg.out)
-    prepare_run_dir(out, resume, overwrite)
+    prepare_run_dir(out, resume, overwrite, cfg)
     events = JsonlLogger(out / "events.jsonl")
     write_json(out / "config.json", asdict(cfg))
     seed_everything(cfg.data.seed)

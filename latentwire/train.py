@@ -14,6 +14,8 @@ atomically every `ckpt_every` steps; `resume=True` continues exactly.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -24,7 +26,30 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .errors import LatentWireError
 from .losses import reconstruction_loss
-from .runio import JsonlLogger, atomic_torch_save
+from .runio import JsonlLogger, atomic_torch_save, read_jsonl, write_jsonl
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of
+    the current step and then raises KeyboardInterrupt (never a torn file)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -101,6 +126,8 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
         g.set_state(ck["sampler_rng"])
         torch.set_rng_state(ck["torch_rng"])
         step, best = ck["step"], ck["best"]
+        if log.path.exists():  # drop log rows of steps the killed run did after its last checkpoint
+            write_jsonl(log.path, [r for r in read_jsonl(log.path) if r.get("step", 0) <= step])
         log.log(event="resume", step=step)
 
     def save_ckpt() -> None:
@@ -113,47 +140,53 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
     n_pool = cfg.batch_tokens - n_vocab
     adapter.train()
     bar = tqdm(total=total, initial=step, desc="train phase 1", disable=not progress, leave=False)
-    while step < total:
-        ids = torch.cat([torch.randint(0, V, (n_vocab,), generator=g),
-                         pool_ids[torch.randint(0, max(1, pool_ids.numel()), (n_pool,), generator=g)]
-                         if n_pool else torch.empty(0, dtype=torch.long)])
-        terms = reconstruction_loss(adapter(z_table[ids]), table[ids], w_cos=cfg.w_cos, w_mse=cfg.w_mse)
-        for name, v in terms.items():
-            if not torch.isfinite(v):
-                # no save here: the last good checkpoint on disk stays as it is
-                raise LatentWireError(f"training stopped at step {step}: loss term {name!r} is {float(v.detach())} "
-                                      f"(last good checkpoint: {ckpt_path})")
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(gn):
-            raise LatentWireError(f"training stopped at step {step}: gradient norm is {float(gn)} "
-                                  f"(loss terms {', '.join(terms)}; last good checkpoint: {ckpt_path})")
-        opt.step()
-        sched.step()
-        step += 1
-        row = {"event": "step", "step": step, "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
-               **{k: float(v.detach()) for k, v in terms.items()}}
-        if step % cfg.eval_every == 0 or step == total:
-            row.update({f"quick_{k}": v for k, v in recon_metrics(adapter, z_table, table, quick_ids).items()})
-        log.log(**row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", cos=f"{row['cos']:.3f}")
-        if step % cfg.steps_per_epoch == 0 or step == total:
-            epoch = math.ceil(step / cfg.steps_per_epoch)
-            full = recon_metrics(adapter, z_table, table, torch.arange(V))
-            log.log(event="epoch", epoch=epoch, step=step, **{f"vocab_{k}": v for k, v in full.items()})
-            key = (full["token_recovery"], full["cos"])
-            if key > (best["token_recovery"], best["cos"]):
-                best = {"token_recovery": full["token_recovery"], "cos": full["cos"], "step": step}
-                atomic_torch_save(adapter.state_dict(), out_dir / "adapter_best_state.pt")
-            if on_epoch:
-                on_epoch(epoch, full)
-        if step % cfg.ckpt_every == 0 or step == total:
-            save_ckpt()
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            return {"steps": step, "best": best, "stopped_early": True}
+    with _StopFlag() as stop:
+        while step < total:
+            ids = torch.cat([torch.randint(0, V, (n_vocab,), generator=g),
+                             pool_ids[torch.randint(0, max(1, pool_ids.numel()), (n_pool,), generator=g)]
+                             if n_pool else torch.empty(0, dtype=torch.long)])
+            terms = reconstruction_loss(adapter(z_table[ids]), table[ids], w_cos=cfg.w_cos, w_mse=cfg.w_mse)
+            for name, v in terms.items():
+                if not torch.isfinite(v):
+                    # no save here: the last good checkpoint on disk stays as it is
+                    raise LatentWireError(f"training stopped at step {step}: loss term {name!r} is {float(v.detach())} "
+                                          f"(last good checkpoint: {ckpt_path})")
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(gn):
+                raise LatentWireError(f"training stopped at step {step}: gradient norm is {float(gn)} "
+                                      f"(loss terms {', '.join(terms)}; last good checkpoint: {ckpt_path})")
+            opt.step()
+            sched.step()
+            step += 1
+            row = {"event": "step", "step": step, "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
+                   **{k: float(v.detach()) for k, v in terms.items()}}
+            if step % cfg.eval_every == 0 or step == total:
+                row.update({f"quick_{k}": v for k, v in recon_metrics(adapter, z_table, table, quick_ids).items()})
+            log.log(**row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", cos=f"{row['cos']:.3f}")
+            if step % cfg.steps_per_epoch == 0 or step == total:
+                epoch = math.ceil(step / cfg.steps_per_epoch)
+                full = recon_metrics(adapter, z_table, table, torch.arange(V))
+                log.log(event="epoch", epoch=epoch, step=step, **{f"vocab_{k}": v for k, v in full.items()})
+                key = (full["token_recovery"], full["cos"])
+                if key > (best["token_recovery"], best["cos"]):
+                    best = {"token_recovery": full["token_recovery"], "cos": full["cos"], "step": step}
+                    atomic_torch_save(adapter.state_dict(), out_dir / "adapter_best_state.pt")
+                if on_epoch:
+                    on_epoch(epoch, full)
+            if step % cfg.ckpt_every == 0 or step == total:
+                save_ckpt()
+            if stop.signum is not None:
+                save_ckpt()
+                bar.close()
+                log.log(event="interrupted", step=step, signal=int(stop.signum))
+                raise KeyboardInterrupt(f"signal {stop.signum} at step {step}; checkpoint saved to {ckpt_path}")
+            if stop_after is not None and step >= stop_after:
+                bar.close()
+                return {"steps": step, "best": best, "stopped_early": True}
     bar.close()
     # finish on the best checkpoint, as the seed's "best model" intended
     best_path = out_dir / "adapter_best_state.pt"
