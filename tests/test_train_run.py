@@ -130,3 +130,30 @@ def test_cli_bad_flags_one_line_error(tmp_path):
     ]:
         rc, err = run(*args, "--out", str(tmp_path / "o"))
         assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
+
+
+def test_cli_eval_writes_predictions_and_metrics(tmp_path):
+    out = tmp_path / "ev"
+    p = subprocess.run([sys.executable, "-m", "latentwire", "eval", "--model", "tiny-random", "--synthetic-articles",
+                        "4", "--max-eval", "5", "--max-new-tokens", "4", "--n-boot", "20", "--no-progress",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "| text | 5 |" in p.stdout
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and {"id", "gold", "prediction", "f1", "em"} <= set(rows[0])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pipelines"]["text"]["n"] == 5 and m["config"]["model"]["model"] == "tiny-random"
+    assert m["pipelines"]["text"]["f1"] == pytest.approx(100 * sum(r["f1"] for r in rows) / 5)
+
+
+def test_findings_name_the_cause():
+    from latentwire.diagnose import findings
+    d = {"norm_status": "TOO HIGH", "norm_ratio": 7.9, "cos": 0.89, "collapsed": True, "top_output": "",
+         "top_output_share": 0.9, "diversity": 0.05, "text_diversity": 0.8}
+    lines = findings("seed", {"f1_retention": 0.0, "agreement": 0.0, "token_recovery_vocab": 0.1}, d)
+    text = " ".join(lines)
+    assert "magnitude mismatch" in text and "leave the vocabulary" in text and "collapsed" in text
+    assert "cosine 0.890 looks high" in text
+    ok = findings("lw", {"f1_retention": 1.0, "agreement": 0.99, "token_recovery_vocab": 0.9999},
+                  d | {"norm_status": "OK", "collapsed": False})
+    assert ok == ["lw: faithful to the text pipeline -- F1 retention 100.0%, agreement 99.0%"]
