@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compress import check_meta, read_artifact
 from .config import AdapterConfig
 from .errors import LatentWireError
 from .runio import atomic_torch_save
@@ -162,11 +163,7 @@ def save_adapter(adapter: nn.Module, path: str | Path, meta: dict) -> None:
 def load_adapter_state(adapter: nn.Module, path: str | Path, expect: dict) -> dict:
     """Load weights after checking the saved fingerprint (model, d_model,
     vocabulary, compression dim, adapter kind) against this run."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    meta = blob.get("meta", {})
-    for key, want in expect.items():
-        have = meta.get(key)
-        if have is not None and have != want:
-            raise LatentWireError(f"adapter {path}: {key} is {have!r} there but {want!r} in this run")
+    blob = read_artifact("--adapter-path", path)
+    check_meta("--adapter-path", path, blob["meta"], expect)
     adapter.load_state_dict(blob["state_dict"])
-    return meta
+    return blob["meta"]

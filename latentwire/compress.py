@@ -210,13 +210,27 @@ def make_compressor(kind: str, k: int, seed: int = 0) -> Compressor:
     raise LatentWireError(f"--compressor: unknown kind {kind!r}")
 
 
+def check_meta(what: str, path: str | Path, meta: dict, expect: dict) -> None:
+    """A saved artifact must match this run: model, d_model, vocabulary size,
+    compression dim (and kind). The message names both sides."""
+    for key, want in expect.items():
+        have = meta.get(key)
+        if have is not None and have != want:
+            raise LatentWireError(f"{what} {path}: {key} is {have!r} there but {want!r} in this run")
+
+
+def read_artifact(what: str, path: str | Path) -> dict:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file
+        raise LatentWireError(f"{what} {path}: not a LatentWire checkpoint ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or "meta" not in blob:
+        raise LatentWireError(f"{what} {path}: not a LatentWire checkpoint (no 'meta')")
+    return blob
+
+
 def load_compressor(path: str | Path, expect: dict | None = None) -> Compressor:
     """Load a saved compressor; `expect` (model fingerprint + dim) must match."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    meta = blob.get("meta", {})
-    if expect:
-        for key, want in expect.items():
-            have = meta.get(key)
-            if have is not None and have != want:
-                raise LatentWireError(f"compressor {path}: {key} is {have!r} there but {want!r} in this run")
+    blob = read_artifact("--compressor-path", path)
+    check_meta("--compressor-path", path, blob["meta"], expect or {})
     return _KINDS[blob["kind"]].from_state(blob["state"])

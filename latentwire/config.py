@@ -113,6 +113,8 @@ class CompressConfig:
     """Compression ratio d_model / k, used when --compress-dim is not given."""
     fit_source: str = "corpus"
     """What PCA is fitted on: corpus (training-prompt tokens, streamed) | vocab (the table, uniform)."""
+    compressor_path: str | None = None
+    """Load this fitted compressor (a run's compressor.pt) instead of fitting one; checked against the model."""
 
     def validate(self, d_model: int | None = None) -> None:
         _choice("compressor", self.compressor, ("pca", "random", "identity"))
@@ -120,6 +122,8 @@ class CompressConfig:
         if self.compress_dim is not None:
             _positive("compress_dim", self.compress_dim)
         _positive("ratio", self.ratio)
+        if self.compressor_path is not None and not Path(self.compressor_path).is_file():
+            raise LatentWireError(f"--compressor-path {self.compressor_path}: no such file")
         if self.ratio < 1:
             raise LatentWireError(f"--ratio must be >= 1 (got {self.ratio})")
         if d_model is not None:
@@ -160,6 +164,8 @@ class AdapterConfig:
     """Output calibration: none | rms (per-token RMS set to the embedding table's mean RMS) | learned (learned scale)."""
     vocab_topk: int = 64
     """vocab: candidates per token (exact nearest in compressed space) the softmax runs over."""
+    adapter_path: str | None = None
+    """Load these trained adapter weights (a run's adapter.pt) instead of training; checked against the run."""
 
     def validate(self) -> None:
         _choice("adapter", self.adapter, ("vocab", "mlp", "linear"))
@@ -169,6 +175,8 @@ class AdapterConfig:
         _positive("vocab_topk", self.vocab_topk)
         if not 0.0 <= self.dropout < 1.0:
             raise LatentWireError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.adapter_path is not None and not Path(self.adapter_path).is_file():
+            raise LatentWireError(f"--adapter-path {self.adapter_path}: no such file")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Prompt
+from .errors import LatentWireError
 from .metrics import aggregate, score_example
 
 EmbedTransform = Callable[[torch.Tensor], torch.Tensor]  # [N, d] -> [N, d]
@@ -152,6 +153,10 @@ def pipeline_embeds(lm, prompts: Sequence[Prompt], transform: EmbedTransform | N
     out = emb.clone()
     if sel.any():
         out[sel] = transform(emb[sel]).to(out.dtype)
+    limit = torch.finfo(lm.dtype).max if lm.dtype.is_floating_point else float("inf")
+    if not torch.isfinite(out).all() or float(out.abs().max()) > limit:
+        raise LatentWireError(f"the reconstructed embeddings are not finite in {lm.dtype} (max |x| "
+                              f"{float(out.abs().max()):.3g}); use --dtype float32 or --calibration rms")
     return out, mask
 
 

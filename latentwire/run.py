@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from . import __version__
-from .adapters import LinearAdapter, build_adapter, save_adapter
-from .compress import make_compressor
+from .adapters import LinearAdapter, build_adapter, load_adapter_state, save_adapter
+from .compress import check_meta, load_compressor, make_compressor, read_artifact
 from .config import RunConfig
 from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, load_squad_json, split_by_title, \
     synthetic_squad
@@ -202,6 +202,18 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     d_model, V = lm.d_model, lm.vocab_size
     cfg.compress.validate(d_model)
     k = cfg.compress.resolve_dim(d_model)
+    max_pos = getattr(lm.model.config, "max_position_embeddings", None)
+    if max_pos and cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens > max_pos:
+        raise LatentWireError(f"--max-prompt-tokens {cfg.data.max_prompt_tokens} + --max-new-tokens "
+                              f"{cfg.eval.max_new_tokens} exceeds the model's context window ({max_pos})")
+    fp = lm.fingerprint() | {"compress_dim": k}
+    # saved artifacts are checked before any work starts
+    if cfg.compress.compressor_path:
+        comp_meta = read_artifact("--compressor-path", cfg.compress.compressor_path)["meta"]
+        check_meta("--compressor-path", cfg.compress.compressor_path, comp_meta, fp | {"kind": cfg.compress.compressor})
+    if cfg.adapter.adapter_path:
+        ad_meta = read_artifact("--adapter-path", cfg.adapter.adapter_path)["meta"]
+        check_meta("--adapter-path", cfg.adapter.adapter_path, ad_meta, fp | {"adapter": cfg.adapter.adapter})
     events.log(event="model", source=lm.source, d_model=d_model, vocab=V, device=str(lm.device), dtype=str(lm.dtype))
 
     train, ev, desc = load_data(cfg)
@@ -210,17 +222,18 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     prompts = [builder.build(e) for e in ev]
     pool = training_pool(builder, train)
     table = lm.embedding_table().cpu()
-    fp = lm.fingerprint() | {"compress_dim": k}
 
     # --- compress: fit on training text only (streamed in chunks) -----------
-    comp = make_compressor(cfg.compress.compressor, k, cfg.data.seed)
     tc = time.time()
-    if cfg.compress.compressor == "pca":
+    if cfg.compress.compressor_path:
+        comp = load_compressor(cfg.compress.compressor_path, fp | {"kind": cfg.compress.compressor})
+    elif cfg.compress.compressor == "pca":
+        comp = make_compressor("pca", k, cfg.data.seed)
         src = pool if cfg.compress.fit_source == "corpus" else torch.arange(V)
         for i in range(0, src.numel(), 65536):
             comp.partial_fit(lm.embed(src[i:i + 65536].to(lm.device)).float())
     else:
-        comp.fit(d_model=d_model)
+        comp = make_compressor(cfg.compress.compressor, k, cfg.data.seed).fit(d_model=d_model)
     comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})
     evr = float(comp.explained_variance_ratio_.sum()) if hasattr(comp, "explained_variance_ratio_") else None
     events.log(event="compressor", kind=comp.kind, dim=k, fit_tokens=int(pool.numel()), wall_s=time.time() - tc,
@@ -231,8 +244,13 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
 
     # --- adapter: Phase 1 ---------------------------------------------------
     adapter = build_adapter(cfg.adapter, comp, table)
-    summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
-                           progress=cfg.progress, resume=resume)
+    if cfg.adapter.adapter_path:
+        load_adapter_state(adapter, cfg.adapter.adapter_path, fp | {"adapter": cfg.adapter.adapter})
+        adapter.eval()
+        summary = {"steps": 0, "loaded_from": cfg.adapter.adapter_path}
+    else:
+        summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
+                               progress=cfg.progress, resume=resume)
     save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
     events.log(event="trained", **summary)
 

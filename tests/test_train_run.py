@@ -157,3 +157,46 @@ def test_findings_name_the_cause():
     ok = findings("lw", {"f1_retention": 1.0, "agreement": 0.99, "token_recovery_vocab": 0.9999},
                   d | {"norm_status": "OK", "collapsed": False})
     assert ok == ["lw: faithful to the text pipeline -- F1 retention 100.0%, agreement 99.0%"]
+
+
+def test_saved_artifacts_are_checked_before_work(tmp_path):
+    c = _tiny_cfg(tmp_path, adapter="mlp")
+    run_experiment(c, use_cache=False, log=lambda *a: None)
+    run = tmp_path / "run"
+    # reuse both artifacts: no fitting, no training, same metrics
+    c2 = _tiny_cfg(tmp_path, adapter="mlp", adapter_path=str(run / "adapter.pt"))
+    c2.compress.compressor_path = str(run / "compressor.pt")
+    c2.out = str(tmp_path / "reuse")
+    m2 = run_experiment(c2, use_cache=False, log=lambda *a: None)
+    m1 = json.loads((run / "metrics.json").read_text())
+    assert m2["train"]["steps"] == 0
+    assert m2["pipelines"]["latentwire"]["f1"] == m1["pipelines"]["latentwire"]["f1"]
+    # another compression dim: refused, naming both sides
+    c3 = _tiny_cfg(tmp_path, adapter="mlp", adapter_path=str(run / "adapter.pt"))
+    c3.compress.ratio, c3.out = 8, str(tmp_path / "bad")
+    with pytest.raises(LatentWireError, match="--adapter-path .* compress_dim is 16 there but 8 in this run"):
+        run_experiment(c3, use_cache=False, log=lambda *a: None)
+    assert not (tmp_path / "bad" / "compressor.pt").exists()  # refused before any work
+    c4 = _tiny_cfg(tmp_path, adapter="vocab")
+    c4.compress.compressor_path, c4.out = str(run / "compressor.pt"), str(tmp_path / "bad2")
+    c4.compress.compressor = "random"
+    with pytest.raises(LatentWireError, match="kind is 'pca' there but 'random' in this run"):
+        run_experiment(c4, use_cache=False, log=lambda *a: None)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    c5 = _tiny_cfg(tmp_path, adapter="mlp", adapter_path=str(junk))
+    c5.out = str(tmp_path / "bad3")
+    with pytest.raises(LatentWireError, match="not a LatentWire checkpoint"):
+        run_experiment(c5, use_cache=False, log=lambda *a: None)
+
+
+def test_context_window_and_nonfinite_guards(tmp_path, tiny):
+    c = _tiny_cfg(tmp_path)
+    c.data.max_prompt_tokens = 1020
+    with pytest.raises(LatentWireError, match="exceeds the model's context window"):
+        run_experiment(c, use_cache=False, log=lambda *a: None)
+    from latentwire.data import PromptBuilder, synthetic_squad
+    from latentwire.evaluate import EvalSwitches, pipeline_embeds
+    p = PromptBuilder(tiny.tokenizer, "plain", 200).build(synthetic_squad(2)[0])
+    with pytest.raises(LatentWireError, match="not finite"):
+        pipeline_embeds(tiny, [p], lambda x: x * float("inf"), EvalSwitches(), tiny.tokenizer.pad_token_id)
