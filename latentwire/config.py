@@ -205,6 +205,22 @@ class TrainConfig:
     """Quick evaluation (fixed token set) every N steps."""
     ckpt_every: int = 100
     """Checkpoint every N steps (atomic)."""
+    phase2_steps: int = 0
+    """Phase 2 (generation-aware) steps after Phase 1, through the frozen LLM; 0 = Phase 1 only."""
+    phase2_batch: int = 4
+    """Phase 2: training questions per step."""
+    phase2_max_tokens: int = 256
+    """Phase 2: token budget of a training prompt (context shortened to fit)."""
+    phase2_lr: float = 1e-3
+    """Phase 2: AdamW learning rate (constant after a 10-step warm-up)."""
+    w_ce: float = 1.0
+    """Phase 2: weight of teacher-forced cross-entropy on the gold answer tokens."""
+    w_kl: float = 1.0
+    """Phase 2: weight of KL(original || reconstructed) next-token distributions."""
+    kl_positions: str = "both"
+    """Phase 2: where the KL is taken: prompt | answer | both."""
+    kl_temperature: float = 1.0
+    """Phase 2: softmax temperature of the KL term."""
 
     def validate(self) -> None:
         for n in ("epochs", "batch_tokens", "eval_every", "ckpt_every"):
@@ -214,6 +230,14 @@ class TrainConfig:
         for n in ("warmup_steps", "weight_decay", "grad_clip", "w_cos", "w_mse"):
             _positive(n, getattr(self, n), allow_zero=True)
         _positive("lr", self.lr)
+        _positive("phase2_steps", self.phase2_steps, allow_zero=True)
+        for n in ("phase2_batch", "phase2_max_tokens", "phase2_lr", "kl_temperature"):
+            _positive(n, getattr(self, n))
+        for n in ("w_ce", "w_kl"):
+            _positive(n, getattr(self, n), allow_zero=True)
+        _choice("kl_positions", self.kl_positions, ("prompt", "answer", "both"))
+        if self.phase2_steps and self.w_ce == 0 and self.w_kl == 0 and self.w_cos == 0 and self.w_mse == 0:
+            raise LatentWireError("--phase2-steps > 0 but --w-ce, --w-kl, --w-cos and --w-mse are all 0")
         if not 0.0 <= self.vocab_fraction <= 1.0:
             raise LatentWireError(f"--vocab-fraction must be in [0, 1] (got {self.vocab_fraction})")
         if self.w_cos == 0 and self.w_mse == 0:

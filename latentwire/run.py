@@ -26,7 +26,7 @@ from .metrics import bootstrap_ci
 from .models import cache_root, load_model
 from .report import metrics_table, write_report
 from .runio import JsonlLogger, seed_everything, write_json, write_jsonl
-from .train import recon_metrics, train_phase1
+from .train import recon_metrics, train_phase1, train_phase2
 
 
 def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:
@@ -251,12 +251,17 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     else:
         summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
                                progress=cfg.progress, resume=resume)
+    sw = EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
+                      keep_cue=cfg.eval.anchor == "original")
+    if cfg.train.phase2_steps and not cfg.adapter.adapter_path:
+        b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none")
+        train_prompts = [b2.build(e) for e in train]
+        summary |= train_phase2(lm, adapter, comp, train_prompts, sw, cfg.train, out, seed=cfg.data.seed,
+                                progress=cfg.progress)
     save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
     events.log(event="trained", **summary)
 
     # --- evaluate -------------------------------------------------------------
-    sw = EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
-                      keep_cue=cfg.eval.anchor == "original")
     text_preds = text_predictions(lm, prompts, cfg, read_cache=use_cache)
     text_rows, text_agg = score_predictions(prompts, text_preds)
     write_jsonl(out / "predictions_text.jsonl", text_rows)

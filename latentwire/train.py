@@ -194,3 +194,107 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
         adapter.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False))
     adapter.eval()
     return {"steps": step, "best": best}
+
+
+# ----------------------------------------------------------------- Phase 2
+
+def phase2_batch(lm, prompts, switches, pad_id: int):
+    """Right-padded prompt+answer ids for teacher forcing, with masks:
+    `recon` (prompt positions that go through compressor+adapter), `labels`
+    (gold answer tokens, -100 elsewhere, aligned so logits[:, t] predicts
+    labels[:, t]), `prompt_pos` and `answer_pos` (where the KL may be taken)."""
+    from .evaluate import keep_mask
+    tok = lm.tokenizer
+    seqs, metas = [], []
+    for p in prompts:
+        ans = tok(" " + p.example.answers[0] + "\n", add_special_tokens=False)["input_ids"]
+        seqs.append(list(p.ids) + ans)
+        metas.append((p, len(p.ids), len(ans)))
+    T = max(len(s) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    recon = torch.zeros((B, T), dtype=torch.bool)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    prompt_pos = torch.zeros((B, T), dtype=torch.bool)
+    answer_pos = torch.zeros((B, T), dtype=torch.bool)
+    for i, (s, (p, L, A)) in enumerate(zip(seqs, metas)):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        recon[i, :L] = ~keep_mask(p, switches.keep_bos, switches.keep_prefix, switches.keep_cue)
+        labels[i, L - 1:L + A - 1] = torch.tensor(s[L:L + A])
+        prompt_pos[i, :L - 1] = True
+        answer_pos[i, L - 1:L + A - 1] = True
+    return {"ids": ids, "attn": attn, "recon": recon, "labels": labels, "prompt_pos": prompt_pos,
+            "answer_pos": answer_pos}
+
+
+def phase2_loss(lm, adapter, compressor, batch: dict, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """One Phase 2 loss step, each term returned separately.
+
+    The prompt is given to the frozen LLM as reconstructed embeddings; answer
+    tokens (teacher forcing) enter as original embeddings, as generated tokens
+    do at inference. Gradients reach only the adapter: the LLM's parameters
+    have requires_grad=False and are not in the optimizer.
+    """
+    from .losses import answer_cross_entropy, logit_kl
+    dev = lm.device
+    ids, attn = batch["ids"].to(dev), batch["attn"].to(dev)
+    sel = batch["recon"].to(dev)
+    with torch.no_grad():
+        orig = lm.embed(ids).float()
+        teacher = lm.model(inputs_embeds=orig.to(lm.dtype), attention_mask=attn).logits if cfg.w_kl else None
+    x = orig[sel]
+    y = adapter(compressor.transform(x.cpu()).to(dev)).to(dev)
+    emb = orig.masked_scatter(sel[..., None], y) if sel.any() else orig
+    student = lm.model(inputs_embeds=emb.to(lm.dtype), attention_mask=attn).logits
+    terms = {"ce": answer_cross_entropy(student, batch["labels"].to(dev))}
+    if cfg.w_kl:
+        where = {"prompt": batch["prompt_pos"], "answer": batch["answer_pos"],
+                 "both": batch["prompt_pos"] | batch["answer_pos"]}[cfg.kl_positions].to(dev)
+        terms["kl"] = logit_kl(student, teacher, where & attn.bool(), cfg.kl_temperature)
+    else:
+        terms["kl"] = student.sum() * 0.0
+    rec = reconstruction_loss(y, x, w_cos=cfg.w_cos, w_mse=cfg.w_mse)
+    terms["cos_loss"], terms["mse"], terms["cos"] = rec["cos_loss"], rec["mse"], rec["cos"]
+    terms["loss"] = cfg.w_ce * terms["ce"] + cfg.w_kl * terms["kl"] + rec["loss"]
+    return terms
+
+
+def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, out_dir: str | Path, seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Generation-aware fine-tuning of the adapter through the frozen LLM."""
+    out_dir = Path(out_dir)
+    log = JsonlLogger(out_dir / "train_log.jsonl")
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    if not params or cfg.phase2_steps == 0:
+        return {"phase2_steps": 0}
+    if not prompts:
+        raise LatentWireError("--phase2-steps: no training questions to train on")
+    g = torch.Generator().manual_seed(seed + 2)
+    opt = torch.optim.AdamW(params, lr=cfg.phase2_lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    adapter.train()
+    first = last = None
+    with _StopFlag() as stop:
+        for step in tqdm(range(1, cfg.phase2_steps + 1), desc="train phase 2", disable=not progress, leave=False):
+            pick = torch.randint(0, len(prompts), (cfg.phase2_batch,), generator=g).tolist()
+            batch = phase2_batch(lm, [prompts[i] for i in pick], switches, lm.tokenizer.pad_token_id)
+            terms = phase2_loss(lm, adapter, compressor, batch, cfg)
+            for name, v in terms.items():
+                if not torch.isfinite(v):
+                    raise LatentWireError(f"phase 2 stopped at step {step}: loss term {name!r} is {float(v.detach())}")
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            opt.step()
+            sched.step()
+            row = {k: float(v.detach()) for k, v in terms.items()}
+            first = first or row
+            last = row
+            log.log(event="step2", step=step, lr=sched.get_last_lr()[0], grad_norm=float(gn), **row)
+            if stop.signum is not None:
+                raise KeyboardInterrupt(f"signal {stop.signum} during phase 2 at step {step} (phase 2 is not resumable)")
+    adapter.eval()
+    atomic_torch_save(adapter.state_dict(), out_dir / "adapter_phase2_state.pt")
+    return {"phase2_steps": cfg.phase2_steps, "phase2_first": first, "phase2_last": last}
