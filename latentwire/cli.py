@@ -72,6 +72,17 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true", help="continue training from the run folder's ckpt.pt")
     pr.add_argument("--overwrite", action="store_true", help="start over in a run folder that already holds a run")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ps = sub.add_parser("sweep", help="many runs from a YAML/TOML file; results.csv, resumable, plots")
+    ps.add_argument("file", help="sweep file (out/base/grid/runs)")
+    ps.add_argument("--out", default=None, help="sweep folder (default: the file's `out`, else runs/sweep)")
+    ps.add_argument("--no-cache", action="store_true", help="recompute the text baseline instead of reusing it")
+    pd = sub.add_parser("diagnose", help="test the seed's five hypotheses against a configuration (seed preset)")
+    for key in _GROUPS:
+        _add_group(pd, key, _GROUPS[key])
+    pd.set_defaults(**{"adapter.preset": "seed", "data.max_eval": 300})
+    pd.add_argument("--h3-phase2-steps", type=int, default=30, help="Phase 2 steps for hypothesis 3 (default: 30)")
+    pd.add_argument("--out", default="runs/diagnose", help="diagnose folder (default: runs/diagnose)")
+    pd.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -86,11 +97,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| pipeline | n | F1 | 95% CI | EM |\n|---|---|---|---|---|\n| text | {t['n']} | {t['f1']:.2f} | "
                   f"{t['f1_ci95'][0]:.1f}-{t['f1_ci95'][1]:.1f} | {t['exact_match']:.2f} |")
             print(f"run folder: {cfg.out} (predictions.jsonl, metrics.json)")
-        else:
+        elif args.cmd == "run":
             from .run import run_experiment
             cfg = _build(args, tuple(_GROUPS))
             apply_preset(cfg)
             run_experiment(cfg, use_cache=not args.no_cache, resume=args.resume, overwrite=args.overwrite)
+        elif args.cmd == "sweep":
+            from .sweep import apply_overrides, expand, load_sweep_file, run_sweep
+            spec = load_sweep_file(args.file)
+            base = apply_overrides(RunConfig(), spec.get("base") or {}, where=f"sweep file {args.file}: base")
+            base.progress = False
+            out = args.out or spec.get("out") or "runs/sweep"
+            rows = run_sweep(base, expand(spec), out, use_cache=not args.no_cache)
+            print(f"{len(rows)} runs in {out}/results.csv; plots in {out}/")
+        else:
+            from .sweep import run_diagnose
+            cfg = _build(args, tuple(_GROUPS))
+            if args.h3_phase2_steps < 1:
+                raise LatentWireError("--h3-phase2-steps must be >= 1")
+            run_diagnose(cfg, args.out, phase2_steps=args.h3_phase2_steps)
+            print(f"report: {args.out}/diagnose_report.md")
     except LatentWireError as e:
         print(f"latentwire: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,308 @@
+"""Sweeps: many `latentwire run`s described by one YAML/TOML file, one row
+per run appended to results.csv, finished runs skipped (an interrupted sweep
+resumes), plots from the CSV; and `latentwire diagnose`, which builds the
+controlled comparisons for the seed's five hypotheses as a sweep and reads a
+verdict from paired bootstrap intervals.
+
+Sweep file:
+
+    out: runs/sweep
+    base: {model: smollm2-135m, max_eval: 300, squad_train: ..., squad_eval: ...}
+    grid: {ratio: [4, 16], adapter: [vocab, mlp]}      # cartesian product
+    runs: [{name: seed, preset: seed}]                  # extra runs (optional)
+
+Keys are config field names (`latentwire run --help`, dashes or underscores).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, apply_preset
+from .errors import LatentWireError
+from .metrics import bootstrap_ci
+from .runio import atomic_write_text, read_jsonl
+
+_GROUPS = ("model", "data", "compress", "adapter", "train", "eval")
+RESULT_COLUMNS = ["name", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
+                  "token_recovery_vocab", "cos", "norm_ratio", "norm_status", "collapsed", "wall_s", "run_dir"]
+
+
+def _field_index() -> dict[str, tuple[str, type]]:
+    idx = {}
+    cfg = RunConfig()
+    for g in _GROUPS:
+        for f in fields(getattr(cfg, g)):
+            idx[f.name] = (g, f.type)
+    idx["controls"] = ("", bool)
+    return idx
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict, where: str = "sweep") -> RunConfig:
+    """A copy of cfg with `field: value` overrides (unknown fields named)."""
+    cfg = copy.deepcopy(cfg)
+    idx = _field_index()
+    for key, value in overrides.items():
+        k = key.replace("-", "_")
+        if k == "name":
+            continue
+        if k not in idx:
+            raise LatentWireError(f"{where}: unknown field {key!r} (see `latentwire run --help` for fields)")
+        group, _ = idx[k]
+        target = getattr(cfg, group) if group else cfg
+        cur = getattr(target, k)
+        if isinstance(cur, bool) or cur is None or isinstance(value, type(cur)) or \
+                (isinstance(cur, float) and isinstance(value, int)):
+            setattr(target, k, value)
+        else:
+            try:
+                setattr(target, k, type(cur)(value))
+            except (TypeError, ValueError):
+                raise LatentWireError(f"{where}: field {key!r} wants {type(cur).__name__}, got {value!r}") from None
+    return cfg
+
+
+def load_sweep_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise LatentWireError(f"sweep file {path}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            spec = tomllib.loads(text)
+        else:
+            import yaml
+            spec = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - yaml/toml raise their own kinds
+        raise LatentWireError(f"sweep file {path}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise LatentWireError(f"sweep file {path}: expected a mapping with base/grid/runs")
+    unknown = set(spec) - {"out", "base", "grid", "runs"}
+    if unknown:
+        raise LatentWireError(f"sweep file {path}: unknown section(s) {sorted(unknown)}; use out, base, grid, runs")
+    return spec
+
+
+def expand(spec: dict) -> list[dict]:
+    """The runs of a sweep, each a dict of overrides with a stable name."""
+    grid = spec.get("grid") or {}
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise LatentWireError(f"sweep grid: {k!r} must be a non-empty list")
+    keys = list(grid)
+    runs = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))] if keys else []
+    runs += [dict(r) for r in (spec.get("runs") or [])]
+    if not runs:
+        runs = [{}]
+    names = set()
+    for r in runs:
+        r.setdefault("name", ",".join(f"{k}={v}" for k, v in r.items() if k != "name") or "base")
+        if r["name"] in names:
+            raise LatentWireError(f"sweep: two runs are named {r['name']!r}")
+        names.add(r["name"])
+    return runs
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "=-_." else "_" for c in name)
+
+
+def done_names(csv_path: Path) -> set[str]:
+    if not csv_path.exists():
+        return set()
+    with open(csv_path, newline="") as f:
+        return {r["name"] for r in csv.DictReader(f)}
+
+
+def result_row(name: str, overrides: dict, m: dict, run_dir: Path) -> dict:
+    p, t = m["pipelines"]["latentwire"], m["pipelines"]["text"]
+    return {"name": name, "overrides": json.dumps({k: v for k, v in overrides.items() if k != "name"}),
+            "text_f1": round(t["f1"], 3), "f1": round(p["f1"], 3),
+            "f1_ci95": f"{p['f1_ci95'][0]:.2f}-{p['f1_ci95'][1]:.2f}", "em": round(p["exact_match"], 3),
+            "f1_retention": "" if p.get("f1_retention") is None else round(p["f1_retention"], 4),
+            "agreement": round(p["agreement"], 4), "token_recovery_vocab": round(p["token_recovery_vocab"], 5),
+            "cos": round(p["cos"], 4), "norm_ratio": round(p["norm_ratio"], 4), "norm_status": p["norm_status"],
+            "collapsed": p["collapsed"], "wall_s": round(m["wall_s"], 1), "run_dir": str(run_dir)}
+
+
+def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use_cache: bool = True) -> list[dict]:
+    """Run every entry not already in results.csv; return all rows."""
+    from .run import run_experiment
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    # validate every run before starting any (a typo in run 9 must not cost runs 1-8)
+    cfgs = []
+    for r in runs:
+        c = apply_overrides(base, r, where=f"sweep run {r['name']!r}")
+        apply_preset(c)
+        c.out = str(out / _slug(r["name"]))
+        c.validate()
+        cfgs.append(c)
+    done = done_names(csv_path)
+    for r, c in zip(runs, cfgs):
+        if r["name"] in done:
+            log(f"[skip] {r['name']} (in {csv_path})")
+            continue
+        t0 = time.time()
+        log(f"[run ] {r['name']} -> {c.out}")
+        m = run_experiment(c, use_cache=use_cache, resume=(Path(c.out) / "ckpt.pt").exists() and
+                           not (Path(c.out) / "metrics.json").exists(), overwrite=True, log=lambda *a: None)
+        row = result_row(r["name"], r, m, Path(c.out))
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:  # one row per finished run, appended
+            w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        log(f"[done] {r['name']}: F1 {row['f1']:.2f} (text {row['text_f1']:.2f}), agreement "
+            f"{100 * row['agreement']:.1f}% in {time.time() - t0:.0f} s")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    plot_sweep(rows, out)
+    return rows
+
+
+def plot_sweep(rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    ratio_rows = [(json.loads(r["overrides"]), r) for r in rows]
+    ratio_rows = [(o, r) for o, r in ratio_rows if "ratio" in o]
+    if ratio_rows:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        series: dict[str, list] = {}
+        for o, r in ratio_rows:
+            label = ",".join(f"{k}={v}" for k, v in o.items() if k != "ratio") or "latentwire"
+            series.setdefault(label, []).append((float(o["ratio"]), float(r["f1"]), float(r["agreement"])))
+        for label, pts in series.items():
+            pts.sort()
+            ax[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            ax[1].plot([p[0] for p in pts], [100 * p[2] for p in pts], "o-", label=label)
+        ax[0].axhline(float(rows[0]["text_f1"]), color="k", ls="--", label="text baseline")
+        for a, t in zip(ax, ("F1", "agreement with text pipeline (%)")):
+            a.set_xscale("log", base=2); a.set_xlabel("compression ratio"); a.set_title(t)
+        ax[0].legend(fontsize=7)
+        fig.tight_layout(); fig.savefig(out / "f1_vs_ratio.png", dpi=110); plt.close(fig)
+        made.append("f1_vs_ratio.png")
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.scatter([float(r["cos"]) for r in rows], [float(r["f1"]) for r in rows])
+    for r in rows:
+        ax.annotate(r["name"][:24], (float(r["cos"]), float(r["f1"])), fontsize=6)
+    ax.set_xlabel("cosine (original vs reconstructed)"); ax.set_ylabel("F1")
+    fig.tight_layout(); fig.savefig(out / "cos_vs_f1.png", dpi=110); plt.close(fig)
+    made.append("cos_vs_f1.png")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in rows:
+        d = Path(r["run_dir"])
+        diag = d / "diagnostics_latentwire.json"
+        if diag.exists():
+            vals = json.loads(diag.read_text()).get("token_norm_ratios_sample", [])
+            ax[0].hist([min(v, 3) for v in vals], bins=60, histtype="step", label=r["name"][:24])
+        log = d / "train_log.jsonl"
+        if log.exists():
+            steps = [x for x in read_jsonl(log) if x.get("event") == "step"]
+            ax[1].plot([x["step"] for x in steps], [x["loss"] for x in steps], label=r["name"][:24])
+    ax[0].set_title("norm ratio per token"); ax[0].legend(fontsize=6)
+    ax[1].set_yscale("log"); ax[1].set_title("Phase 1 loss"); ax[1].set_xlabel("step")
+    fig.tight_layout(); fig.savefig(out / "norms_and_losses.png", dpi=110); plt.close(fig)
+    made.append("norms_and_losses.png")
+    return made
+
+
+# ------------------------------------------------------------- diagnose
+
+HYPOTHESES = [
+    ("1. magnitude mismatch", "calibrate the output scale (--calibration rms, no output LayerNorm)",
+     {"calibration": "rms", "output_norm": False}),
+    ("2. PCA too lossy", "no compression (--compressor identity), same adapter",
+     {"compressor": "identity"}),
+    ("3. reconstruction objective insufficient", "add Phase 2 (CE + KL through the LLM)",
+     {"phase2_steps": 30}),
+    ("4. adapter capacity", "hidden_mult 8, no dropout",
+     {"hidden_mult": 8, "dropout": 0.0}),
+    ("5. evaluation setup", "original-embedding BOS and 'Answer:' anchor",
+     {"bos": "original", "anchor": "original"}),
+]
+
+
+def _paired(base_rows: list[dict], rows: list[dict], key: str, n_boot: int, seed: int) -> tuple[float, float, float]:
+    a = torch.tensor([float(r[key]) for r in base_rows], dtype=torch.float64)
+    b = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
+    diff = (b - a).tolist()
+    lo, hi = bootstrap_ci(diff, n_boot, seed)
+    return 100.0 * float(b.mean() - a.mean()), lo, hi
+
+
+def verdict(d_f1: tuple, d_ag: tuple, min_effect: float = 2.0) -> str:
+    """supported: an interval excludes 0 on the side of improvement;
+    not supported: both intervals stay below +min_effect points;
+    inconclusive: otherwise (the interval is too wide to tell)."""
+    if d_f1[1] > 0 or d_ag[1] > 0:
+        return "supported"
+    if d_f1[2] < min_effect and d_ag[2] < min_effect:
+        return "not supported"
+    return "inconclusive"
+
+
+def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int = 30) -> dict:
+    """Test the seed's five hypotheses as controlled one-change comparisons
+    against `base` (the seed preset by default) on the same questions."""
+    out = Path(out)
+    hyps = [(h, what, dict(ov)) for h, what, ov in HYPOTHESES]
+    for _, _, ov in hyps:
+        if "phase2_steps" in ov:
+            ov["phase2_steps"] = phase2_steps
+    apply_preset(base)
+    base.adapter.preset = "none"  # the variants below change the preset's fields one at a time
+    runs = [{"name": "baseline"}] + [{"name": f"h{i + 1}", **ov} for i, (_, _, ov) in enumerate(hyps)]
+    t0 = time.time()
+    rows = run_sweep(base, runs, out, log=log)
+    by = {r["name"]: r for r in rows}
+    pred = {n: read_jsonl(Path(by[n]["run_dir"]) / "predictions_latentwire.jsonl") for n in by}
+    nb, seed = base.eval.n_boot, base.data.seed
+    results = []
+    for i, (h, what, ov) in enumerate(hyps):
+        n = f"h{i + 1}"
+        d_f1 = _paired(pred["baseline"], pred[n], "f1", nb, seed)
+        d_ag = _paired(pred["baseline"], pred[n], "agree", nb, seed)
+        results.append({"hypothesis": h, "test": what, "overrides": ov, "f1": float(by[n]["f1"]),
+                        "agreement": 100 * float(by[n]["agreement"]), "delta_f1": d_f1, "delta_agreement": d_ag,
+                        "verdict": verdict(d_f1, d_ag)})
+    results.sort(key=lambda r: (r["delta_f1"][0], r["delta_agreement"][0]), reverse=True)
+    b = by["baseline"]
+    lines = ["# latentwire diagnose: the seed's five hypotheses\n",
+             f"Baseline: {base.adapter.adapter} adapter, ratio {base.compress.ratio:g}, output_norm "
+             f"{base.adapter.output_norm}, calibration {base.adapter.calibration}, w_cos {base.train.w_cos}, "
+             f"w_mse {base.train.w_mse}, anchor {base.eval.anchor}, bos {base.data.bos}; model "
+             f"{base.model.model}; {base.data.max_eval} questions; seed {seed}.\n",
+             f"Baseline F1 {float(b['f1']):.2f} (text pipeline {float(b['text_f1']):.2f}), agreement "
+             f"{100 * float(b['agreement']):.1f}%, cosine {float(b['cos']):.3f}, norm ratio {float(b['norm_ratio']):.2f} "
+             f"({b['norm_status']}).\n",
+             "Each row changes one thing. Deltas are paired over the same questions, with 95% bootstrap intervals "
+             f"({nb} resamples). Ranked by effect on F1.\n",
+             "| rank | hypothesis | test | F1 | ΔF1 [95% CI] | agreement % | Δagreement [95% CI] | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, r in enumerate(results, 1):
+        f, a = r["delta_f1"], r["delta_agreement"]
+        lines.append(f"| {k} | {r['hypothesis']} | {r['test']} | {r['f1']:.2f} | {f[0]:+.2f} [{f[1]:+.1f}, {f[2]:+.1f}] | "
+                     f"{r['agreement']:.1f} | {a[0]:+.1f} [{a[1]:+.1f}, {a[2]:+.1f}] | **{r['verdict']}** |")
+    lines += ["", f"Wall time: {time.time() - t0:.0f} s. Runs and per-run reports: `{out}/*/report.md`; "
+              f"all rows: `{out}/results.csv`.", "", "![F1 vs cosine](cos_vs_f1.png)", "",
+              "![norms and losses](norms_and_losses.png)"]
+    atomic_write_text(out / "diagnose_report.md", "\n".join(lines) + "\n")
+    (out / "diagnose.json").write_text(json.dumps({"baseline": b, "results": results}, indent=2))
+    log("\n".join(lines[4:4 + 2 + len(results)]))
+    return {"baseline": b, "results": results}
+
+
+__all__ = ["apply_overrides", "load_sweep_file", "expand", "run_sweep", "run_diagnose", "verdict", "asdict"]

@@ -1,0 +1,82 @@
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from latentwire.config import RunConfig
+from latentwire.errors import LatentWireError
+from latentwire.sweep import apply_overrides, expand, load_sweep_file, run_diagnose, run_sweep, verdict
+
+
+def _base(tmp_path):
+    c = RunConfig()
+    c.model.model = "tiny-random"
+    c.data.synthetic_articles, c.data.max_eval = 6, 6
+    c.train.epochs, c.train.steps_per_epoch, c.train.batch_tokens = 1, 5, 128
+    c.eval.max_new_tokens, c.eval.n_boot, c.progress = 4, 50, False
+    return c
+
+
+def test_expand_and_overrides():
+    runs = expand({"grid": {"ratio": [2, 4], "adapter": ["vocab", "mlp"]}, "runs": [{"name": "seed", "preset": "seed"}]})
+    assert len(runs) == 5 and runs[0]["name"] == "ratio=2,adapter=vocab" and runs[-1]["name"] == "seed"
+    c = apply_overrides(RunConfig(), {"ratio": 16, "hidden-mult": 8, "anchor": "reconstructed", "controls": False})
+    assert c.compress.ratio == 16.0 and c.adapter.hidden_mult == 8 and c.eval.anchor == "reconstructed"
+    with pytest.raises(LatentWireError, match="unknown field 'ratoi'"):
+        apply_overrides(RunConfig(), {"ratoi": 4})
+    with pytest.raises(LatentWireError, match="field 'epochs' wants int"):
+        apply_overrides(RunConfig(), {"epochs": "many"})
+    with pytest.raises(LatentWireError, match="two runs are named"):
+        expand({"runs": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_sweep_file_errors(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("grid: [1, 2\n")
+    with pytest.raises(LatentWireError, match="cannot parse"):
+        load_sweep_file(p)
+    p.write_text("grids: {}\n")
+    with pytest.raises(LatentWireError, match="unknown section"):
+        load_sweep_file(p)
+
+
+def test_sweep_appends_rows_and_resumes(tmp_path):
+    base = _base(tmp_path)
+    runs = expand({"grid": {"ratio": [2, 4]}, "runs": [{"name": "mlp", "adapter": "mlp"}]})
+    out = tmp_path / "sw"
+    logs = []
+    run_sweep(base, runs[:1], out, log=logs.append)  # "interrupted" after the first run
+    rows = run_sweep(base, runs, out, log=logs.append)
+    assert [r["name"] for r in rows] == ["ratio=2", "ratio=4", "mlp"]
+    assert sum(line.startswith("[run ]") for line in logs) == 3  # the first run was not redone
+    assert any(line.startswith("[skip] ratio=2") for line in logs)
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    for png in ("f1_vs_ratio.png", "cos_vs_f1.png", "norms_and_losses.png"):
+        assert (out / png).exists()
+
+
+def test_sweep_cli_from_toml(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(f'out = "{tmp_path / "o"}"\n[base]\nmodel = "tiny-random"\nsynthetic_articles = 6\nmax_eval = 4\n'
+                 'epochs = 1\nsteps_per_epoch = 3\nmax_new_tokens = 3\nn_boot = 20\n[grid]\nratio = [4]\n')
+    p = subprocess.run([sys.executable, "-m", "latentwire", "sweep", str(f)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "o" / "results.csv").exists()
+
+
+def test_verdict_rules():
+    assert verdict((5.0, 1.0, 9.0), (0.0, -1.0, 1.0)) == "supported"
+    assert verdict((0.1, -1.0, 1.2), (0.0, -0.5, 0.5)) == "not supported"
+    assert verdict((1.0, -3.0, 6.0), (0.0, -1.0, 1.0)) == "inconclusive"
+
+
+def test_diagnose_on_tiny_model(tmp_path):
+    base = _base(tmp_path)
+    base.adapter.preset = "seed"
+    res = run_diagnose(base, tmp_path / "dg", log=lambda *a: None, phase2_steps=1)
+    assert len(res["results"]) == 5
+    assert {r["verdict"] for r in res["results"]} <= {"supported", "not supported", "inconclusive"}
+    text = (tmp_path / "dg" / "diagnose_report.md").read_text()
+    assert "magnitude mismatch" in text and "ΔF1" in text
