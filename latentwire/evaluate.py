@@ -24,7 +24,9 @@ from .data import Prompt
 from .errors import LatentWireError
 from .metrics import aggregate, score_example
 
-EmbedTransform = Callable[[torch.Tensor], torch.Tensor]  # [N, d] -> [N, d]
+# [N, d] -> [N, d], row-wise: a row's output depends only on that row (every
+# compressor and adapter here is per token); diagnostics rely on it.
+EmbedTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -200,3 +200,28 @@ def test_context_window_and_nonfinite_guards(tmp_path, tiny):
     p = PromptBuilder(tiny.tokenizer, "plain", 200).build(synthetic_squad(2)[0])
     with pytest.raises(LatentWireError, match="not finite"):
         pipeline_embeds(tiny, [p], lambda x: x * float("inf"), EvalSwitches(), tiny.tokenizer.pad_token_id)
+
+
+def test_diagnostic_stats_match_position_by_position(tiny):
+    import torch.nn.functional as F
+
+    from latentwire.data import PromptBuilder, synthetic_squad
+    from latentwire.diagnose import per_example_embedding_stats
+    from latentwire.evaluate import EvalSwitches
+    table = tiny.embedding_table()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(table.shape[1], table.shape[1], generator=g) * 0.5
+    fn = lambda x: x + x @ noise  # noqa: E731 - row-wise, far from identity
+    b = PromptBuilder(tiny.tokenizer, "plain", 300)
+    prompts = [b.build(e) for e in synthetic_squad(3, seed=4)[:4]]
+    sw = EvalSwitches(keep_cue=True)
+    tn = F.normalize(table, dim=-1)
+    rows = per_example_embedding_stats(tiny, prompts, fn, sw, tn)
+    for p, r in zip(prompts, rows):
+        x = tiny.embed(torch.tensor(p.ids))
+        y = fn(x)
+        sel = torch.tensor(r["reconstructed_mask"])
+        near = (F.normalize(y, dim=-1) @ tn.T).argmax(-1)
+        assert r["n_recovered"] == int((near[sel] == torch.tensor(p.ids)[sel]).sum())
+        assert r["cos"] == pytest.approx(float(F.cosine_similarity(x[sel], y[sel], dim=-1).mean()), rel=1e-5)
+        assert 0 < r["n_recovered"] < r["n_reconstructed"]
