@@ -27,7 +27,7 @@ def _add_group(p: argparse.ArgumentParser, key: str, cls) -> None:
     for f in fields(cls):
         t = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
+        help_ = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse formats help
         dest = f"{key}.{f.name}"
         if t is bool:
             g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default, help=help_)

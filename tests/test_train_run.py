@@ -225,3 +225,9 @@ def test_diagnostic_stats_match_position_by_position(tiny):
         assert r["n_recovered"] == int((near[sel] == torch.tensor(p.ids)[sel]).sum())
         assert r["cos"] == pytest.approx(float(F.cosine_similarity(x[sel], y[sel], dim=-1).mean()), rel=1e-5)
         assert 0 < r["n_recovered"] < r["n_reconstructed"]
+
+
+@pytest.mark.parametrize("cmd", ["eval", "run", "sweep", "diagnose"])
+def test_cli_help(cmd):
+    p = subprocess.run([sys.executable, "-m", "latentwire", cmd, "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "usage: latentwire" in p.stdout, p.stderr
