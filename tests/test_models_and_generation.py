@@ -106,3 +106,33 @@ def test_stop_ids_include_newline_tokens_and_eos(tiny):
     assert tiny.tokenizer.eos_token_id in s
     nl = tiny.tokenizer("\n", add_special_tokens=False)["input_ids"]
     assert set(nl) & s
+
+
+def test_gemma_style_scaled_embeddings_end_to_end(tiny):
+    """Gemma 3 scales inside its embedding module: the table we compress and
+    the embeds we feed must be the module's output, and then the ids path and
+    the embeds path agree."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    cfg = Gemma3TextConfig(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           sliding_window=64, pad_token_id=tiny.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    m = Gemma3ForCausalLM(cfg).eval()
+    table = embedding_table(m)
+    assert torch.allclose(table, m.get_input_embeddings().weight * 8.0)
+    prompts = _prompts(tiny, 3, "plain")
+    stops = stop_token_ids(tiny.tokenizer)
+    ids, mask = left_pad([p.ids for p in prompts], tiny.tokenizer.pad_token_id)
+    a = greedy_generate(m, mask, input_ids=ids, max_new_tokens=5, stop_ids=stops)
+    b = greedy_generate(m, mask, inputs_embeds=m.get_input_embeddings()(ids), max_new_tokens=5, stop_ids=stops)
+    assert a == b
+
+
+def test_local_folder_model_loads(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path))
+    assert lm.source == str(tmp_path) and lm.d_model == tiny.d_model
+    prompts = _prompts(tiny, 2)
+    assert generate_predictions(lm, prompts, max_new_tokens=5, progress=False) == \
+        generate_predictions(tiny, prompts, max_new_tokens=5, progress=False)
