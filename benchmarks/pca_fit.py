@@ -61,9 +61,7 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         if args.method == "stream":
-            p = PCA(args.dim)
-            for i in range(0, ids.numel(), 65536):
-                p.partial_fit(lm.embed(ids[i:i + 65536]).float())
+            p = PCA(args.dim).fit_token_ids(lm.embed, ids)
             comps = p.components_
             reported = float(p.explained_variance_ratio_.sum())
             true = reported

@@ -85,6 +85,16 @@ class PCA(Compressor):
             raise LatentWireError("PCA.fit: no data")
         return self
 
+    def fit_token_ids(self, embed, ids: torch.Tensor, chunk: int = 16384) -> "PCA":
+        """Stream token ids through `embed` (the model's embedding module) in
+        chunks: memory is O(chunk * d + d^2), whatever the number of tokens."""
+        for i in range(0, ids.numel(), chunk):
+            with torch.no_grad():
+                self.partial_fit(embed(ids[i:i + chunk]).float())
+        if self._n == 0:
+            raise LatentWireError("PCA.fit_token_ids: no tokens")
+        return self
+
     def _finalize(self) -> "PCA":
         n = self._n
         mean = self._sum / n

@@ -228,10 +228,8 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     if cfg.compress.compressor_path:
         comp = load_compressor(cfg.compress.compressor_path, fp | {"kind": cfg.compress.compressor})
     elif cfg.compress.compressor == "pca":
-        comp = make_compressor("pca", k, cfg.data.seed)
         src = pool if cfg.compress.fit_source == "corpus" else torch.arange(V)
-        for i in range(0, src.numel(), 65536):
-            comp.partial_fit(lm.embed(src[i:i + 65536].to(lm.device)).float())
+        comp = make_compressor("pca", k, cfg.data.seed).fit_token_ids(lambda t: lm.embed(t.to(lm.device)), src)
     else:
         comp = make_compressor(cfg.compress.compressor, k, cfg.data.seed).fit(d_model=d_model)
     comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})

@@ -70,3 +70,13 @@ def test_save_load_and_compatibility(tmp_path):
     assert torch.equal(q.transform(x), p.transform(x))
     with pytest.raises(LatentWireError, match="d_model is 10 there but 576 in this run"):
         load_compressor(tmp_path / "c.pt", expect={"d_model": 576})
+
+
+def test_fit_token_ids_streams_an_embedding_module():
+    emb = torch.nn.Embedding(50, 8)
+    ids = torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(0))
+    a = PCA(3).fit_token_ids(emb, ids, chunk=64)
+    b = PCA(3).fit(emb(ids).detach())
+    assert torch.allclose(a.components_, b.components_, atol=1e-5)
+    with pytest.raises(LatentWireError, match="no tokens"):
+        PCA(3).fit_token_ids(emb, ids[:0])
