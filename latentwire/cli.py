@@ -12,12 +12,9 @@ import sys
 import typing
 from dataclasses import fields
 
-from .config import (AdapterConfig, CompressConfig, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig,
-                     apply_preset, field_docs)
+from .config import GROUPS as _GROUPS
+from .config import RunConfig, apply_preset, field_docs
 from .errors import LatentWireError
-
-_GROUPS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "compress": CompressConfig,
-           "adapter": AdapterConfig, "train": TrainConfig}
 
 
 def _add_group(p: argparse.ArgumentParser, key: str, cls) -> None:

@@ -269,6 +269,11 @@ class RunConfig:
         self.train.validate()
 
 
+# The RunConfig sub-configs, in CLI order: one list for the CLI and the sweeps.
+GROUPS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "compress": CompressConfig,
+          "adapter": AdapterConfig, "train": TrainConfig}
+
+
 def apply_preset(cfg: RunConfig) -> None:
     """The seed's configuration, kept so its failure can be reproduced."""
     if cfg.adapter.preset == "seed":
@@ -295,5 +300,5 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-__all__ = ["ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
+__all__ = ["GROUPS", "ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
            "RunConfig", "apply_preset", "field_docs", "fields"]

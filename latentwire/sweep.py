@@ -20,28 +20,24 @@ import csv
 import itertools
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig, apply_preset
+from .config import GROUPS, RunConfig, apply_preset
 from .errors import LatentWireError
 from .metrics import bootstrap_ci
 from .runio import atomic_write_text, read_jsonl
 
-_GROUPS = ("model", "data", "compress", "adapter", "train", "eval")
 RESULT_COLUMNS = ["name", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
                   "token_recovery_vocab", "cos", "norm_ratio", "norm_status", "collapsed", "wall_s", "run_dir"]
 
 
-def _field_index() -> dict[str, tuple[str, type]]:
-    idx = {}
-    cfg = RunConfig()
-    for g in _GROUPS:
-        for f in fields(getattr(cfg, g)):
-            idx[f.name] = (g, f.type)
-    idx["controls"] = ("", bool)
+def _field_index() -> dict[str, str]:
+    """field name -> the RunConfig group holding it ('' for RunConfig itself)."""
+    idx = {f.name: g for g, cls in GROUPS.items() for f in fields(cls)}
+    idx["controls"] = ""
     return idx
 
 
@@ -55,7 +51,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict, where: str = "sweep") -> Ru
             continue
         if k not in idx:
             raise LatentWireError(f"{where}: unknown field {key!r} (see `latentwire run --help` for fields)")
-        group, _ = idx[k]
+        group = idx[k]
         target = getattr(cfg, group) if group else cfg
         cur = getattr(target, k)
         if isinstance(cur, bool) or cur is None or isinstance(value, type(cur)) or \
@@ -305,4 +301,4 @@ def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int 
     return {"baseline": b, "results": results}
 
 
-__all__ = ["apply_overrides", "load_sweep_file", "expand", "run_sweep", "run_diagnose", "verdict", "asdict"]
+__all__ = ["apply_overrides", "load_sweep_file", "expand", "run_sweep", "run_diagnose", "verdict"]
