@@ -1,8 +1,13 @@
 """Command line: only wiring. Flags are generated from the config dataclasses
 (their docstrings are the --help text), so a flag and its field never drift.
 
-  latentwire eval   text baseline on SQuAD / the built-in set
-  latentwire run    the whole Stage 1 Phase 1 pipeline and its report
+  latentwire eval      text baseline on SQuAD / the built-in set
+  latentwire run       the whole Stage 1 pipeline and its report
+  latentwire sweep     many runs from a YAML/TOML file
+  latentwire diagnose  the seed's five hypotheses, tested
+
+`run` and `eval` also run under `torchrun --nproc_per_node N -m latentwire`
+(or `accelerate launch`): training is data-parallel, evaluation sharded.
 """
 from __future__ import annotations
 
@@ -85,11 +90,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    from . import dist
     try:
+        # under torchrun / accelerate launch: join the process group (no-op alone)
+        if args.cmd in ("eval", "run"):
+            dist.init()
         if args.cmd == "eval":
             from .run import text_baseline_eval
             cfg = _build(args, ("model", "data", "eval"))
             m = text_baseline_eval(cfg)
+            if not m:  # a rank other than 0 under a launcher: rank 0 prints
+                return 0
             t = m["pipelines"]["text"]
             print(f"| pipeline | n | F1 | 95% CI | EM |\n|---|---|---|---|---|\n| text | {t['n']} | {t['f1']:.2f} | "
                   f"{t['f1_ci95'][0]:.1f}-{t['f1_ci95'][1]:.1f} | {t['exact_match']:.2f} |")
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" -- continue with: latentwire run --resume --out {args.out} (same flags)" if args.cmd == "run" else ""
         print(f"latentwire: interrupted{': ' + str(e) if str(e) else ''}{hint}", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
     return 0
 
 

@@ -32,6 +32,13 @@ class ModelConfig:
     """auto (cuda -> mps -> cpu), or a torch device string."""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."""
+    device_map: str | None = None
+    """Spread one large model over several GPUs (and CPU) in one process, e.g. 'auto' (Accelerate's
+    placement; weights are loaded shard by shard). Not with torchrun/accelerate launch (one GPU per process)."""
+
+    def validate(self) -> None:
+        if self.device_map is not None:
+            _choice("device_map", self.device_map, ("auto", "balanced", "balanced_low_0", "sequential"))
 
 
 @dataclass
@@ -262,6 +269,7 @@ class RunConfig:
     def validate(self) -> None:
         if self.train.steps_per_epoch is None:
             self.train.steps_per_epoch = 20 if self.adapter.adapter == "vocab" else 300
+        self.model.validate()
         self.data.validate()
         self.eval.validate()
         self.compress.validate()

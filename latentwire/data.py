@@ -279,14 +279,15 @@ class PromptBuilder:
     empty context is an error naming the question id.
     """
 
-    def __init__(self, tokenizer, template: str = "fewshot", max_prompt_tokens: int = 512, add_bos: bool = False):
+    def __init__(self, tokenizer, template: str = "fewshot", max_prompt_tokens: int = 512, add_bos: bool = False,
+                 flag: str = "--max-prompt-tokens"):
         if template not in TEMPLATES:
             raise LatentWireError(f"--template: unknown template {template!r}; choose {', '.join(TEMPLATES)}")
         if max_prompt_tokens < 16:
-            raise LatentWireError(f"--max-prompt-tokens must be >= 16 (got {max_prompt_tokens})")
+            raise LatentWireError(f"{flag} must be >= 16 (got {max_prompt_tokens})")
         self.tok = tokenizer
         self.template = template
-        self.max_tokens = max_prompt_tokens
+        self.max_tokens, self.flag = max_prompt_tokens, flag
         self.add_bos = add_bos
         if add_bos and tokenizer.bos_token_id is None:
             raise LatentWireError("--bos: this tokenizer has no BOS token")
@@ -333,7 +334,7 @@ class PromptBuilder:
                     if fixed + len(body) > self.max_tokens:
                         raise LatentWireError(
                             f"question {ex.id}: the question alone needs {fixed + len(body)} tokens, more than "
-                            f"--max-prompt-tokens {self.max_tokens}")
+                            f"{self.flag} {self.max_tokens}")
                     break
                 body = self._ids(self.body_text(ex.context[:offsets[keep][0]].rstrip(), ex.question))
         ids = bos + self.prefix_ids + body + self.cue_ids

@@ -164,16 +164,24 @@ def pipeline_embeds(lm, prompts: Sequence[Prompt], transform: EmbedTransform | N
 
 def generate_predictions(lm, prompts: Sequence[Prompt], transform: EmbedTransform | None = None,
                          switches: EvalSwitches | None = None, batch_size: int = 8, max_new_tokens: int = 16,
-                         use_input_ids: bool = False, desc: str = "generate", progress: bool = True
-                         ) -> list[str]:
-    """Answers for every prompt, batched by length (less padding), in order."""
+                         use_input_ids: bool = False, desc: str = "generate", progress: bool = True,
+                         shard: tuple[int, int] = (0, 1)) -> list[str | None]:
+    """Answers for every prompt, batched by length (less padding), in order.
+
+    `shard=(rank, n)`: generate only batches j with j % n == rank and leave
+    None elsewhere (dist.gather_filled merges the ranks). Batches are cut the
+    same way for any n, so every question is generated in exactly the batch
+    it would have had in a single process -- same padding, same numbers.
+    """
     tok = lm.tokenizer
     switches = switches or EvalSwitches()
     stops = stop_token_ids(tok)
+    rank, n_shards = shard
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
-    preds: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for s in range(0, len(order), batch_size):
+    starts = list(range(0, len(order), batch_size))[rank::n_shards]
+    preds: list[str | None] = [None] * len(prompts)
+    bar = tqdm(total=sum(len(order[s:s + batch_size]) for s in starts), desc=desc, disable=not progress, leave=False)
+    for s in starts:
         idx = order[s:s + batch_size]
         batch = [prompts[i] for i in idx]
         if use_input_ids:

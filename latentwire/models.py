@@ -235,6 +235,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                 f"({DEFAULT_MODEL}, {TINY_MODEL}) or a Hugging Face hub id ({first})") from None
     if not device_map:
         model = model.to(device=dev, dtype=dt)
+    else:  # inputs go where Accelerate put the embedding layer
+        dev = model.get_input_embeddings().weight.device
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, dist
 from .adapters import LinearAdapter, build_adapter, load_adapter_state, save_adapter
 from .compress import check_meta, load_compressor, make_compressor, read_artifact
 from .config import RunConfig
@@ -102,15 +102,34 @@ def text_predictions(lm, prompts, cfg: RunConfig, read_cache: bool = True, write
     keys = [_prompt_key(p) for p in prompts]
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
-        new = generate_predictions(lm, [prompts[i] for i in todo], batch_size=cfg.eval.batch_size,
-                                   max_new_tokens=cfg.eval.max_new_tokens, desc="text baseline",
-                                   progress=cfg.progress)
-        if write_cache:
+        new = sharded_predictions(lm, [prompts[i] for i in todo], None, None, cfg, desc="text baseline")
+        if write_cache and dist.current().is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps({"key": keys[i], "prediction": p}) + "\n" for i, p in zip(todo, new)))
         cache.update({keys[i]: p for i, p in zip(todo, new)})
     return [cache[k] for k in keys]
+
+
+def sharded_predictions(lm, prompts, transform, switches, cfg: RunConfig, desc: str) -> list[str]:
+    """generate_predictions over this process's share of the batches, merged
+    across processes (a no-op split when there is one process)."""
+    d = dist.current()
+    mine = generate_predictions(lm, prompts, transform, switches, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                desc=desc, progress=cfg.progress and d.is_main, shard=(d.rank, d.world))
+    return dist.gather_filled(mine, d)
+
+
+def _resolve_placement(cfg: RunConfig) -> tuple[str, str | None]:
+    """Device and device_map for this process: one GPU per rank under a
+    launcher; --device-map (one process spread over GPUs) only when alone."""
+    d = dist.current()
+    if d.enabled and cfg.model.device_map:
+        raise LatentWireError("--device-map places one model across GPUs in a single process; it cannot be combined "
+                              f"with {d.world} launched processes (drop --device-map, or launch one process)")
+    if d.enabled and cfg.model.device == "auto" and torch.cuda.is_available():
+        return f"cuda:{d.local_rank}", None
+    return cfg.model.device, cfg.model.device_map
 
 
 def _pipeline_metrics(rows: list[dict], agg: dict, n_boot: int, seed: int) -> dict:
@@ -134,17 +153,23 @@ def _retention(text_rows, rows, n_boot, seed) -> tuple[float | None, list[float]
 def text_baseline_eval(cfg: RunConfig) -> dict:
     """`latentwire eval`: the text pipeline alone, written to cfg.out."""
     t0 = time.time()
+    cfg.model.validate()
     cfg.data.validate(need_train=False)
     cfg.eval.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
+    d = dist.current()
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device, device_map = _resolve_placement(cfg)
+    lm = load_model(cfg.model.model, device, cfg.model.dtype, device_map=device_map)
     _, ev, desc = load_data(cfg)
     builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
     prompts = [builder.build(e) for e in ev]
     # always generated afresh here (this *is* the baseline measurement); the
     # answers are added to the cache that `latentwire run` reads
     preds = text_predictions(lm, prompts, cfg, read_cache=False)
+    if not d.is_main:
+        return {}
     rows, agg = score_predictions(prompts, preds)
     write_jsonl(out / "predictions.jsonl", rows)
     m = {"model": lm.source, "n_eval": len(prompts), "data": desc, "wall_s": time.time() - t0,
@@ -164,7 +189,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig | None = None) -> None:
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig | None = None,
+                    main: bool = True) -> None:
     """Never silently mix or destroy runs: a folder that already holds a run
     needs --resume (continue it) or --overwrite (start over)."""
     held = [f for f in ("ckpt.pt", "metrics.json", "train_log.jsonl") if (out / f).exists()]
@@ -181,10 +207,21 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig 
             k = diff[0]
             raise LatentWireError(f"--resume: the flags differ from the run being resumed ({len(diff)} field(s)); "
                                   f"first: {k} is {saved.get(k)!r} there but {now.get(k)!r} now")
+    if not main:  # every rank checks; one rank cleans and creates
+        return
     if overwrite and not resume:
         for f in ("ckpt.pt", "train_log.jsonl", "events.jsonl", "adapter_best_state.pt", "metrics.json"):
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _quiet(*_a, **_k) -> None:
+    pass
+
+
+class _NullEvents:
+    def log(self, **_row) -> None:
+        pass
 
 
 def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False, overwrite: bool = False,
@@ -193,12 +230,18 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     t0 = time.time()
     cfg.validate()
     out = Path(cfg.out)
-    prepare_run_dir(out, resume, overwrite, cfg)
-    events = JsonlLogger(out / "events.jsonl")
-    write_json(out / "config.json", asdict(cfg))
+    d = dist.current()
+    prepare_run_dir(out, resume, overwrite, cfg, main=d.is_main)
+    dist.barrier(d)
+    if not d.is_main:  # one process writes; the others compute their share quietly
+        log = _quiet
+    events = JsonlLogger(out / "events.jsonl") if d.is_main else _NullEvents()
+    if d.is_main:
+        write_json(out / "config.json", asdict(cfg))
     seed_everything(cfg.data.seed)
 
-    lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
+    device, device_map = _resolve_placement(cfg)
+    lm = load_model(cfg.model.model, device, cfg.model.dtype, device_map=device_map)
     d_model, V = lm.d_model, lm.vocab_size
     cfg.compress.validate(d_model)
     k = cfg.compress.resolve_dim(d_model)
@@ -221,7 +264,10 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
     prompts = [builder.build(e) for e in ev]
     pool = training_pool(builder, train)
-    table = lm.embedding_table().cpu()
+    # the adapter trains where the LLM runs when that is a GPU (Phase 2 and
+    # DDP over NCCL need it there); the compressor's fit stays on the CPU
+    work = lm.device if lm.device.type == "cuda" else torch.device("cpu")
+    table = lm.embedding_table().float().to(work)
 
     # --- compress: fit on training text only (streamed in chunks) -----------
     tc = time.time()
@@ -232,7 +278,8 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         comp = make_compressor("pca", k, cfg.data.seed).fit_token_ids(lambda t: lm.embed(t.to(lm.device)), src)
     else:
         comp = make_compressor(cfg.compress.compressor, k, cfg.data.seed).fit(d_model=d_model)
-    comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})
+    if d.is_main:
+        comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})
     evr = float(comp.explained_variance_ratio_.sum()) if hasattr(comp, "explained_variance_ratio_") else None
     events.log(event="compressor", kind=comp.kind, dim=k, fit_tokens=int(pool.numel()), wall_s=time.time() - tc,
                explained_variance_of_total=evr)
@@ -241,7 +288,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     z_table = comp.transform(table)
 
     # --- adapter: Phase 1 ---------------------------------------------------
-    adapter = build_adapter(cfg.adapter, comp, table)
+    adapter = build_adapter(cfg.adapter, comp, table).to(work)
     if cfg.adapter.adapter_path:
         load_adapter_state(adapter, cfg.adapter.adapter_path, fp | {"adapter": cfg.adapter.adapter})
         adapter.eval()
@@ -252,21 +299,24 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     sw = EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
                       keep_cue=cfg.eval.anchor == "original")
     if cfg.train.phase2_steps and not cfg.adapter.adapter_path:
-        b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none")
+        b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none",
+                           flag="--phase2-max-tokens")
         train_prompts = [b2.build(e) for e in train]
         summary |= train_phase2(lm, adapter, comp, train_prompts, sw, cfg.train, out, seed=cfg.data.seed,
                                 progress=cfg.progress)
-    save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
+    if d.is_main:
+        save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
     events.log(event="trained", **summary)
 
     # --- evaluate -------------------------------------------------------------
     text_preds = text_predictions(lm, prompts, cfg, read_cache=use_cache)
     text_rows, text_agg = score_predictions(prompts, text_preds)
-    write_jsonl(out / "predictions_text.jsonl", text_rows)
+    if d.is_main:
+        write_jsonl(out / "predictions_text.jsonl", text_rows)
     log(f"text baseline: F1 {text_agg['f1']:.2f} EM {text_agg['exact_match']:.2f} on {len(prompts)} questions")
 
     def recon(x: torch.Tensor) -> torch.Tensor:
-        return adapter(comp.transform(x.float().cpu())).to(x.device)
+        return adapter(comp.transform(x.float().to(work))).to(x.device)
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         return comp.inverse_transform(comp.transform(x.float().cpu())).to(x.device)
@@ -283,8 +333,9 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     diags = {}
     for name, fn in pipelines.items():
         mod = adapter if name == "latentwire" else None
-        preds = generate_predictions(lm, prompts, fn, sw, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                                     desc=name, progress=cfg.progress)
+        preds = sharded_predictions(lm, prompts, fn, sw, cfg, desc=name)
+        if not d.is_main:
+            continue  # scoring, diagnostics and writing happen once, on rank 0
         rows, agg = score_predictions(prompts, preds)
         for r, tp in zip(rows, text_preds):
             r["text_prediction"] = tp
@@ -304,7 +355,10 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         metrics.setdefault("verdict", []).extend(findings(name, metrics["pipelines"][name], diag))
         for line in summary_lines(name, diag):
             log(line)
+    if not d.is_main:
+        return {}
     metrics["wall_s"] = time.time() - t0
+    metrics["world_size"] = d.world
     metrics["config"] = asdict(cfg)
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, diags, asdict(cfg))

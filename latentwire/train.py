@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import TrainConfig
 from .errors import LatentWireError
 from .losses import reconstruction_loss
@@ -89,6 +90,14 @@ def recon_metrics(adapter, z_table: torch.Tensor, table: torch.Tensor, ids: torc
             "token_recovery": token_recovery(y, ids, table)}
 
 
+class _NoLog:
+    """The logger of ranks other than 0 (one process writes the log)."""
+    path = None
+
+    def log(self, **row) -> None:
+        pass
+
+
 def _has_params(adapter) -> bool:
     return any(p.requires_grad for p in adapter.parameters())
 
@@ -103,7 +112,8 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
     `ckpt.pt` (resumable) and `adapter_best.pt` state in `out_dir`.
     """
     out_dir = Path(out_dir)
-    log = JsonlLogger(out_dir / "train_log.jsonl")
+    d = dist.current()
+    log = JsonlLogger(out_dir / "train_log.jsonl") if d.is_main else _NoLog()
     V = table.shape[0]
     if not _has_params(adapter):
         return {"steps": 0, "note": "adapter has no trainable parameters"}
@@ -126,11 +136,13 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
         g.set_state(ck["sampler_rng"])
         torch.set_rng_state(ck["torch_rng"])
         step, best = ck["step"], ck["best"]
-        if log.path.exists():  # drop log rows of steps the killed run did after its last checkpoint
+        if d.is_main and log.path.exists():  # drop log rows of steps the killed run did after its last checkpoint
             write_jsonl(log.path, [r for r in read_jsonl(log.path) if r.get("step", 0) <= step])
         log.log(event="resume", step=step)
 
     def save_ckpt() -> None:
+        if not d.is_main:  # one writer; every rank holds the same state
+            return
         atomic_torch_save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "sampler_rng": g.get_state(),
                            "torch_rng": torch.get_rng_state(), "step": step, "best": best,
@@ -138,18 +150,23 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
 
     n_vocab = round(cfg.vocab_fraction * cfg.batch_tokens)
     n_pool = cfg.batch_tokens - n_vocab
+    # N processes: every rank draws the same global batch (same generator)
+    # and trains on its 1/N slice; DDP averages the slices' gradients
+    mine = dist.slice_for_rank(cfg.batch_tokens, d, "--batch-tokens")
+    model = dist.wrap(adapter, d)
     adapter.train()
-    bar = tqdm(total=total, initial=step, desc="train phase 1", disable=not progress, leave=False)
+    bar = tqdm(total=total, initial=step, desc="train phase 1", disable=not (progress and d.is_main), leave=False)
     with _StopFlag() as stop:
         while step < total:
             ids = torch.cat([torch.randint(0, V, (n_vocab,), generator=g),
                              pool_ids[torch.randint(0, max(1, pool_ids.numel()), (n_pool,), generator=g)]
-                             if n_pool else torch.empty(0, dtype=torch.long)])
-            terms = reconstruction_loss(adapter(z_table[ids]), table[ids], w_cos=cfg.w_cos, w_mse=cfg.w_mse)
-            for name, v in terms.items():
-                if not torch.isfinite(v):
+                             if n_pool else torch.empty(0, dtype=torch.long)])[mine]
+            terms = reconstruction_loss(model(z_table[ids]), table[ids], w_cos=cfg.w_cos, w_mse=cfg.w_mse)
+            logged = dist.mean_terms(terms, d)
+            for name, v in logged.items():
+                if not math.isfinite(v):
                     # no save here: the last good checkpoint on disk stays as it is
-                    raise LatentWireError(f"training stopped at step {step}: loss term {name!r} is {float(v.detach())} "
+                    raise LatentWireError(f"training stopped at step {step}: loss term {name!r} is {v} "
                                           f"(last good checkpoint: {ckpt_path})")
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -160,8 +177,7 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
             opt.step()
             sched.step()
             step += 1
-            row = {"event": "step", "step": step, "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
-                   **{k: float(v.detach()) for k, v in terms.items()}}
+            row = {"event": "step", "step": step, "lr": sched.get_last_lr()[0], "grad_norm": float(gn), **logged}
             if step % cfg.eval_every == 0 or step == total:
                 row.update({f"quick_{k}": v for k, v in recon_metrics(adapter, z_table, table, quick_ids).items()})
             log.log(**row)
@@ -174,20 +190,23 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
                 key = (full["token_recovery"], full["cos"])
                 if key > (best["token_recovery"], best["cos"]):
                     best = {"token_recovery": full["token_recovery"], "cos": full["cos"], "step": step}
-                    atomic_torch_save(adapter.state_dict(), out_dir / "adapter_best_state.pt")
+                    if d.is_main:
+                        atomic_torch_save(adapter.state_dict(), out_dir / "adapter_best_state.pt")
                 if on_epoch:
                     on_epoch(epoch, full)
             if step % cfg.ckpt_every == 0 or step == total:
                 save_ckpt()
-            if stop.signum is not None:
+            if dist.any_flag(stop.signum is not None, d):
                 save_ckpt()
                 bar.close()
-                log.log(event="interrupted", step=step, signal=int(stop.signum))
-                raise KeyboardInterrupt(f"signal {stop.signum} at step {step}; checkpoint saved to {ckpt_path}")
+                log.log(event="interrupted", step=step, signal=int(stop.signum or 0))
+                raise KeyboardInterrupt(f"signal {stop.signum or 'on another rank'} at step {step}; "
+                                        f"checkpoint saved to {ckpt_path}")
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 return {"steps": step, "best": best, "stopped_early": True}
     bar.close()
+    dist.barrier(d)  # rank 0 has written the best state before anyone reads it
     # finish on the best checkpoint, as the seed's "best model" intended
     best_path = out_dir / "adapter_best_state.pt"
     if best_path.exists():
@@ -263,38 +282,49 @@ def phase2_loss(lm, adapter, compressor, batch: dict, cfg: TrainConfig) -> dict[
 
 def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, out_dir: str | Path, seed: int = 0,
                  progress: bool = True) -> dict:
-    """Generation-aware fine-tuning of the adapter through the frozen LLM."""
+    """Generation-aware fine-tuning of the adapter through the frozen LLM.
+
+    With N processes each rank takes its 1/N of every step's questions;
+    DDP averages the ranks' gradients (each rank's CE/KL is a mean over its
+    own answer tokens, the usual DDP approximation of the global token mean).
+    """
     out_dir = Path(out_dir)
-    log = JsonlLogger(out_dir / "train_log.jsonl")
+    d = dist.current()
+    log = JsonlLogger(out_dir / "train_log.jsonl") if d.is_main else _NoLog()
     params = [p for p in adapter.parameters() if p.requires_grad]
     if not params or cfg.phase2_steps == 0:
         return {"phase2_steps": 0}
     if not prompts:
         raise LatentWireError("--phase2-steps: no training questions to train on")
+    mine = dist.slice_for_rank(cfg.phase2_batch, d, "--phase2-batch")
     g = torch.Generator().manual_seed(seed + 2)
     opt = torch.optim.AdamW(params, lr=cfg.phase2_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    model = dist.wrap(adapter, d)
     adapter.train()
     first = last = None
     with _StopFlag() as stop:
-        for step in tqdm(range(1, cfg.phase2_steps + 1), desc="train phase 2", disable=not progress, leave=False):
-            pick = torch.randint(0, len(prompts), (cfg.phase2_batch,), generator=g).tolist()
+        for step in tqdm(range(1, cfg.phase2_steps + 1), desc="train phase 2", disable=not (progress and d.is_main),
+                         leave=False):
+            pick = torch.randint(0, len(prompts), (cfg.phase2_batch,), generator=g).tolist()[mine]
             batch = phase2_batch(lm, [prompts[i] for i in pick], switches, lm.tokenizer.pad_token_id)
-            terms = phase2_loss(lm, adapter, compressor, batch, cfg)
-            for name, v in terms.items():
-                if not torch.isfinite(v):
-                    raise LatentWireError(f"phase 2 stopped at step {step}: loss term {name!r} is {float(v.detach())}")
+            terms = phase2_loss(lm, model, compressor, batch, cfg)
+            row = dist.mean_terms(terms, d)
+            for name, v in row.items():
+                if not math.isfinite(v):
+                    raise LatentWireError(f"phase 2 stopped at step {step}: loss term {name!r} is {v}")
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             sched.step()
-            row = {k: float(v.detach()) for k, v in terms.items()}
             first = first or row
             last = row
             log.log(event="step2", step=step, lr=sched.get_last_lr()[0], grad_norm=float(gn), **row)
-            if stop.signum is not None:
-                raise KeyboardInterrupt(f"signal {stop.signum} during phase 2 at step {step} (phase 2 is not resumable)")
+            if dist.any_flag(stop.signum is not None, d):
+                raise KeyboardInterrupt(f"signal {stop.signum or 'on another rank'} during phase 2 at step {step} "
+                                        "(phase 2 is not resumable)")
     adapter.eval()
-    atomic_torch_save(adapter.state_dict(), out_dir / "adapter_phase2_state.pt")
+    if d.is_main:
+        atomic_torch_save(adapter.state_dict(), out_dir / "adapter_phase2_state.pt")
     return {"phase2_steps": cfg.phase2_steps, "phase2_first": first, "phase2_last": last}
