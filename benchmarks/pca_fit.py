@@ -79,8 +79,43 @@ def worker(args) -> None:
     th.join()
     peak[0] = max(peak[0], proc.memory_info().rss)
     torch.save(comps, args.comps_out)
-    print(json.dumps({"method": args.method, "wall_s": wall, "peak_mb": (peak[0] - base) / 2 ** 20,
+    print(json.dumps({"method": args.method, "d_model": lm.d_model, "wall_s": wall, "peak_mb": (peak[0] - base) / 2 ** 20,
                       "reported_evr": reported, "true_evr": true, "source": src, "distinct_tokens": distinct}))
+
+
+def compare(model: str, tokens: int, dim: int, squad_train: str | None) -> dict:
+    """Both fits, each in its own subprocess (so peak memory is its own)."""
+    import tempfile
+
+    import torch
+    res = {"model": model, "tokens": tokens, "dim": dim}
+    with tempfile.TemporaryDirectory() as d:
+        for m in ("stream", "seed"):
+            cmd = [sys.executable, __file__, "--method", m, "--comps-out", os.path.join(d, m + ".pt"),
+                   "--model", model, "--tokens", str(tokens), "--dim", str(dim)]
+            if squad_train:
+                cmd += ["--squad-train", squad_train]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            res[m] = json.loads(out.strip().splitlines()[-1])
+        a, b = (torch.load(os.path.join(d, m + ".pt")) for m in ("stream", "seed"))
+        # how much of the seed's subspace the exact one spans (1 = same subspace)
+        res["overlap"] = float((a @ b.T).pow(2).sum() / dim)
+    return res
+
+
+def format_result(res: dict) -> str:
+    s, z = res["stream"], res["seed"]
+    return "\n".join([
+        f"model {res['model']}, {res['tokens']:,} token embeddings ({s['source']}, {s['distinct_tokens']:,} before "
+        f"cycling), {s.get('d_model', '?')} -> {res['dim']}\n",
+        "| method | wall s | peak memory above start (MB) | explained variance it reports | of total variance |",
+        "|---|---|---|---|---|",
+        f"| streamed covariance + eigh (LatentWire) | {s['wall_s']:.1f} | {s['peak_mb']:.0f} | "
+        f"{100 * s['reported_evr']:.1f}% | {100 * s['true_evr']:.1f}% |",
+        f"| collect all + svd_lowrank (seed) | {z['wall_s']:.1f} | {z['peak_mb']:.0f} | "
+        f"{100 * z['reported_evr']:.1f}% | {100 * z['true_evr']:.1f}% |",
+        f"\npeak memory seed / LatentWire: **{z['peak_mb'] / max(s['peak_mb'], 1):.0f}x**; "
+        f"wall time seed / LatentWire: **{z['wall_s'] / s['wall_s']:.2f}x**; subspace overlap {res['overlap']:.3f}"])
 
 
 def main(argv=None) -> int:
@@ -95,32 +130,8 @@ def main(argv=None) -> int:
     if args.method:
         worker(args)
         return 0
-    import tempfile
-
-    import torch
-    res = {}
-    with tempfile.TemporaryDirectory() as d:
-        for m in ("stream", "seed"):
-            cmd = [sys.executable, __file__, "--method", m, "--comps-out", os.path.join(d, m + ".pt"),
-                   "--model", args.model, "--tokens", str(args.tokens), "--dim", str(args.dim)]
-            if args.squad_train:
-                cmd += ["--squad-train", args.squad_train]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            res[m] = json.loads(out.strip().splitlines()[-1])
-        a, b = (torch.load(os.path.join(d, m + ".pt")) for m in ("stream", "seed"))
-        # how much of the seed's subspace the exact one spans (1 = same subspace)
-        overlap = float((a @ b.T).pow(2).sum() / args.dim)
-    s, z = res["stream"], res["seed"]
-    print(f"model {args.model}, {args.tokens:,} token embeddings ({s['source']}, {s['distinct_tokens']:,} before cycling), "
-          f"576 -> {args.dim}\n")
-    print("| method | wall s | peak memory above start (MB) | explained variance it reports | of total variance |")
-    print("|---|---|---|---|---|")
-    print(f"| streamed covariance + eigh (LatentWire) | {s['wall_s']:.1f} | {s['peak_mb']:.0f} | "
-          f"{100 * s['reported_evr']:.1f}% | {100 * s['true_evr']:.1f}% |")
-    print(f"| collect all + svd_lowrank (seed) | {z['wall_s']:.1f} | {z['peak_mb']:.0f} | "
-          f"{100 * z['reported_evr']:.1f}% | {100 * z['true_evr']:.1f}% |")
-    print(f"\npeak memory seed / LatentWire: **{z['peak_mb'] / max(s['peak_mb'], 1):.0f}x**; "
-          f"wall time seed / LatentWire: **{z['wall_s'] / s['wall_s']:.2f}x**; subspace overlap {overlap:.3f}")
+    res = compare(args.model, args.tokens, args.dim, args.squad_train)
+    print(format_result(res))
     return 0
 
 

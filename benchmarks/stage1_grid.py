@@ -22,6 +22,7 @@ from latentwire.run import run_experiment
 
 
 def cell_config(args, adapter: str, ratio: float, controls: bool, preset: str = "none") -> RunConfig:
+    """One grid cell = the `latentwire run` config for (adapter, ratio)."""
     c = RunConfig()
     c.model.model = args.model
     c.data.squad_train, c.data.squad_eval = args.squad_train, args.squad_eval
@@ -29,6 +30,8 @@ def cell_config(args, adapter: str, ratio: float, controls: bool, preset: str = 
     c.compress.ratio = ratio
     c.adapter.adapter, c.adapter.preset = adapter, preset
     c.controls, c.progress = controls, False
+    if getattr(args, "epochs", None):
+        c.train.epochs = args.epochs
     apply_preset(c)
     name = "seed_preset" if preset == "seed" else adapter
     c.out = str(Path(args.out) / f"{name}_x{ratio:g}")
@@ -54,6 +57,42 @@ def row_from_metrics(name: str, ratio: float, m: dict, pipeline: str) -> dict:
             "wall_s": round(m["wall_s"])}
 
 
+def grid_cells(args) -> list[tuple[str, float, bool, str]]:
+    cells = [(a, r, r in args.controls_at and a == args.adapters[0], "none") for r in args.ratios for a in args.adapters]
+    return cells + [("mlp", r, False, "seed") for r in args.seed_preset_at]
+
+
+def run_cell(cfg: RunConfig) -> dict:
+    """Metrics of one cell; a finished cell (metrics.json there) is read, not rerun."""
+    mpath = Path(cfg.out) / "metrics.json"
+    if mpath.exists():
+        print(f"[skip] {cfg.out} (done)", file=sys.stderr)
+        return json.loads(mpath.read_text())
+    t0 = time.time()
+    print(f"[run ] {cfg.out}", file=sys.stderr, flush=True)
+    m = run_experiment(cfg, overwrite=True, log=lambda *a: None)
+    print(f"[done] {cfg.out} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return m
+
+
+def cell_rows(m: dict, adapter: str, ratio: float, preset: str) -> list[dict]:
+    name = "seed preset (mlp)" if preset == "seed" else adapter
+    rows = [row_from_metrics(name, ratio, m, "latentwire")]
+    if "linear_inverse" in m["pipelines"]:
+        rows.append(row_from_metrics("linear PCA inverse", ratio, m, "linear_inverse"))
+    return rows
+
+
+COLS = ["pipeline", "ratio", "dim", "n", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "retention_ci95",
+        "agreement", "token_recovery_vocab", "cos", "norm_ratio"]
+
+
+def markdown_table(rows: list[dict], cols=COLS) -> str:
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+    body = "\n".join("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows)
+    return head + "\n" + body
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -67,37 +106,20 @@ def main(argv=None) -> int:
     ap.add_argument("--controls-at", type=float, nargs="*", default=[4, 16, 64],
                     help="ratios at which the linear-PCA-inverse control is also evaluated")
     ap.add_argument("--seed-preset-at", type=float, nargs="*", default=[4])
+    ap.add_argument("--epochs", type=int, default=None, help="Phase 1 epochs per cell (default: latentwire run's)")
     ap.add_argument("--out", default="runs/stage1_grid")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = [(a, r, r in args.controls_at and a == args.adapters[0], "none") for r in args.ratios for a in args.adapters]
-    cells += [("mlp", r, False, "seed") for r in args.seed_preset_at]
     rows = []
-    for adapter, ratio, controls, preset in cells:
-        cfg = cell_config(args, adapter, ratio, controls, preset)
-        mpath = Path(cfg.out) / "metrics.json"
-        if mpath.exists():
-            m = json.loads(mpath.read_text())
-            print(f"[skip] {cfg.out} (done)", file=sys.stderr)
-        else:
-            t0 = time.time()
-            print(f"[run ] {cfg.out}", file=sys.stderr, flush=True)
-            m = run_experiment(cfg, overwrite=True, log=lambda *a: None)
-            print(f"[done] {cfg.out} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-        name = "seed preset (mlp)" if preset == "seed" else adapter
-        rows.append(row_from_metrics(name, ratio, m, "latentwire"))
-        if "linear_inverse" in m["pipelines"]:
-            rows.append(row_from_metrics("linear PCA inverse", ratio, m, "linear_inverse"))
+    for adapter, ratio, controls, preset in grid_cells(args):
+        m = run_cell(cell_config(args, adapter, ratio, controls, preset))
+        rows += cell_rows(m, adapter, ratio, preset)
         with open(out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    cols = ["pipeline", "ratio", "dim", "n", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "retention_ci95",
-            "agreement", "token_recovery_vocab", "cos", "norm_ratio"]
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
-    body = "\n".join("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows)
-    table = head + "\n" + body
+    table = markdown_table(rows)
     (out / "results.md").write_text(table + "\n")
     print(table)
     return 0

@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or spec.get("out") or "runs/sweep"
             rows = run_sweep(base, expand(spec), out, use_cache=not args.no_cache)
             print(f"{len(rows)} runs in {out}/results.csv; plots in {out}/")
+            if spec.get("compare"):
+                from pathlib import Path
+
+                from .sweep import compare_runs
+                print(compare_runs(rows, spec["compare"], Path(out), base.eval.n_boot, base.data.seed), end="")
+                print(f"paired comparisons: {out}/compare.md")
         else:
             from .sweep import run_diagnose
             cfg = _build(args, tuple(_GROUPS))

@@ -205,6 +205,24 @@ def generate_one_at_a_time(lm, prompts: Sequence[Prompt], max_new_tokens: int = 
             for p in tqdm(prompts, desc=desc, disable=not progress, leave=False)]
 
 
+@torch.no_grad()
+def generate_seed_loop(lm, prompts: Sequence[Prompt], max_new_tokens: int = 16, desc: str = "seed loop",
+                       progress: bool = True) -> list[str]:
+    """The seed's evaluation, for comparison: one question at a time through
+    `model.generate(inputs_embeds=..., attention_mask=..., do_sample=False)`,
+    which runs to EOS or `max_new_tokens` (no stop at the newline); the text
+    is then cut at the first newline, as ours is."""
+    out = []
+    eos = lm.tokenizer.eos_token_id
+    for p in tqdm(prompts, desc=desc, disable=not progress, leave=False):
+        ids = torch.tensor([p.ids], dtype=torch.long, device=lm.device)
+        emb = lm.embed(ids)
+        gen = lm.model.generate(inputs_embeds=emb, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=eos)
+        out.append(decode_answer(lm.tokenizer, gen[0].tolist()))
+    return out
+
+
 def score_predictions(prompts: Sequence[Prompt], preds: Sequence[str]) -> tuple[list[dict], dict]:
     """Per-example rows (for predictions.jsonl) and the aggregate metrics."""
     rows = []

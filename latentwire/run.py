@@ -341,7 +341,11 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
             r["text_prediction"] = tp
             r["agree"] = r["prediction"] == tp
         write_jsonl(out / f"predictions_{name}.jsonl", rows)
-        vocab_m = recon_metrics(mod if mod is not None else LinearAdapter(comp), z_table, table, torch.arange(V))
+        # the adapter ends on its best state, whose whole-vocabulary metrics
+        # training already measured (~25 s on a CPU); Phase 2 changes it
+        known = (summary.get("best") or {}).get("vocab_metrics") if not summary.get("phase2_steps") else None
+        vocab_m = known if (mod is not None and known) else \
+            recon_metrics(mod if mod is not None else LinearAdapter(comp), z_table, table, torch.arange(V))
         diag = diagnose(lm, prompts, fn, sw, text_preds, preds, table, cfg.eval.diagnostics_k,
                         vocab_recovery=vocab_m["token_recovery"])
         write_json(out / f"diagnostics_{name}.json", diag)

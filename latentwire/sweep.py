@@ -81,9 +81,13 @@ def load_sweep_file(path: str | Path) -> dict:
         raise LatentWireError(f"sweep file {path}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict):
         raise LatentWireError(f"sweep file {path}: expected a mapping with base/grid/runs")
-    unknown = set(spec) - {"out", "base", "grid", "runs"}
+    unknown = set(spec) - {"out", "base", "grid", "runs", "compare"}
     if unknown:
-        raise LatentWireError(f"sweep file {path}: unknown section(s) {sorted(unknown)}; use out, base, grid, runs")
+        raise LatentWireError(f"sweep file {path}: unknown section(s) {sorted(unknown)}; "
+                              "use out, base, grid, runs, compare")
+    for pair in spec.get("compare") or []:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise LatentWireError(f"sweep file {path}: compare entries are [before, after] run-name pairs, got {pair!r}")
     return spec
 
 
@@ -165,6 +169,32 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
         rows = list(csv.DictReader(f))
     plot_sweep(rows, out)
     return rows
+
+
+_GAIN = {"supported": "after is better", "not supported": "no gain", "inconclusive": "inconclusive"}
+
+
+def compare_runs(rows: list[dict], pairs: list[list[str]], out: Path, n_boot: int = 1000, seed: int = 0) -> str:
+    """`compare: [[before, after], ...]` in a sweep file: paired differences
+    over the same questions (ΔF1, Δagreement, 95% bootstrap intervals) and a
+    verdict per pair, written to compare.md."""
+    by = {r["name"]: r for r in rows}
+    lines = ["| before | after | F1 before | F1 after | ΔF1 [95% CI] | agreement before % | agreement after % | "
+             "Δagreement [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        for n in (a, b):
+            if n not in by:
+                raise LatentWireError(f"sweep compare: no run named {n!r} (runs: {', '.join(sorted(by))})")
+        pa, pb = (read_jsonl(Path(by[n]["run_dir"]) / "predictions_latentwire.jsonl") for n in (a, b))
+        if [r["id"] for r in pa] != [r["id"] for r in pb]:
+            raise LatentWireError(f"sweep compare: {a!r} and {b!r} were evaluated on different questions")
+        f, g = _paired(pa, pb, "f1", n_boot, seed), _paired(pa, pb, "agree", n_boot, seed)
+        lines.append(f"| {a} | {b} | {float(by[a]['f1']):.2f} | {float(by[b]['f1']):.2f} | {f[0]:+.2f} [{f[1]:+.1f}, "
+                     f"{f[2]:+.1f}] | {100 * float(by[a]['agreement']):.1f} | {100 * float(by[b]['agreement']):.1f} | "
+                     f"{g[0]:+.1f} [{g[1]:+.1f}, {g[2]:+.1f}] | {_GAIN[verdict(f, g)]} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "compare.md", text)
+    return text
 
 
 def plot_sweep(rows: list[dict], out: Path) -> list[str]:

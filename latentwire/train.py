@@ -189,7 +189,8 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
                 log.log(event="epoch", epoch=epoch, step=step, **{f"vocab_{k}": v for k, v in full.items()})
                 key = (full["token_recovery"], full["cos"])
                 if key > (best["token_recovery"], best["cos"]):
-                    best = {"token_recovery": full["token_recovery"], "cos": full["cos"], "step": step}
+                    best = {"token_recovery": full["token_recovery"], "cos": full["cos"], "step": step,
+                            "vocab_metrics": full}
                     if d.is_main:
                         atomic_torch_save(adapter.state_dict(), out_dir / "adapter_best_state.pt")
                 if on_epoch:

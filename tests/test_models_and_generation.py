@@ -3,7 +3,8 @@ import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.evaluate import (EvalSwitches, generate_one_at_a_time, generate_predictions, greedy_generate, left_pad,
+from latentwire.evaluate import (EvalSwitches, generate_one_at_a_time, generate_predictions, generate_seed_loop,
+                                 greedy_generate, left_pad,
                                  pipeline_embeds, stop_token_ids)
 from latentwire.models import embedding_table, load_model, resolve_device, resolve_dtype, resolve_model_source
 
@@ -136,3 +137,14 @@ def test_local_folder_model_loads(tiny, tmp_path):
     prompts = _prompts(tiny, 2)
     assert generate_predictions(lm, prompts, max_new_tokens=5, progress=False) == \
         generate_predictions(tiny, prompts, max_new_tokens=5, progress=False)
+
+
+def test_seed_loop_gives_the_batched_answers(tiny):
+    """The seed's evaluation (one `model.generate` call per question, no stop
+    at the newline, cut afterwards) answers exactly as our batched loop does,
+    so the throughput benchmark compares equal work."""
+    b = PromptBuilder(tiny.tokenizer, "fewshot", 256)
+    prompts = [b.build(e) for e in synthetic_squad(6, 1)[:6]]
+    batched = generate_predictions(tiny, prompts, batch_size=3, max_new_tokens=6, progress=False)
+    assert generate_seed_loop(tiny, prompts, max_new_tokens=6, progress=False) == batched
+    assert len(set(batched)) > 1

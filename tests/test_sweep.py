@@ -6,7 +6,7 @@ import pytest
 
 from latentwire.config import RunConfig
 from latentwire.errors import LatentWireError
-from latentwire.sweep import apply_overrides, expand, load_sweep_file, run_diagnose, run_sweep, verdict
+from latentwire.sweep import apply_overrides, compare_runs, expand, load_sweep_file, run_diagnose, run_sweep, verdict
 
 
 def _base(tmp_path):
@@ -39,6 +39,9 @@ def test_sweep_file_errors(tmp_path):
     p.write_text("grids: {}\n")
     with pytest.raises(LatentWireError, match="unknown section"):
         load_sweep_file(p)
+    p.write_text("compare: [[a, b, c]]\n")
+    with pytest.raises(LatentWireError, match="compare entries are \\[before, after\\]"):
+        load_sweep_file(p)
 
 
 def test_sweep_appends_rows_and_resumes(tmp_path):
@@ -55,6 +58,13 @@ def test_sweep_appends_rows_and_resumes(tmp_path):
         assert len(list(csv.DictReader(f))) == 3
     for png in ("f1_vs_ratio.png", "cos_vs_f1.png", "norms_and_losses.png"):
         assert (out / png).exists()
+    # paired comparison of two finished runs on the same questions
+    text = compare_runs(rows, [["ratio=2", "mlp"]], out, n_boot=50)
+    assert "| ratio=2 | mlp |" in text and (out / "compare.md").read_text() == text
+    same = compare_runs(rows, [["ratio=2", "ratio=2"]], out, n_boot=50)
+    assert "+0.00 [+0.0, +0.0]" in same and "no gain" in same
+    with pytest.raises(LatentWireError, match="no run named 'nope'"):
+        compare_runs(rows, [["ratio=2", "nope"]], out)
 
 
 def test_sweep_cli_from_toml(tmp_path):
