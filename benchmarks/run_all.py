@@ -129,11 +129,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--squad-dir", default=None, help="folder with train-v1.1-first44.json and dev-v1.1-part-a.json")
     ap.add_argument("--synthetic", action="store_true", help="use the built-in synthetic set even if SQuAD is there")
-    ap.add_argument("--max-eval", type=int, default=40, help="evaluation questions per quality cell")
+    ap.add_argument("--max-eval", type=int, default=32, help="evaluation questions per quality cell")
     ap.add_argument("--epochs", type=int, default=1, help="Phase 1 epochs per quality cell")
     ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8, 16, 32, 64])
     ap.add_argument("--cost-ratios", type=float, nargs="+", default=[4, 16])
-    ap.add_argument("--cost-epochs", type=int, default=2, help="training-cost search: at most this many epochs")
+    ap.add_argument("--cost-epochs", type=int, default=1, help="training-cost search: at most this many epochs")
     ap.add_argument("--throughput-n", type=int, default=32, help="questions for the throughput comparison")
     ap.add_argument("--pca-tokens", type=int, default=1_000_000)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes for sections 1, 4, 5")
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     grid_args = {"model": args.model, "squad_train": tr, "squad_eval": ev, "max_eval": args.max_eval,
                  "template": "fewshot", "seed": args.seed, "epochs": args.epochs, "out": str(out / "grid")}
     from stage1_grid import grid_cells
-    ns = argparse.Namespace(ratios=args.ratios, adapters=["vocab", "mlp"], controls_at=[4.0, 16.0, 64.0], seed_preset_at=[4.0])
+    ns = argparse.Namespace(ratios=args.ratios, adapters=["vocab", "mlp"], controls_at=[4.0], seed_preset_at=[4.0])
     tasks = [("memory", {"out": str(out / "default_run"), "model": args.model})]
     tasks += [("cost", {"model": args.model, "squad_train": tr, "squad_eval": ev, "adapter": a, "ratio": r,
                         "n_probe": args.max_eval, "epochs": args.cost_epochs, "seed": args.seed})

@@ -290,7 +290,8 @@ def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int 
             ov["phase2_steps"] = phase2_steps
     apply_preset(base)
     base.adapter.preset = "none"  # the variants below change the preset's fields one at a time
-    runs = [{"name": "baseline"}] + [{"name": f"h{i + 1}", **ov} for i, (_, _, ov) in enumerate(hyps)]
+    # the linear-PCA-inverse control is the same in every variant: evaluate it once, with the baseline
+    runs = [{"name": "baseline"}] + [{"name": f"h{i + 1}", "controls": False, **ov} for i, (_, _, ov) in enumerate(hyps)]
     t0 = time.time()
     rows = run_sweep(base, runs, out, log=log)
     by = {r["name"]: r for r in rows}
