@@ -171,7 +171,9 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
     return rows
 
 
-_GAIN = {"supported": "after is better", "not supported": "no gain", "inconclusive": "inconclusive"}
+def _direction(d: tuple) -> str:
+    """up / down when the 95% interval excludes 0, else unclear."""
+    return "up" if d[1] > 0 else ("down" if d[2] < 0 else "no clear change")
 
 
 def compare_runs(rows: list[dict], pairs: list[list[str]], out: Path, n_boot: int = 1000, seed: int = 0) -> str:
@@ -180,7 +182,7 @@ def compare_runs(rows: list[dict], pairs: list[list[str]], out: Path, n_boot: in
     verdict per pair, written to compare.md."""
     by = {r["name"]: r for r in rows}
     lines = ["| before | after | F1 before | F1 after | ΔF1 [95% CI] | agreement before % | agreement after % | "
-             "Δagreement [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+             "Δagreement [95% CI] | change (95% interval excludes 0) |", "|---|---|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         for n in (a, b):
             if n not in by:
@@ -191,7 +193,7 @@ def compare_runs(rows: list[dict], pairs: list[list[str]], out: Path, n_boot: in
         f, g = _paired(pa, pb, "f1", n_boot, seed), _paired(pa, pb, "agree", n_boot, seed)
         lines.append(f"| {a} | {b} | {float(by[a]['f1']):.2f} | {float(by[b]['f1']):.2f} | {f[0]:+.2f} [{f[1]:+.1f}, "
                      f"{f[2]:+.1f}] | {100 * float(by[a]['agreement']):.1f} | {100 * float(by[b]['agreement']):.1f} | "
-                     f"{g[0]:+.1f} [{g[1]:+.1f}, {g[2]:+.1f}] | {_GAIN[verdict(f, g)]} |")
+                     f"{g[0]:+.1f} [{g[1]:+.1f}, {g[2]:+.1f}] | F1 {_direction(f)}, agreement {_direction(g)} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "compare.md", text)
     return text

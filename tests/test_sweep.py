@@ -62,7 +62,7 @@ def test_sweep_appends_rows_and_resumes(tmp_path):
     text = compare_runs(rows, [["ratio=2", "mlp"]], out, n_boot=50)
     assert "| ratio=2 | mlp |" in text and (out / "compare.md").read_text() == text
     same = compare_runs(rows, [["ratio=2", "ratio=2"]], out, n_boot=50)
-    assert "+0.00 [+0.0, +0.0]" in same and "no gain" in same
+    assert "+0.00 [+0.0, +0.0]" in same and "F1 no clear change, agreement no clear change" in same
     with pytest.raises(LatentWireError, match="no run named 'nope'"):
         compare_runs(rows, [["ratio=2", "nope"]], out)
 
