@@ -91,6 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from . import dist
+    ok = False
     try:
         # under torchrun / accelerate launch: join the process group (no-op alone)
         if args.cmd in ("eval", "run"):
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _build(args, ("model", "data", "eval"))
             m = text_baseline_eval(cfg)
             if not m:  # a rank other than 0 under a launcher: rank 0 prints
+                ok = True
                 return 0
             t = m["pipelines"]["text"]
             print(f"| pipeline | n | F1 | 95% CI | EM |\n|---|---|---|---|---|\n| text | {t['n']} | {t['f1']:.2f} | "
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise LatentWireError("--h3-phase2-steps must be >= 1")
             run_diagnose(cfg, args.out, phase2_steps=args.h3_phase2_steps)
             print(f"report: {args.out}/diagnose_report.md")
+        ok = True
     except LatentWireError as e:
         print(f"latentwire: error: {e}", file=sys.stderr)
         return 2
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latentwire: interrupted{': ' + str(e) if str(e) else ''}{hint}", file=sys.stderr)
         return 130
     finally:
-        dist.shutdown()
+        dist.shutdown(wait=ok)
     return 0
 
 

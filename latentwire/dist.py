@@ -74,9 +74,18 @@ def current() -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", tdist.get_rank())))
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave together: ranks other than 0 finish early (rank 0 still scores
+    and writes), and a rank tearing down its group while a peer is still
+    connected can abort the peer (seen with gloo), so on a normal exit all
+    wait first. After an error (wait=False) a rank leaves at once; the
+    launcher then stops the others."""
     if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+        try:
+            if wait:
+                tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:
