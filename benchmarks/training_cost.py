@@ -34,6 +34,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     from latentwire.evaluate import EvalSwitches, generate_predictions, score_predictions
     from latentwire.models import load_model
     from latentwire.run import load_data, text_predictions, training_pool
+    from latentwire.runio import seed_everything
     from latentwire.train import train_phase1
 
     cfg = RunConfig()
@@ -49,6 +50,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     table = lm.embedding_table().float().cpu()
     comp = make_compressor("pca", cfg.compress.resolve_dim(lm.d_model), seed).fit_token_ids(lm.embed, pool)
     z_table = comp.transform(table)
+    seed_everything(seed)  # the adapter's initialisation must not depend on what this process ran before
     ad = build_adapter(cfg.adapter, comp, table)
     text_rows, _ = score_predictions(prompts, text_predictions(lm, prompts, cfg))
     text_f1 = sum(r["f1"] for r in text_rows)
