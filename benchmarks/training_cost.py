@@ -31,9 +31,9 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     from latentwire.compress import make_compressor
     from latentwire.config import RunConfig
     from latentwire.data import PromptBuilder
-    from latentwire.evaluate import EvalSwitches, generate_predictions, score_predictions
+    from latentwire.evaluate import generate_predictions, score_predictions
     from latentwire.models import load_model
-    from latentwire.run import load_data, text_predictions, training_pool
+    from latentwire.run import eval_switches, load_data, text_predictions, training_pool
     from latentwire.runio import seed_everything
     from latentwire.train import train_phase1
 
@@ -54,7 +54,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     ad = build_adapter(cfg.adapter, comp, table)
     text_rows, _ = score_predictions(prompts, text_predictions(lm, prompts, cfg))
     text_f1 = sum(r["f1"] for r in text_rows)
-    sw = EvalSwitches(keep_bos=False, keep_prefix=0, keep_cue=cfg.eval.anchor == "original")
+    sw = eval_switches(cfg)
 
     @torch.no_grad()
     def retention() -> float:

@@ -154,13 +154,3 @@ def gather_filled(items: Sequence[Any], d: Dist) -> list[Any]:
     if missing:
         raise RuntimeError(f"sharded evaluation: {len(missing)} item(s) produced by no rank (first: {missing[0]})")
     return merged
-
-
-def broadcast_error(message: str | None, d: Dist) -> str | None:
-    """Rank 0's error (or None), known to every rank: a check done on rank 0
-    fails the whole job instead of leaving the others waiting."""
-    if not d.enabled:
-        return message
-    box = [message]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]

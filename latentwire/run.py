@@ -25,7 +25,7 @@ from .evaluate import EvalSwitches, generate_predictions, score_predictions
 from .metrics import bootstrap_ci
 from .models import cache_root, load_model
 from .report import metrics_table, write_report
-from .runio import JsonlLogger, seed_everything, write_json, write_jsonl
+from .runio import JsonlLogger, NullLogger, seed_everything, write_json, write_jsonl
 from .train import recon_metrics, train_phase1, train_phase2
 
 
@@ -132,6 +132,12 @@ def _resolve_placement(cfg: RunConfig) -> tuple[str, str | None]:
     return cfg.model.device, cfg.model.device_map
 
 
+def eval_switches(cfg: RunConfig) -> EvalSwitches:
+    """Which prompt positions keep their original embeddings, from the flags."""
+    return EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
+                        keep_cue=cfg.eval.anchor == "original")
+
+
 def _pipeline_metrics(rows: list[dict], agg: dict, n_boot: int, seed: int) -> dict:
     f1s = [r["f1"] for r in rows]
     ems = [r["em"] for r in rows]
@@ -219,11 +225,6 @@ def _quiet(*_a, **_k) -> None:
     pass
 
 
-class _NullEvents:
-    def log(self, **_row) -> None:
-        pass
-
-
 def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False, overwrite: bool = False,
                    log=print) -> dict:
     """`latentwire run`: the whole Stage 1 Phase 1 pipeline into cfg.out."""
@@ -235,7 +236,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     dist.barrier(d)
     if not d.is_main:  # one process writes; the others compute their share quietly
         log = _quiet
-    events = JsonlLogger(out / "events.jsonl") if d.is_main else _NullEvents()
+    events = JsonlLogger(out / "events.jsonl") if d.is_main else NullLogger()
     if d.is_main:
         write_json(out / "config.json", asdict(cfg))
     seed_everything(cfg.data.seed)
@@ -296,8 +297,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     else:
         summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
                                progress=cfg.progress, resume=resume)
-    sw = EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
-                      keep_cue=cfg.eval.anchor == "original")
+    sw = eval_switches(cfg)
     if cfg.train.phase2_steps and not cfg.adapter.adapter_path:
         b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none",
                            flag="--phase2-max-tokens")

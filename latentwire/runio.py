@@ -95,6 +95,14 @@ class JsonlLogger:
             f.write(json.dumps(_jsonable(row)) + "\n")
 
 
+class NullLogger:
+    """A JsonlLogger that writes nothing: processes other than rank 0."""
+    path = None
+
+    def log(self, **row: Any) -> None:
+        pass
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)

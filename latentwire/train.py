@@ -27,7 +27,7 @@ from . import dist
 from .config import TrainConfig
 from .errors import LatentWireError
 from .losses import reconstruction_loss
-from .runio import JsonlLogger, atomic_torch_save, read_jsonl, write_jsonl
+from .runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, write_jsonl
 
 
 class _StopFlag:
@@ -90,14 +90,6 @@ def recon_metrics(adapter, z_table: torch.Tensor, table: torch.Tensor, ids: torc
             "token_recovery": token_recovery(y, ids, table)}
 
 
-class _NoLog:
-    """The logger of ranks other than 0 (one process writes the log)."""
-    path = None
-
-    def log(self, **row) -> None:
-        pass
-
-
 def _has_params(adapter) -> bool:
     return any(p.requires_grad for p in adapter.parameters())
 
@@ -113,7 +105,7 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
     """
     out_dir = Path(out_dir)
     d = dist.current()
-    log = JsonlLogger(out_dir / "train_log.jsonl") if d.is_main else _NoLog()
+    log = JsonlLogger(out_dir / "train_log.jsonl") if d.is_main else NullLogger()
     V = table.shape[0]
     if not _has_params(adapter):
         return {"steps": 0, "note": "adapter has no trainable parameters"}
@@ -291,7 +283,7 @@ def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, o
     """
     out_dir = Path(out_dir)
     d = dist.current()
-    log = JsonlLogger(out_dir / "train_log.jsonl") if d.is_main else _NoLog()
+    log = JsonlLogger(out_dir / "train_log.jsonl") if d.is_main else NullLogger()
     params = [p for p in adapter.parameters() if p.requires_grad]
     if not params or cfg.phase2_steps == 0:
         return {"phase2_steps": 0}
