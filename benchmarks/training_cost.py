@@ -61,7 +61,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
         was = ad.training
         ad.eval()
         preds = generate_predictions(lm, prompts, lambda x: ad(comp.transform(x.float())), sw, cfg.eval.batch_size,
-                                     cfg.eval.max_new_tokens, progress=False)
+                                     cfg.eval.max_new_tokens, progress=False, share_prefix=cfg.eval.share_prefix)
         ad.train(was)
         rows, _ = score_predictions(prompts, preds)
         return sum(r["f1"] for r in rows) / text_f1 if text_f1 else float("nan")

@@ -92,6 +92,10 @@ class EvalConfig:
     """Questions per generation batch (left-padded)."""
     max_new_tokens: int = 16
     """Greedy decoding stops at EOS, a newline, or this many tokens."""
+    share_prefix: bool = True
+    """Prefill a prompt prefix shared by several questions of a batch (few-shot shots, one paragraph's
+    questions) once and copy its key/value cache; same answers up to float rounding, several times
+    less prefill. Off: every question is prefilled in full."""
     anchor: str = "original"
     """The answer cue ('\\nAnswer:'): original embeddings (an anchor) or reconstructed."""
     keep_prefix: int = 0

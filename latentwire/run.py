@@ -116,7 +116,8 @@ def sharded_predictions(lm, prompts, transform, switches, cfg: RunConfig, desc: 
     across processes (a no-op split when there is one process)."""
     d = dist.current()
     mine = generate_predictions(lm, prompts, transform, switches, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                                desc=desc, progress=cfg.progress and d.is_main, shard=(d.rank, d.world))
+                                desc=desc, progress=cfg.progress and d.is_main, shard=(d.rank, d.world),
+                                share_prefix=cfg.eval.share_prefix)
     return dist.gather_filled(mine, d)
 
 
