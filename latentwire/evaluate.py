@@ -14,6 +14,7 @@ Generation is a plain greedy loop with a KV cache rather than
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -145,6 +146,22 @@ def greedy_generate(model, attention_mask: torch.Tensor, *, input_ids: torch.Ten
 # Shared parts are found by comparing the rows the LLM will read (ids, or the
 # reconstructed embeddings bit for bit), so any pipeline is handled exactly.
 
+class CacheNotCopyable(RuntimeError):
+    """The model's KV cache has no batch_select_indices: no tree prefill."""
+
+
+def _sliding_window(model) -> int | None:
+    """The attention window of a sliding-window model (Mistral, Gemma 2/3),
+    else None. Windows count cache columns, not positions, so the padding
+    a tree puts between levels would shift them: the tree is used only
+    when the whole sequence fits in the window."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    w = getattr(cfg, "sliding_window", None)
+    if w and getattr(cfg, "use_sliding_window", True) is not False:
+        return int(w)
+    return None
+
+
 @dataclass
 class Level:
     """One level of the prefix tree: node j continues node parent[j] of the
@@ -218,8 +235,7 @@ def tree_generate(model, levels: Sequence[Level], *, use_ids: bool, pad_id: int 
         mask = torch.zeros((n, 0), dtype=torch.long, device=dev) if mask is None else mask[parent]
         if cache is not None and lv.parent != list(range(n)):
             if not hasattr(cache, "batch_select_indices"):
-                raise LatentWireError(f"{type(cache).__name__} cannot be copied across rows; "
-                                      "use --no-share-prefix")
+                raise CacheNotCopyable(f"{type(cache).__name__} cannot be copied across rows")
             cache.batch_select_indices(parent)
         if S == 0:
             if k == len(levels) - 1:
@@ -343,6 +359,7 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: EmbedTransfor
     batches = plan_batches(prompts, batch_size, share_prefix)[rank::n_shards]
     if use_input_ids:
         assert transform is None, "the input_ids path is the text baseline only"
+    window = _sliding_window(lm.model)
     preds: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, leave=False)
     for idx in batches:
@@ -353,9 +370,14 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: EmbedTransfor
         if share_prefix and len(batch) > 1:
             L = ids.shape[1]
             levels = prefix_tree([x[i, L - len(p.ids):] for i, p in enumerate(batch)])
-            if tree_cost(levels) < len(batch) * L:
-                gen = tree_generate(lm.model, levels, use_ids=use_input_ids, pad_id=tok.pad_token_id,
-                                    max_new_tokens=max_new_tokens, stop_ids=stops)
+            columns = sum(max(len(s) for s in lv.segs) for lv in levels) + max_new_tokens
+            if tree_cost(levels) < len(batch) * L and (window is None or columns <= window):
+                try:
+                    gen = tree_generate(lm.model, levels, use_ids=use_input_ids, pad_id=tok.pad_token_id,
+                                        max_new_tokens=max_new_tokens, stop_ids=stops)
+                except CacheNotCopyable as e:
+                    warnings.warn(f"{e}: prefilling every row in full (as with --no-share-prefix)")
+                    share_prefix = False
         if gen is None:
             kw = {"input_ids": x} if use_input_ids else {"inputs_embeds": x}
             gen = greedy_generate(lm.model, mask, max_new_tokens=max_new_tokens, stop_ids=stops, **kw)
