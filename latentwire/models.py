@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -126,10 +127,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("LATENTWIRE_CACHE", Path.home() / ".cache" / "latentwire"))
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def gguf_digest(gguf: Path) -> str:
+    """sha256 of the file's bytes. The dequantized cache is keyed by content,
+    so the same GGUF installed in another virtual environment (a fresh clone)
+    finds the cache instead of dequantizing again. Hashing ~270 MB takes about
+    a second, so each digest is remembered per (path, size, mtime) in
+    digests.json beside the caches (rewritten atomically; a lost entry is
+    only hashed again)."""
+    from .runio import write_json
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    where = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = cache_root() / "gguf" / "digests.json"
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo, dict) and isinstance(memo.get(where), str):
+        return memo[where]
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    memo = memo if isinstance(memo, dict) else {}
+    memo[where] = h.hexdigest()
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(memo_path, memo)
+    except OSError:
+        pass  # a read-only cache still works, it just hashes every time
+    return memo[where]
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    return cache_root() / "gguf" / f"{gguf.stem}-{gguf_digest(gguf)[:16]}"
 
 
 def _dequantize_gguf_to_cache(gguf: Path) -> Path:

@@ -38,6 +38,24 @@ def test_unknown_hub_id_offline_is_one_clear_error(monkeypatch):
         load_model("definitely-not-a-model-xyz")
 
 
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """The same GGUF in two virtual environments shares one dequantized cache;
+    a different or changed file gets its own."""
+    import hashlib
+
+    from latentwire.models import _gguf_cache_dir, cache_root
+    monkeypatch.setenv("LATENTWIRE_CACHE", str(tmp_path / "cache"))
+    a, b, c = (tmp_path / d / "model.gguf" for d in ("venv1", "venv2", "other"))
+    for f, data in ((a, b"GGUF same bytes"), (b, b"GGUF same bytes"), (c, b"GGUF other bytes")):
+        f.parent.mkdir()
+        f.write_bytes(data)
+    assert _gguf_cache_dir(a) == _gguf_cache_dir(b) != _gguf_cache_dir(c)
+    assert _gguf_cache_dir(a).name == "model-" + hashlib.sha256(b"GGUF same bytes").hexdigest()[:16]
+    assert len(__import__("json").loads((cache_root() / "gguf" / "digests.json").read_text())) == 3
+    a.write_bytes(b"GGUF other bytes, longer")  # changed in place: hashed again
+    assert _gguf_cache_dir(a).name == "model-" + hashlib.sha256(b"GGUF other bytes, longer").hexdigest()[:16]
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(LatentWireError, match="no config.json"):
         resolve_model_source(str(tmp_path))
