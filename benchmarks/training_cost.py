@@ -28,12 +28,10 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     import torch
 
     from latentwire.adapters import build_adapter
-    from latentwire.compress import make_compressor
     from latentwire.config import RunConfig
-    from latentwire.data import PromptBuilder
     from latentwire.evaluate import generate_predictions, score_predictions
     from latentwire.models import load_model
-    from latentwire.run import eval_switches, load_data, text_predictions, training_pool
+    from latentwire.run import build_inputs, eval_switches, fit_compressor, text_predictions
     from latentwire.runio import seed_everything
     from latentwire.train import train_phase1
 
@@ -43,12 +41,10 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     cfg.compress.ratio, cfg.adapter.adapter, cfg.train.epochs, cfg.progress = ratio, adapter, epochs, False
     cfg.validate()
     lm = load_model(cfg.model.model)
-    train, ev, _ = load_data(cfg)
-    builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
-    prompts = [builder.build(e) for e in ev]
-    pool = training_pool(builder, train)
+    # the stages of `latentwire run`, up to the adapter
+    _, _, _, prompts, pool = build_inputs(cfg, lm)
     table = lm.embedding_table().float().cpu()
-    comp = make_compressor("pca", cfg.compress.resolve_dim(lm.d_model), seed).fit_token_ids(lm.embed, pool)
+    comp = fit_compressor(cfg, lm, pool, lm.fingerprint())
     z_table = comp.transform(table)
     seed_everything(seed)  # the adapter's initialisation must not depend on what this process ran before
     ad = build_adapter(cfg.adapter, comp, table)

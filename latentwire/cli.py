@@ -71,7 +71,7 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                     help="also evaluate the linear-PCA-inverse control (default: on)")
     pr.add_argument("--no-cache", action="store_true", help="recompute the text baseline instead of reusing it")
-    pr.add_argument("--resume", action="store_true", help="continue training from the run folder's ckpt.pt")
+    pr.add_argument("--resume", action="store_true", help="continue training from the run folder's checkpoints (ckpt.pt, ckpt_phase2.pt)")
     pr.add_argument("--overwrite", action="store_true", help="start over in a run folder that already holds a run")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     ps = sub.add_parser("sweep", help="many runs from a YAML/TOML file; results.csv, resumable, plots")

@@ -224,6 +224,8 @@ class TrainConfig:
     """Phase 2: token budget of a training prompt (context shortened to fit)."""
     phase2_lr: float = 1e-3
     """Phase 2: AdamW learning rate (constant after a 10-step warm-up)."""
+    phase2_ckpt_every: int = 10
+    """Phase 2: checkpoint every N steps (atomic; a step runs the LLM forward and backward)."""
     w_ce: float = 1.0
     """Phase 2: weight of teacher-forced cross-entropy on the gold answer tokens."""
     w_kl: float = 1.0
@@ -242,7 +244,7 @@ class TrainConfig:
             _positive(n, getattr(self, n), allow_zero=True)
         _positive("lr", self.lr)
         _positive("phase2_steps", self.phase2_steps, allow_zero=True)
-        for n in ("phase2_batch", "phase2_max_tokens", "phase2_lr", "kl_temperature"):
+        for n in ("phase2_batch", "phase2_max_tokens", "phase2_lr", "phase2_ckpt_every", "kl_temperature"):
             _positive(n, getattr(self, n))
         for n in ("w_ce", "w_kl"):
             _positive(n, getattr(self, n), allow_zero=True)

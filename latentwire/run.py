@@ -76,6 +76,26 @@ def training_pool(builder: PromptBuilder, train: Sequence[Example]) -> torch.Ten
     return torch.tensor(ids, dtype=torch.long)
 
 
+def build_inputs(cfg: RunConfig, lm) -> tuple[list[Example], list[Example], dict, list, torch.Tensor]:
+    """Stage "data": train/eval examples, eval prompts, training token pool."""
+    train, ev, desc = load_data(cfg)
+    builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
+    return train, ev, desc, [builder.build(e) for e in ev], training_pool(builder, train)
+
+
+def fit_compressor(cfg: RunConfig, lm, pool: torch.Tensor, fp: dict):
+    """Stage "compress": load --compressor-path (checked against `fp`), or fit
+    PCA on the training tokens (streamed) or the vocabulary, or build the
+    random/identity map. Fitting stays on the CPU."""
+    k = cfg.compress.resolve_dim(lm.d_model)
+    if cfg.compress.compressor_path:
+        return load_compressor(cfg.compress.compressor_path, fp | {"kind": cfg.compress.compressor})
+    if cfg.compress.compressor == "pca":
+        src = pool if cfg.compress.fit_source == "corpus" else torch.arange(lm.vocab_size)
+        return make_compressor("pca", k, cfg.data.seed).fit_token_ids(lambda t: lm.embed(t.to(lm.device)), src)
+    return make_compressor(cfg.compress.compressor, k, cfg.data.seed).fit(d_model=lm.d_model)
+
+
 def _text_cache_path(lm, max_new_tokens: int) -> Path:
     key = hashlib.sha256(json.dumps([lm.source, str(lm.dtype), max_new_tokens, __version__]).encode()).hexdigest()
     return cache_root() / "text_baseline" / f"{key[:24]}.jsonl"
@@ -261,11 +281,8 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         check_meta("--adapter-path", cfg.adapter.adapter_path, ad_meta, fp | {"adapter": cfg.adapter.adapter})
     events.log(event="model", source=lm.source, d_model=d_model, vocab=V, device=str(lm.device), dtype=str(lm.dtype))
 
-    train, ev, desc = load_data(cfg)
+    train, ev, desc, prompts, pool = build_inputs(cfg, lm)
     events.log(event="data", n_train=len(train), n_eval=len(ev), **{k2: v for k2, v in desc.items()})
-    builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
-    prompts = [builder.build(e) for e in ev]
-    pool = training_pool(builder, train)
     # the adapter trains where the LLM runs when that is a GPU (Phase 2 and
     # DDP over NCCL need it there); the compressor's fit stays on the CPU
     work = lm.device if lm.device.type == "cuda" else torch.device("cpu")
@@ -273,13 +290,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
 
     # --- compress: fit on training text only (streamed in chunks) -----------
     tc = time.time()
-    if cfg.compress.compressor_path:
-        comp = load_compressor(cfg.compress.compressor_path, fp | {"kind": cfg.compress.compressor})
-    elif cfg.compress.compressor == "pca":
-        src = pool if cfg.compress.fit_source == "corpus" else torch.arange(V)
-        comp = make_compressor("pca", k, cfg.data.seed).fit_token_ids(lambda t: lm.embed(t.to(lm.device)), src)
-    else:
-        comp = make_compressor(cfg.compress.compressor, k, cfg.data.seed).fit(d_model=d_model)
+    comp = fit_compressor(cfg, lm, pool, fp)
     if d.is_main:
         comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})
     evr = float(comp.explained_variance_ratio_.sum()) if hasattr(comp, "explained_variance_ratio_") else None
@@ -304,7 +315,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
                            flag="--phase2-max-tokens")
         train_prompts = [b2.build(e) for e in train]
         summary |= train_phase2(lm, adapter, comp, train_prompts, sw, cfg.train, out, seed=cfg.data.seed,
-                                progress=cfg.progress)
+                                progress=cfg.progress, resume=resume)
     if d.is_main:
         save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
     events.log(event="trained", **summary)

@@ -53,6 +53,46 @@ class _StopFlag:
         return False
 
 
+# Phase 2's log rows; a Phase 1 resume leaves them to Phase 2's own resume
+PHASE2_EVENTS = ("step2", "resume2", "interrupted2")
+
+
+class _Checkpoint:
+    """The resumable state of a training loop, saved atomically by rank 0:
+    adapter, optimizer, scheduler, the batch sampler's and torch's RNG (dropout),
+    and the loop's own fields (read through `fields()` when saving)."""
+
+    def __init__(self, path: Path, adapter, opt, sched, g: torch.Generator, cfg: TrainConfig,
+                 fields: Callable[[], dict], main: bool):
+        self.path, self.adapter, self.opt, self.sched, self.g = path, adapter, opt, sched, g
+        self.cfg, self.fields, self.main = cfg, fields, main
+
+    def save(self) -> None:
+        if self.main:  # one writer; every rank holds the same state
+            atomic_torch_save({"adapter": self.adapter.state_dict(), "optimizer": self.opt.state_dict(),
+                               "scheduler": self.sched.state_dict(), "sampler_rng": self.g.get_state(),
+                               "torch_rng": torch.get_rng_state(), **self.fields(),
+                               "train_config": asdict(self.cfg)}, self.path)
+
+    def load(self) -> dict:
+        ck = torch.load(self.path, map_location="cpu", weights_only=False)
+        self.adapter.load_state_dict(ck["adapter"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.g.set_state(ck["sampler_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        return ck
+
+    def stop_if_signalled(self, stop: _StopFlag, d, bar, log, event: str, step: int, where: str = "") -> None:
+        """After a step: on SIGINT/SIGTERM (on any rank) save and stop."""
+        if dist.any_flag(stop.signum is not None, d):
+            self.save()
+            bar.close()
+            log.log(event=event, step=step, signal=int(stop.signum or 0))
+            raise KeyboardInterrupt(f"signal {stop.signum or 'on another rank'}{where} at step {step}; "
+                                    f"checkpoint saved to {self.path}")
+
+
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -120,25 +160,14 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, cfg.warmup_steps))
     step, best = 0, {"token_recovery": -1.0, "cos": -1.0}
     ckpt_path = out_dir / "ckpt.pt"
+    ckpt = _Checkpoint(ckpt_path, adapter, opt, sched, g, cfg, lambda: {"step": step, "best": best}, d.is_main)
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        adapter.load_state_dict(ck["adapter"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        g.set_state(ck["sampler_rng"])
-        torch.set_rng_state(ck["torch_rng"])
+        ck = ckpt.load()
         step, best = ck["step"], ck["best"]
         if d.is_main and log.path.exists():  # drop log rows of steps the killed run did after its last checkpoint
-            write_jsonl(log.path, [r for r in read_jsonl(log.path) if r.get("step", 0) <= step])
+            write_jsonl(log.path, [r for r in read_jsonl(log.path)
+                                   if r.get("event") in PHASE2_EVENTS or r.get("step", 0) <= step])
         log.log(event="resume", step=step)
-
-    def save_ckpt() -> None:
-        if not d.is_main:  # one writer; every rank holds the same state
-            return
-        atomic_torch_save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "sampler_rng": g.get_state(),
-                           "torch_rng": torch.get_rng_state(), "step": step, "best": best,
-                           "train_config": asdict(cfg)}, ckpt_path)
 
     n_vocab = round(cfg.vocab_fraction * cfg.batch_tokens)
     n_pool = cfg.batch_tokens - n_vocab
@@ -188,13 +217,8 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
                 if on_epoch:
                     on_epoch(epoch, full)
             if step % cfg.ckpt_every == 0 or step == total:
-                save_ckpt()
-            if dist.any_flag(stop.signum is not None, d):
-                save_ckpt()
-                bar.close()
-                log.log(event="interrupted", step=step, signal=int(stop.signum or 0))
-                raise KeyboardInterrupt(f"signal {stop.signum or 'on another rank'} at step {step}; "
-                                        f"checkpoint saved to {ckpt_path}")
+                ckpt.save()
+            ckpt.stop_if_signalled(stop, d, bar, log, "interrupted", step)
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 return {"steps": step, "best": best, "stopped_early": True}
@@ -274,12 +298,15 @@ def phase2_loss(lm, adapter, compressor, batch: dict, cfg: TrainConfig) -> dict[
 
 
 def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, out_dir: str | Path, seed: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, resume: bool = False, stop_after: int | None = None) -> dict:
     """Generation-aware fine-tuning of the adapter through the frozen LLM.
 
     With N processes each rank takes its 1/N of every step's questions;
     DDP averages the ranks' gradients (each rank's CE/KL is a mean over its
     own answer tokens, the usual DDP approximation of the global token mean).
+    Checkpoints (`ckpt_phase2.pt`: adapter, optimizer, scheduler, RNGs, step)
+    every `phase2_ckpt_every` steps and on SIGINT/SIGTERM; `resume=True`
+    continues exactly where the last one left off.
     """
     out_dir = Path(out_dir)
     d = dist.current()
@@ -293,30 +320,50 @@ def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, o
     g = torch.Generator().manual_seed(seed + 2)
     opt = torch.optim.AdamW(params, lr=cfg.phase2_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    step, first, last = 0, None, None
+    ckpt_path = out_dir / "ckpt_phase2.pt"
+    ckpt = _Checkpoint(ckpt_path, adapter, opt, sched, g, cfg,
+                       lambda: {"step": step, "first": first, "last": last}, d.is_main)
+    if resume:
+        if ckpt_path.exists():
+            ck = ckpt.load()
+            step, first, last = ck["step"], ck["first"], ck["last"]
+        if d.is_main and log.path.exists():  # Phase 2 rows after the checkpoint (all, without one) are redone
+            write_jsonl(log.path, [r for r in read_jsonl(log.path)
+                                   if r.get("event") != "step2" or r.get("step", 0) <= step])
+        log.log(event="resume2", step=step)
+
     model = dist.wrap(adapter, d)
     adapter.train()
-    first = last = None
+    bar = tqdm(total=cfg.phase2_steps, initial=step, desc="train phase 2", disable=not (progress and d.is_main),
+               leave=False)
     with _StopFlag() as stop:
-        for step in tqdm(range(1, cfg.phase2_steps + 1), desc="train phase 2", disable=not (progress and d.is_main),
-                         leave=False):
+        while step < cfg.phase2_steps:
             pick = torch.randint(0, len(prompts), (cfg.phase2_batch,), generator=g).tolist()[mine]
             batch = phase2_batch(lm, [prompts[i] for i in pick], switches, lm.tokenizer.pad_token_id)
             terms = phase2_loss(lm, model, compressor, batch, cfg)
             row = dist.mean_terms(terms, d)
             for name, v in row.items():
-                if not math.isfinite(v):
-                    raise LatentWireError(f"phase 2 stopped at step {step}: loss term {name!r} is {v}")
+                if not math.isfinite(v):  # no save: the last good checkpoint stays as it is
+                    raise LatentWireError(f"phase 2 stopped at step {step + 1}: loss term {name!r} is {v} "
+                                          f"(last good checkpoint: {ckpt_path})")
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             sched.step()
+            step += 1
             first = first or row
             last = row
             log.log(event="step2", step=step, lr=sched.get_last_lr()[0], grad_norm=float(gn), **row)
-            if dist.any_flag(stop.signum is not None, d):
-                raise KeyboardInterrupt(f"signal {stop.signum or 'on another rank'} during phase 2 at step {step} "
-                                        "(phase 2 is not resumable)")
+            bar.update(1)
+            if step % cfg.phase2_ckpt_every == 0 or step == cfg.phase2_steps:
+                ckpt.save()
+            ckpt.stop_if_signalled(stop, d, bar, log, "interrupted2", step, " during phase 2")
+            if stop_after is not None and step >= stop_after:
+                bar.close()
+                return {"phase2_steps": step, "stopped_early": True}
+    bar.close()
     adapter.eval()
     if d.is_main:
         atomic_torch_save(adapter.state_dict(), out_dir / "adapter_phase2_state.pt")

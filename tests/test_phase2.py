@@ -75,3 +75,33 @@ def test_run_with_phase2(tmp_path):
     c.eval.max_new_tokens, c.eval.n_boot, c.out, c.progress, c.controls = 4, 20, str(tmp_path / "r"), False, False
     m = run_experiment(c, use_cache=False, log=lambda *a: None)
     assert m["train"]["phase2_steps"] == 2 and m["train"]["phase2_last"]["ce"] > 0
+
+
+def test_phase2_resume_is_bit_identical(tiny, setup, tmp_path):
+    """Killed after step 3 with its last checkpoint at step 2: the resumed run
+    redoes step 3 and ends with the weights and log of an uninterrupted run."""
+    from latentwire.runio import read_jsonl
+    table, pca, prompts = setup
+    cfg = TrainConfig(phase2_steps=6, phase2_batch=2, phase2_ckpt_every=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        a = build_adapter(AdapterConfig(adapter="mlp", dropout=0.1), pca, table)  # dropout: the torch RNG matters
+        torch.manual_seed(1)
+        return a
+
+    full = fresh()
+    train_phase2(tiny, full, pca, prompts, EvalSwitches(), cfg, tmp_path / "a", progress=False)
+    part = fresh()
+    out = train_phase2(tiny, part, pca, prompts, EvalSwitches(), cfg, tmp_path / "b", progress=False, stop_after=3)
+    assert out["stopped_early"] and torch.load(tmp_path / "b" / "ckpt_phase2.pt", weights_only=False)["step"] == 2
+    resumed = fresh()
+    torch.manual_seed(123)  # the resumed process starts with some other RNG state
+    res = train_phase2(tiny, resumed, pca, prompts, EvalSwitches(), cfg, tmp_path / "b", progress=False, resume=True)
+    assert res["phase2_steps"] == 6
+    for (n, p), (_, q) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), n
+    steps = [r for r in read_jsonl(tmp_path / "b" / "train_log.jsonl") if r.get("event") == "step2"]
+    ref = [r for r in read_jsonl(tmp_path / "a" / "train_log.jsonl") if r.get("event") == "step2"]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert [r["loss"] for r in steps] == [r["loss"] for r in ref]

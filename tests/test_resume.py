@@ -95,3 +95,38 @@ def test_resume_with_other_flags_is_refused(tmp_path, reference):
     r = subprocess.run([sys.executable, "-m", "latentwire", *ARGS, "--out", str(reference)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "already holds a run" in r.stderr
+
+
+ARGS2 = ["--epochs", "1", "--steps-per-epoch", "50", "--phase2-steps", "200", "--phase2-batch", "2",
+         "--phase2-max-tokens", "384", "--phase2-ckpt-every", "7"]
+
+
+def _phase2_step(log):
+    if not log.exists():
+        return 0
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return max((r["step"] for r in rows if r.get("event") == "step2"), default=0)
+
+
+def test_sigkill_in_phase2_then_resume_is_bit_identical(tmp_path):
+    ref = tmp_path / "ref"
+    p = _run(ref, *ARGS2)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    out = tmp_path / "run"
+    p = _run(out, *ARGS2)
+    t0 = time.time()
+    while _phase2_step(out / "train_log.jsonl") < 30:
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < 120
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate()
+    ck = torch.load(out / "ckpt_phase2.pt", weights_only=False)
+    assert 7 <= ck["step"] < 200
+    r = _run(out, *ARGS2, "--resume")
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    _assert_same(ref, out)
+    steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    assert [s["step"] for s in steps if s.get("event") == "step2"] == list(range(1, 201))
