@@ -216,6 +216,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# what a run leaves that a later --resume would read: --overwrite removes all of it
+RUN_STATE_FILES = ("ckpt.pt", "ckpt_phase2.pt", "train_log.jsonl", "events.jsonl", "adapter_best_state.pt",
+                   "adapter_phase2_state.pt", "metrics.json")
+
+
+def config_diff(out: Path, config: RunConfig) -> list[str]:
+    """Fields whose value differs between the run saved in `out` (its
+    config.json) and `config`, as 'field is X there but Y now'; [] when none
+    or when nothing is saved."""
+    if not (out / "config.json").exists():
+        return []
+    saved = _flatten(json.loads((out / "config.json").read_text()))
+    now = _flatten(json.loads(json.dumps(asdict(config))))
+    return [f"{k} is {saved.get(k)!r} there but {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+            if k not in ("progress",) and saved.get(k) != now.get(k)]
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig | None = None,
                     main: bool = True) -> None:
     """Never silently mix or destroy runs: a folder that already holds a run
@@ -226,18 +243,15 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig 
                               "pass --resume to continue it or --overwrite to start over")
     if resume and not (out / "ckpt.pt").exists():
         raise LatentWireError(f"--resume: {out} has no ckpt.pt to resume from")
-    if resume and config is not None and (out / "config.json").exists():
-        saved = _flatten(json.loads((out / "config.json").read_text()))
-        now = _flatten(json.loads(json.dumps(asdict(config))))
-        diff = [k for k in sorted(set(saved) | set(now)) if k not in ("progress",) and saved.get(k) != now.get(k)]
+    if resume and config is not None:
+        diff = config_diff(out, config)
         if diff:
-            k = diff[0]
             raise LatentWireError(f"--resume: the flags differ from the run being resumed ({len(diff)} field(s)); "
-                                  f"first: {k} is {saved.get(k)!r} there but {now.get(k)!r} now")
+                                  f"first: {diff[0]}")
     if not main:  # every rank checks; one rank cleans and creates
         return
     if overwrite and not resume:
-        for f in ("ckpt.pt", "train_log.jsonl", "events.jsonl", "adapter_best_state.pt", "metrics.json"):
+        for f in RUN_STATE_FILES:
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -135,7 +135,7 @@ def result_row(name: str, overrides: dict, m: dict, run_dir: Path) -> dict:
 
 def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use_cache: bool = True) -> list[dict]:
     """Run every entry not already in results.csv; return all rows."""
-    from .run import run_experiment
+    from .run import config_diff, run_experiment
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
@@ -153,9 +153,17 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
             log(f"[skip] {r['name']} (in {csv_path})")
             continue
         t0 = time.time()
+        run_dir = Path(c.out)
+        resume = (run_dir / "ckpt.pt").exists() and not (run_dir / "metrics.json").exists()
+        changed = config_diff(run_dir, c) if resume else []
+        if changed:
+            # the sweep file is the source of truth: a half-finished run of an
+            # older version of this entry is started over, not refused
+            log(f"[restart] {r['name']}: its flags changed since the half-finished run in {run_dir} "
+                f"({len(changed)} field(s); first: {changed[0]}); starting over")
+            resume = False
         log(f"[run ] {r['name']} -> {c.out}")
-        m = run_experiment(c, use_cache=use_cache, resume=(Path(c.out) / "ckpt.pt").exists() and
-                           not (Path(c.out) / "metrics.json").exists(), overwrite=True, log=lambda *a: None)
+        m = run_experiment(c, use_cache=use_cache, resume=resume, overwrite=True, log=lambda *a: None)
         row = result_row(r["name"], r, m, Path(c.out))
         new = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:  # one row per finished run, appended

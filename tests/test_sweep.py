@@ -90,3 +90,34 @@ def test_diagnose_on_tiny_model(tmp_path):
     assert {r["verdict"] for r in res["results"]} <= {"supported", "not supported", "inconclusive"}
     text = (tmp_path / "dg" / "diagnose_report.md").read_text()
     assert "magnitude mismatch" in text and "ΔF1" in text
+
+
+def test_half_finished_run_resumes_or_restarts_when_its_flags_changed(tmp_path):
+    base = _base(tmp_path)
+    runs = expand({"runs": [{"name": "a", "adapter": "mlp"}]})
+    out = tmp_path / "sw"
+    run_sweep(base, runs, out, log=lambda *a: None)
+    # make it look killed mid-run: checkpoint kept, no metrics, not in results.csv
+    (out / "a" / "metrics.json").unlink()
+    (out / "results.csv").unlink()
+    logs = []
+    run_sweep(base, runs, out, log=logs.append)  # same flags: resumed, not restarted
+    assert not any(line.startswith("[restart]") for line in logs)
+    (out / "a" / "metrics.json").unlink()
+    (out / "results.csv").unlink()
+    base.train.lr = 0.01  # the sweep file changed since
+    logs = []
+    rows = run_sweep(base, runs, out, log=logs.append)
+    assert any(line.startswith("[restart] a:") and "train.lr is 0.003 there but 0.01 now" in line for line in logs)
+    assert [r["name"] for r in rows] == ["a"]
+
+
+def test_overwrite_clears_both_phases_checkpoints(tmp_path):
+    from latentwire.run import RUN_STATE_FILES, prepare_run_dir
+    for f in RUN_STATE_FILES:
+        (tmp_path / f).write_text("x")
+    with pytest.raises(LatentWireError, match="already holds a run"):
+        prepare_run_dir(tmp_path, resume=False, overwrite=False)
+    prepare_run_dir(tmp_path, resume=False, overwrite=True)
+    assert "ckpt_phase2.pt" in RUN_STATE_FILES
+    assert not any((tmp_path / f).exists() for f in RUN_STATE_FILES)
