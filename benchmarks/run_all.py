@@ -54,9 +54,21 @@ def _squad_paths(squad_dir: str | None) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM -> SystemExit, so that `with Pool` terminates the workers and
+    `subprocess.run` kills its child on the way out (by default a SIGTERM
+    kills only the process it is sent to and orphans the rest)."""
+    import signal
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def _worker_init() -> None:
     import torch
     torch.set_num_threads(1)
+    _exit_on_sigterm()
 
 
 def _task(kind: str, payload: dict) -> dict:
@@ -160,6 +172,7 @@ def main(argv=None) -> int:
               for a in ("mlp", "vocab") for r in args.cost_ratios]
     tasks += [("cell", {"args": grid_args, "adapter": a, "ratio": r, "controls": c, "preset": p})
               for a, r, c, p in grid_cells(ns)]
+    _exit_on_sigterm()
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' torch at import
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs, initializer=_worker_init) as pool:

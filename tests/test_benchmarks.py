@@ -23,3 +23,35 @@ def test_run_all_writes_every_section(tmp_path):
     assert "shared-prefix prefill (default) |" in text
     assert text.count(" | 4/4 |") == 2  # both batched loops answer as the seed loop does
     assert "built-in synthetic set" in text
+
+
+def test_sigterm_stops_the_workers_and_their_runs(tmp_path):
+    """`kill PID` of the benchmark ends its pool workers and the `latentwire
+    run` child of the memory task too (they share its session here)."""
+    import os
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--model", "tiny-random",
+                          "--synthetic", "--max-eval", "4", "--ratios", "4", "--cost-ratios", "4", "--cost-epochs", "1",
+                          "--throughput-n", "4", "--pca-tokens", "4000", "--out", str(tmp_path / "b"),
+                          "--md", str(tmp_path / "B.md")], start_new_session=True, cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def session():
+        rows = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout.splitlines()
+        return [r for r in rows if r.split()[1] == str(p.pid) and r.split()[0] != str(p.pid)]
+    try:
+        t0 = time.time()
+        while not any("latentwire.cli" in r for r in session()):  # the memory run has started
+            assert p.poll() is None and time.time() - t0 < 120
+            time.sleep(0.1)
+        os.kill(p.pid, signal.SIGTERM)
+        p.wait(timeout=60)
+        # within 3 s: unstopped, the memory run would go on for several more
+        # seconds here (minutes on the real model), and each worker until its task ended
+        t0 = time.time()
+        while session() and time.time() - t0 < 3:
+            time.sleep(0.1)
+        assert session() == []
+    finally:
+        os.killpg(p.pid, signal.SIGKILL) if session() or p.poll() is None else None
