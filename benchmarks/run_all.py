@@ -78,17 +78,14 @@ def _task(kind: str, payload: dict) -> dict:
     if kind == "warm":
         # fill the text-baseline cache once so the cells do not all compute it
         from latentwire.config import RunConfig
-        from latentwire.data import PromptBuilder
         from latentwire.models import load_model
-        from latentwire.run import load_data, text_predictions
+        from latentwire.run import build_inputs, text_predictions
         cfg = RunConfig()
         cfg.model.model = payload["model"]
         cfg.data.squad_train, cfg.data.squad_eval = payload["squad_train"], payload["squad_eval"]
         cfg.data.max_eval, cfg.progress = payload["max_eval"], False
         lm = load_model(cfg.model.model)
-        _, ev, _ = load_data(cfg)
-        b = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, False)
-        text_predictions(lm, [b.build(e) for e in ev], cfg)
+        text_predictions(lm, build_inputs(cfg, lm)[3], cfg)  # the prompts every cell will build
         return {"kind": kind, "wall_s": time.time() - t0}
     if kind == "cell":
         from stage1_grid import cell_config, cell_rows, run_cell

@@ -20,16 +20,17 @@ import time
 import torch
 
 
-def prefill_positions(prompts, batch_size: int, share_prefix: bool) -> int:
+def prefill_positions(prompts, batch_size: int, share_prefix: bool, max_new_tokens: int = 16,
+                      window: int | None = None) -> int:
     """Positions the prefills compute (padding included) under our batching,
-    with or without the shared-prefix tree -- the work, independent of timing."""
-    import torch
-    from latentwire.evaluate import plan_batches, prefix_tree, tree_cost
+    with or without the shared-prefix tree (the same choice generation makes)
+    -- the work, independent of timing."""
+    from latentwire.evaluate import choose_tree, plan_batches, tree_cost
     total = 0
     for idx in plan_batches(prompts, batch_size, share_prefix):
         rows = [torch.tensor(prompts[i].ids) for i in idx]
-        full = len(rows) * max(map(len, rows))
-        total += min(full, tree_cost(prefix_tree(rows))) if share_prefix and len(rows) > 1 else full
+        levels = choose_tree(rows, max_new_tokens, window) if share_prefix else None
+        total += tree_cost(levels) if levels else len(rows) * max(map(len, rows))
     return total
 
 
@@ -37,7 +38,7 @@ def throughput(lm, prompts, batch_size: int = 8, max_new_tokens: int = 16) -> di
     """Questions/s of our batched loop (inputs_embeds, stop at newline), with
     and without the shared-prefix prefill, vs the seed's loop (one question
     per `model.generate` call); answers compared with the seed loop's."""
-    from latentwire.evaluate import generate_predictions, generate_seed_loop
+    from latentwire.evaluate import generate_predictions, generate_seed_loop, sliding_window
     generate_predictions(lm, prompts[:2], batch_size=2, max_new_tokens=2, progress=False)  # warm-up
     r = {"n": len(prompts), "batch_size": batch_size,
          "paragraphs": len({p.example.context for p in prompts}),
@@ -48,7 +49,8 @@ def throughput(lm, prompts, batch_size: int = 8, max_new_tokens: int = 16) -> di
         answers[name] = generate_predictions(lm, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                              share_prefix=share)
         r[f"{name}_s"] = time.perf_counter() - t
-        r[f"{name}_positions"] = prefill_positions(prompts, batch_size, share)
+        r[f"{name}_positions"] = prefill_positions(prompts, batch_size, share, max_new_tokens,
+                                                   sliding_window(lm.model))
     t = time.perf_counter()
     single = generate_seed_loop(lm, prompts, max_new_tokens=max_new_tokens)
     r["seed_loop_s"] = time.perf_counter() - t

@@ -29,9 +29,9 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
 
     from latentwire.adapters import build_adapter
     from latentwire.config import RunConfig
-    from latentwire.evaluate import generate_predictions, score_predictions
+    from latentwire.evaluate import score_predictions
     from latentwire.models import load_model
-    from latentwire.run import build_inputs, eval_switches, fit_compressor, text_predictions
+    from latentwire.run import build_inputs, eval_switches, fit_compressor, sharded_predictions, text_predictions
     from latentwire.runio import seed_everything
     from latentwire.train import train_phase1
 
@@ -56,8 +56,8 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     def retention() -> float:
         was = ad.training
         ad.eval()
-        preds = generate_predictions(lm, prompts, lambda x: ad(comp.transform(x.float())), sw, cfg.eval.batch_size,
-                                     cfg.eval.max_new_tokens, progress=False, share_prefix=cfg.eval.share_prefix)
+        # as `latentwire run` generates (every --batch-size/... flag from cfg.eval)
+        preds = sharded_predictions(lm, prompts, lambda x: ad(comp.transform(x.float())), sw, cfg, "probe")
         ad.train(was)
         rows, _ = score_predictions(prompts, preds)
         return sum(r["f1"] for r in rows) / text_f1 if text_f1 else float("nan")

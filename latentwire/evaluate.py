@@ -150,7 +150,7 @@ class CacheNotCopyable(RuntimeError):
     """The model's KV cache has no batch_select_indices: no tree prefill."""
 
 
-def _sliding_window(model) -> int | None:
+def sliding_window(model) -> int | None:
     """The attention window of a sliding-window model (Mistral, Gemma 2/3),
     else None. Windows count cache columns, not positions, so the padding
     a tree puts between levels would shift them: the tree is used only
@@ -216,6 +216,19 @@ def prefix_tree(rows: Sequence[torch.Tensor], min_shared: int = 16) -> list[Leve
 def tree_cost(levels: Sequence[Level]) -> int:
     """Positions a tree prefill computes (padding included)."""
     return sum(len(lv.segs) * max(len(s) for s in lv.segs) for lv in levels)
+
+
+def choose_tree(rows: Sequence[torch.Tensor], max_new_tokens: int, window: int | None = None) -> list[Level] | None:
+    """The prefix tree for a batch's rows when it computes fewer positions
+    than prefilling every row in full and, for a sliding-window model, the
+    whole sequence (tree columns + new tokens) fits the window; else None."""
+    if len(rows) < 2:
+        return None
+    levels = prefix_tree(rows)
+    columns = sum(max(len(s) for s in lv.segs) for lv in levels) + max_new_tokens
+    if tree_cost(levels) < len(rows) * max(len(r) for r in rows) and (window is None or columns <= window):
+        return levels
+    return None
 
 
 @torch.no_grad()
@@ -359,25 +372,26 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: EmbedTransfor
     batches = plan_batches(prompts, batch_size, share_prefix)[rank::n_shards]
     if use_input_ids:
         assert transform is None, "the input_ids path is the text baseline only"
-    window = _sliding_window(lm.model)
+    window = sliding_window(lm.model)
     preds: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, leave=False)
     for idx in batches:
         batch = [prompts[i] for i in idx]
-        ids, mask = left_pad([p.ids for p in batch], tok.pad_token_id)
-        x = ids if use_input_ids else pipeline_embeds(lm, batch, transform, switches, tok.pad_token_id)[0]
+        if use_input_ids:
+            x, mask = left_pad([p.ids for p in batch], tok.pad_token_id)
+        else:
+            x, mask = pipeline_embeds(lm, batch, transform, switches, tok.pad_token_id)
+        L = mask.shape[1]
+        levels = choose_tree([x[i, L - len(p.ids):] for i, p in enumerate(batch)], max_new_tokens, window) \
+            if share_prefix else None
         gen = None
-        if share_prefix and len(batch) > 1:
-            L = ids.shape[1]
-            levels = prefix_tree([x[i, L - len(p.ids):] for i, p in enumerate(batch)])
-            columns = sum(max(len(s) for s in lv.segs) for lv in levels) + max_new_tokens
-            if tree_cost(levels) < len(batch) * L and (window is None or columns <= window):
-                try:
-                    gen = tree_generate(lm.model, levels, use_ids=use_input_ids, pad_id=tok.pad_token_id,
-                                        max_new_tokens=max_new_tokens, stop_ids=stops)
-                except CacheNotCopyable as e:
-                    warnings.warn(f"{e}: prefilling every row in full (as with --no-share-prefix)")
-                    share_prefix = False
+        if levels is not None:
+            try:
+                gen = tree_generate(lm.model, levels, use_ids=use_input_ids, pad_id=tok.pad_token_id,
+                                    max_new_tokens=max_new_tokens, stop_ids=stops)
+            except CacheNotCopyable as e:
+                warnings.warn(f"{e}: prefilling every row in full (as with --no-share-prefix)")
+                share_prefix = False
         if gen is None:
             kw = {"input_ids": x} if use_input_ids else {"inputs_embeds": x}
             gen = greedy_generate(lm.model, mask, max_new_tokens=max_new_tokens, stop_ids=stops, **kw)

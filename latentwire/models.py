@@ -142,13 +142,14 @@ def gguf_digest(gguf: Path) -> str:
         memo = json.loads(memo_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         memo = {}
-    if isinstance(memo, dict) and isinstance(memo.get(where), str):
+    if not isinstance(memo, dict):
+        memo = {}
+    if isinstance(memo.get(where), str):
         return memo[where]
     h = hashlib.sha256()
     with open(gguf, "rb") as f:
         for block in iter(lambda: f.read(1 << 23), b""):
             h.update(block)
-    memo = memo if isinstance(memo, dict) else {}
     memo[where] = h.hexdigest()
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)

@@ -164,7 +164,7 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
             resume = False
         log(f"[run ] {r['name']} -> {c.out}")
         m = run_experiment(c, use_cache=use_cache, resume=resume, overwrite=True, log=lambda *a: None)
-        row = result_row(r["name"], r, m, Path(c.out))
+        row = result_row(r["name"], r, m, run_dir)
         new = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:  # one row per finished run, appended
             w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)

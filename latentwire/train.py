@@ -57,6 +57,15 @@ class _StopFlag:
 PHASE2_EVENTS = ("step2", "resume2", "interrupted2")
 
 
+def _drop_rows_after(log, step: int, phase2: bool) -> None:
+    """On resume: drop this phase's log rows of steps after the checkpoint
+    (the killed run did them; they are done again); the other phase's rows
+    stay. Rank 0 only (the others' NullLogger has no path)."""
+    if log.path is not None and log.path.exists():
+        write_jsonl(log.path, [r for r in read_jsonl(log.path)
+                               if (r.get("event") in PHASE2_EVENTS) != phase2 or r.get("step", 0) <= step])
+
+
 class _Checkpoint:
     """The resumable state of a training loop, saved atomically by rank 0:
     adapter, optimizer, scheduler, the batch sampler's and torch's RNG (dropout),
@@ -164,9 +173,7 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
     if resume and ckpt_path.exists():
         ck = ckpt.load()
         step, best = ck["step"], ck["best"]
-        if d.is_main and log.path.exists():  # drop log rows of steps the killed run did after its last checkpoint
-            write_jsonl(log.path, [r for r in read_jsonl(log.path)
-                                   if r.get("event") in PHASE2_EVENTS or r.get("step", 0) <= step])
+        _drop_rows_after(log, step, phase2=False)
         log.log(event="resume", step=step)
 
     n_vocab = round(cfg.vocab_fraction * cfg.batch_tokens)
@@ -328,9 +335,7 @@ def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, o
         if ckpt_path.exists():
             ck = ckpt.load()
             step, first, last = ck["step"], ck["first"], ck["last"]
-        if d.is_main and log.path.exists():  # Phase 2 rows after the checkpoint (all, without one) are redone
-            write_jsonl(log.path, [r for r in read_jsonl(log.path)
-                                   if r.get("event") != "step2" or r.get("step", 0) <= step])
+        _drop_rows_after(log, step, phase2=True)  # without a checkpoint (step 0): all of Phase 2 is redone
         log.log(event="resume2", step=step)
 
     model = dist.wrap(adapter, d)
