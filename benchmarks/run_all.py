@@ -85,7 +85,7 @@ def _task(kind: str, payload: dict) -> dict:
         cfg.data.squad_train, cfg.data.squad_eval = payload["squad_train"], payload["squad_eval"]
         cfg.data.max_eval, cfg.progress = payload["max_eval"], False
         lm = load_model(cfg.model.model)
-        text_predictions(lm, build_inputs(cfg, lm)[3], cfg)  # the prompts every cell will build
+        text_predictions(lm, build_inputs(cfg, lm).prompts, cfg)  # the prompts every cell will build
         return {"kind": kind, "wall_s": time.time() - t0}
     if kind == "cell":
         from stage1_grid import cell_config, cell_rows, run_cell

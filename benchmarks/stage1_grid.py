@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from pathlib import Path
 
 from latentwire.config import RunConfig, apply_preset
-from latentwire.run import run_experiment
+from latentwire.run import finished_metrics, run_experiment
 
 
 def cell_config(args, adapter: str, ratio: float, controls: bool, preset: str = "none") -> RunConfig:
@@ -63,11 +62,15 @@ def grid_cells(args) -> list[tuple[str, float, bool, str]]:
 
 
 def run_cell(cfg: RunConfig) -> dict:
-    """Metrics of one cell; a finished cell (metrics.json there) is read, not rerun."""
-    mpath = Path(cfg.out) / "metrics.json"
-    if mpath.exists():
-        print(f"[skip] {cfg.out} (done)", file=sys.stderr)
-        return json.loads(mpath.read_text())
+    """Metrics of one cell. A finished cell is reused only when its resolved
+    config (questions, epochs, every flag) equals this one; otherwise it is
+    rerun, and the output says which field differed."""
+    m, why = finished_metrics(cfg)
+    if m is not None:
+        print(f"[reuse] {cfg.out}: finished with the same settings", file=sys.stderr)
+        return m
+    if why != "not run yet":
+        print(f"[rerun] {cfg.out}: {why}", file=sys.stderr)
     t0 = time.time()
     print(f"[run ] {cfg.out}", file=sys.stderr, flush=True)
     m = run_experiment(cfg, overwrite=True, log=lambda *a: None)

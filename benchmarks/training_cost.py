@@ -42,7 +42,8 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     cfg.validate()
     lm = load_model(cfg.model.model)
     # the stages of `latentwire run`, up to the adapter
-    _, _, _, prompts, pool = build_inputs(cfg, lm)
+    inp = build_inputs(cfg, lm)
+    prompts, pool = inp.prompts, inp.pool
     table = lm.embedding_table().float().cpu()
     comp = fit_compressor(cfg, lm, pool, lm.fingerprint())
     z_table = comp.transform(table)

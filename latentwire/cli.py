@@ -22,7 +22,7 @@ from .config import RunConfig, apply_preset, field_docs
 from .errors import LatentWireError
 
 
-def _add_group(p: argparse.ArgumentParser, key: str, cls) -> None:
+def _add_group(p: argparse.ArgumentParser, key: str, cls, suppress: bool = False) -> None:
     g = p.add_argument_group(key)
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -31,19 +31,33 @@ def _add_group(p: argparse.ArgumentParser, key: str, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse formats help
         dest = f"{key}.{f.name}"
+        default = argparse.SUPPRESS if suppress else f.default
         if t is bool:
-            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
             base = next((a for a in typing.get_args(t) if a is not type(None)), t)
-            g.add_argument(flag, dest=dest, type=base, default=f.default, help=help_, metavar=f.name.upper())
+            g.add_argument(flag, dest=dest, type=base, default=default, help=help_, metavar=f.name.upper())
 
 
-def _build(args, groups) -> RunConfig:
+def _explicit(argv) -> set[str]:
+    """The config fields the user gave on the command line (group.field)."""
+    p = _Parser(prog="latentwire", add_help=False)
+    for key in _GROUPS:
+        _add_group(p, key, _GROUPS[key], suppress=True)
+    args, _ = p.parse_known_args(argv if argv is not None else sys.argv[1:])
+    return set(vars(args))
+
+
+def _build(args, groups, explicit: set[str] | None = None) -> RunConfig:
+    """The config: defaults, then --preset, then every flag given explicitly
+    (so `--preset seed --calibration rms` keeps rms)."""
     cfg = RunConfig()
     for key in groups:
         sub = getattr(cfg, key)
         for f in fields(sub):
             setattr(sub, f.name, getattr(args, f"{key}.{f.name}"))
+    if explicit is not None:
+        apply_preset(cfg, keep={k.split(".")[1] for k in explicit})
     cfg.out = args.out
     cfg.progress = not args.no_progress
     if hasattr(args, "controls"):
@@ -109,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run folder: {cfg.out} (predictions.jsonl, metrics.json)")
         elif args.cmd == "run":
             from .run import run_experiment
-            cfg = _build(args, tuple(_GROUPS))
-            apply_preset(cfg)
+            cfg = _build(args, tuple(_GROUPS), _explicit(argv))
             run_experiment(cfg, use_cache=not args.no_cache, resume=args.resume, overwrite=args.overwrite)
         elif args.cmd == "sweep":
             from .sweep import apply_overrides, expand, load_sweep_file, run_sweep
@@ -128,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"paired comparisons: {out}/compare.md")
         else:
             from .sweep import run_diagnose
+            explicit = _explicit(argv)
             cfg = _build(args, tuple(_GROUPS))
             if args.h3_phase2_steps < 1:
                 raise LatentWireError("--h3-phase2-steps must be >= 1")
-            run_diagnose(cfg, args.out, phase2_steps=args.h3_phase2_steps)
+            run_diagnose(cfg, args.out, phase2_steps=args.h3_phase2_steps, keep={k.split(".")[1] for k in explicit})
             print(f"report: {args.out}/diagnose_report.md")
         ok = True
     except LatentWireError as e:

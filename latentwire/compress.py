@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from .errors import LatentWireError
-from .runio import atomic_torch_save
+from .runio import atomic_torch_save, safe_torch_load
 
 
 def svd_flip_components(components: torch.Tensor) -> torch.Tensor:
@@ -230,10 +230,7 @@ def check_meta(what: str, path: str | Path, meta: dict, expect: dict) -> None:
 
 
 def read_artifact(what: str, path: str | Path) -> dict:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file
-        raise LatentWireError(f"{what} {path}: not a LatentWire checkpoint ({type(e).__name__})") from None
+    blob = safe_torch_load(path, what)
     if not isinstance(blob, dict) or "meta" not in blob:
         raise LatentWireError(f"{what} {path}: not a LatentWire checkpoint (no 'meta')")
     return blob

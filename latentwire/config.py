@@ -92,6 +92,20 @@ class EvalConfig:
     """Questions per generation batch (left-padded)."""
     max_new_tokens: int = 16
     """Greedy decoding stops at EOS, a newline, or this many tokens."""
+    wire_scope: str = "context"
+    """What crosses the wire: context (the paragraph only; shots, question and answer cue stay the receiver's
+    own text) | prompt (every prompt position but the kept BOS/--keep-prefix/answer cue: the seed's setting)."""
+    lm_code_length: bool = True
+    """Report the frozen LLM's code length of each context (sum -log2 p): the lossless floor of the text wire."""
+    ac_contexts: int = 4
+    """Contexts whose LLM arithmetic coding is run for real (encode + decode, one LLM step a token each way)
+    to report its actual bytes beside the bound; 0 = the bound only."""
+    sequence: str = ""
+    """Training-free sequence compressors to evaluate beside Stage 1, comma-separated: truncate (first M
+    context tokens), surprisal (the M most surprising tokens, in order), meanpool (mean of r embeddings);
+    M = ceil(context tokens / r)."""
+    sequence_ratios: str = "4"
+    """Comma-separated ratios r for --sequence (e.g. 2,4,8,16)."""
     share_prefix: bool = True
     """Prefill a prompt prefix shared by several questions of a batch (few-shot shots, one paragraph's
     questions) once and copy its key/value cache; same answers up to float rounding, several times
@@ -105,11 +119,36 @@ class EvalConfig:
     n_boot: int = 1000
     """Bootstrap resamples for 95% intervals over questions."""
 
+    def sequence_kinds(self) -> list[str]:
+        return [k.strip() for k in self.sequence.split(",") if k.strip()]
+
+    def sequence_ratio_list(self) -> list[float]:
+        try:
+            return [float(r) for r in self.sequence_ratios.split(",") if r.strip()]
+        except ValueError:
+            raise LatentWireError(f"--sequence-ratios {self.sequence_ratios!r}: expected numbers like 2,4,8") from None
+
     def validate(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("max_new_tokens", self.max_new_tokens)
         _choice("anchor", self.anchor, ("original", "reconstructed"))
+        _choice("wire_scope", self.wire_scope, ("context", "prompt"))
         _positive("keep_prefix", self.keep_prefix, allow_zero=True)
+        _positive("ac_contexts", self.ac_contexts, allow_zero=True)
+        for k in self.sequence_kinds():
+            _choice("sequence", k, ("truncate", "surprisal", "meanpool"))
+        for r in self.sequence_ratio_list():
+            if not r >= 1:
+                raise LatentWireError(f"--sequence-ratios: each ratio must be >= 1 (got {r:g})")
+            if "meanpool" in self.sequence_kinds() and r != int(r):
+                raise LatentWireError(f"--sequence-ratios {r:g}: meanpool needs integer ratios")
+        if self.wire_scope == "context":
+            if self.anchor == "reconstructed":
+                raise LatentWireError("--anchor reconstructed needs --wire-scope prompt (with --wire-scope context "
+                                      "only the context crosses the wire; the answer cue is always text)")
+            if self.keep_prefix:
+                raise LatentWireError("--keep-prefix needs --wire-scope prompt (with --wire-scope context the prompt "
+                                      "before the context is always text)")
         _positive("diagnostics_k", self.diagnostics_k, allow_zero=True)
         _positive("n_boot", self.n_boot)
 
@@ -122,6 +161,12 @@ class CompressConfig:
     """Compressed width k; default d_model / ratio."""
     ratio: float = 4.0
     """Compression ratio d_model / k, used when --compress-dim is not given."""
+    bits: int = 32
+    """Bits per code dimension on the wire: 32 (fp32), 16 (fp16), or 1..8 (per-dimension scalar quantization
+    whose levels are fitted on training tokens and shared by both ends, not sent)."""
+    quantizer: str = "lloyd"
+    """Scalar quantizer for --bits 1..8: lloyd (Lloyd-Max levels per dimension) | uniform (evenly spaced over
+    the 0.1-99.9% quantile range)."""
     fit_source: str = "corpus"
     """What PCA is fitted on: corpus (training-prompt tokens, streamed) | vocab (the table, uniform)."""
     compressor_path: str | None = None
@@ -130,6 +175,9 @@ class CompressConfig:
     def validate(self, d_model: int | None = None) -> None:
         _choice("compressor", self.compressor, ("pca", "random", "identity"))
         _choice("fit_source", self.fit_source, ("corpus", "vocab"))
+        _choice("quantizer", self.quantizer, ("lloyd", "uniform"))
+        if self.bits not in (1, 2, 3, 4, 5, 6, 7, 8, 16, 32):
+            raise LatentWireError(f"--bits {self.bits}: choose 32 or 16 (floats) or 1..8 (scalar quantization)")
         if self.compress_dim is not None:
             _positive("compress_dim", self.compress_dim)
         _positive("ratio", self.ratio)
@@ -147,10 +195,10 @@ class CompressConfig:
             return d_model
         if self.compress_dim is not None:
             return self.compress_dim
-        k = round(d_model / self.ratio)
-        if k < 1:
-            raise LatentWireError(f"--ratio {self.ratio}: d_model={d_model} / ratio rounds to 0 dimensions")
-        return k
+        if self.ratio > d_model:
+            raise LatentWireError(f"--ratio {self.ratio} exceeds d_model={d_model} (it would leave less than one "
+                                  f"dimension); use --compress-dim 1..{d_model}")
+        return max(1, round(d_model / self.ratio))
 
 
 @dataclass
@@ -158,7 +206,8 @@ class AdapterConfig:
     adapter: str = "vocab"
     """vocab (soft nearest-neighbour decoder over the receiver's embedding table) | mlp | linear (PCA inverse, untrained)."""
     preset: str = "none"
-    """none, or 'seed': the seed's MLP (output LayerNorm, hidden_mult 4, dropout 0.1, 0.1*MSE + cosine)."""
+    """none, or 'seed': the seed's MLP (output LayerNorm, hidden_mult 4, dropout 0.1, 0.1*MSE + cosine, the whole
+    prompt reconstructed). The preset is applied first; flags given explicitly override it."""
     hidden_mult: int = 4
     """MLP hidden width = compress_dim * hidden_mult."""
     dropout: float = 0.0
@@ -288,15 +337,22 @@ GROUPS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "compres
           "adapter": AdapterConfig, "train": TrainConfig}
 
 
-def apply_preset(cfg: RunConfig) -> None:
-    """The seed's configuration, kept so its failure can be reproduced."""
-    if cfg.adapter.preset == "seed":
-        a, t = cfg.adapter, cfg.train
-        a.adapter, a.hidden_mult, a.dropout = "mlp", 4, 0.1
-        a.residual, a.init_pca, a.input_norm, a.output_norm, a.calibration = False, False, False, True, "none"
-        t.w_cos, t.w_mse, t.vocab_fraction = 1.0, 0.1, 0.0
-        cfg.eval.anchor = "reconstructed"
-        cfg.data.bos = "none"
+SEED_PRESET = {"adapter": "mlp", "hidden_mult": 4, "dropout": 0.1, "residual": False, "init_pca": False,
+               "input_norm": False, "output_norm": True, "calibration": "none", "w_cos": 1.0, "w_mse": 0.1,
+               "vocab_fraction": 0.0, "anchor": "reconstructed", "wire_scope": "prompt", "bos": "none"}
+"""The seed's configuration (field -> value), kept so its failure can be reproduced: an MLP with an output
+LayerNorm, 0.1*MSE + cosine, the whole prompt (answer cue included) reconstructed."""
+
+
+def apply_preset(cfg: RunConfig, keep=()) -> None:
+    """Set the preset's fields, except those in `keep` (field names the user
+    gave explicitly: a flag or a sweep entry wins over the preset)."""
+    if cfg.adapter.preset != "seed":
+        return
+    where = {f.name: g for g, cls in GROUPS.items() for f in fields(cls)}
+    for name, value in SEED_PRESET.items():
+        if name not in keep:
+            setattr(getattr(cfg, where[name]), name, value)
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -314,5 +370,5 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-__all__ = ["GROUPS", "ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
+__all__ = ["GROUPS", "SEED_PRESET", "ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
            "RunConfig", "apply_preset", "field_docs", "fields"]

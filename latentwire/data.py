@@ -261,6 +261,12 @@ def _format_shot(shot: tuple[str, str, str]) -> str:
     return f"Context: {c}\nQuestion: {q}\nAnswer: {a}\n\n"
 
 
+def context_token_ids(tokenizer, context: str) -> list[int]:
+    """The context's tokens as they sit in a prompt (after 'Context:'): what
+    a text receiver makes of the context it is sent."""
+    return tokenizer(" " + context, add_special_tokens=False)["input_ids"] if context else []
+
+
 @dataclass
 class Prompt:
     example: Example
@@ -269,11 +275,27 @@ class Prompt:
     n_prefix: int  # fixed prefix (few-shot shots / chat header), after BOS
     n_cue: int  # trailing answer-cue positions
     truncated: bool = False
+    ctx_start: int = 0  # ids[ctx_start:ctx_end] are the context's tokens: what crosses the wire
+    ctx_end: int = 0
+    context_text: str = ""  # the context as sent (shortened when the prompt was truncated)
+
+    @property
+    def head_ids(self) -> list[int]:
+        """Everything before the context (BOS, shots, 'Context:'): the receiver's own text."""
+        return self.ids[:self.ctx_start]
+
+    @property
+    def context_ids(self) -> list[int]:
+        return self.ids[self.ctx_start:self.ctx_end]
 
 
 class PromptBuilder:
     """Turn an Example into token ids for a template under a token budget.
 
+    The body is tokenized in three segments -- 'Context:', ' ' + context,
+    '\nQuestion: ...' -- so that the context's token span is known exactly
+    (it is what a sender compresses); on SQuAD dev this gives the same ids as
+    tokenizing the body in one piece (checked on 993 prompts with SmolLM2).
     Truncation only ever shortens the *context* (from its end); the question
     and the answer cue are never cut. A prompt that does not fit even with an
     empty context is an error naming the question id.
@@ -299,6 +321,7 @@ class PromptBuilder:
             self.prefix_text, self.cue_text = self._chat_parts()
         self.prefix_ids = self._ids(self.prefix_text)
         self.cue_ids = self._ids(self.cue_text)
+        self.lead_ids = self._ids(self.lead_text())
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -312,30 +335,38 @@ class PromptBuilder:
         pre, post = with_gen.split(marker)
         return pre, post
 
-    def body_text(self, context: str, question: str) -> str:
-        if self.template == "chat":
-            return f"Answer with a short span copied from the context.\nContext: {context}\nQuestion: {question}"
-        return f"Context: {context}\nQuestion: {question}"
+    def lead_text(self) -> str:
+        """The body's text before the context."""
+        return "Answer with a short span copied from the context.\nContext:" if self.template == "chat" else "Context:"
+
+    def context_ids(self, context: str) -> list[int]:
+        return context_token_ids(self.tok, context)
+
+    def tail_ids(self, question: str) -> list[int]:
+        return self._ids("\nQuestion: " + question)
 
     def build(self, ex: Example) -> Prompt:
         bos = [self.tok.bos_token_id] if self.add_bos else []
-        fixed = len(bos) + len(self.prefix_ids) + len(self.cue_ids)
-        body = self._ids(self.body_text(ex.context, ex.question))
+        head = bos + self.prefix_ids + self.lead_ids
+        tail = self.tail_ids(ex.question) + self.cue_ids
+        context = ex.context
+        ctx = self.context_ids(context)
         truncated = False
-        if fixed + len(body) > self.max_tokens:
+        if len(head) + len(ctx) + len(tail) > self.max_tokens:
             truncated = True
-            enc = self.tok(ex.context, add_special_tokens=False, return_offsets_mapping=True)
+            budget = self.max_tokens - len(head) - len(tail)
+            if budget < 0:
+                raise LatentWireError(f"question {ex.id}: the question alone needs {len(head) + len(tail)} tokens, "
+                                      f"more than {self.flag} {self.max_tokens}")
+            # cut the text at a token boundary and tokenize it again (so the
+            # sent text and its ids agree), shrinking until it fits
+            enc = self.tok(context, add_special_tokens=False, return_offsets_mapping=True)
             offsets = enc["offset_mapping"]
             keep = len(offsets)
-            while fixed + len(body) > self.max_tokens:
-                keep -= max(1, fixed + len(body) - self.max_tokens)
-                if keep <= 0:
-                    body = self._ids(self.body_text("", ex.question))
-                    if fixed + len(body) > self.max_tokens:
-                        raise LatentWireError(
-                            f"question {ex.id}: the question alone needs {fixed + len(body)} tokens, more than "
-                            f"{self.flag} {self.max_tokens}")
-                    break
-                body = self._ids(self.body_text(ex.context[:offsets[keep][0]].rstrip(), ex.question))
-        ids = bos + self.prefix_ids + body + self.cue_ids
-        return Prompt(ex, ids, len(bos), len(self.prefix_ids), len(self.cue_ids), truncated)
+            while len(ctx) > budget:
+                keep -= max(1, len(ctx) - budget)
+                context = context[:offsets[keep][0]].rstrip() if keep > 0 else ""
+                ctx = self.context_ids(context)
+        ids = head + ctx + tail
+        return Prompt(ex, ids, len(bos), len(self.prefix_ids), len(self.cue_ids), truncated,
+                      ctx_start=len(head), ctx_end=len(head) + len(ctx), context_text=context)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Prompt
-from .evaluate import EmbedTransform, EvalSwitches, keep_mask
+from .evaluate import EmbedTransform, EvalSwitches, wire_mask
 
 NORM_LOW, NORM_HIGH = 0.8, 1.2
 
@@ -56,7 +56,7 @@ def per_example_embedding_stats(lm, prompts: Sequence[Prompt], transform: EmbedT
     for p in prompts:
         ids = torch.tensor(p.ids, dtype=torch.long)
         j = torch.tensor([pos_of[t] for t in p.ids], dtype=torch.long)
-        sel = ~keep_mask(p, switches.keep_bos, switches.keep_prefix, switches.keep_cue)
+        sel = wire_mask(p, switches)
         js = j[sel]
         nearest = torch.where(sel, near_u[j], ids)  # kept positions are the original tokens
         ratio = ratio_u[js]

@@ -56,16 +56,32 @@ def launched_world_size() -> int:
 
 
 def init() -> Dist:
-    """Join the process group the launcher described (gloo on CPU, nccl on
-    CUDA); a plain `latentwire run` returns the single-process Dist."""
+    """Join the process group the launcher described; a plain `latentwire
+    run` returns the single-process Dist. On GPUs the group is
+    "cpu:gloo,cuda:nccl": DDP's gradients travel over NCCL, while the small
+    CPU tensors of our own collectives (loss terms, stop flags, gathered
+    answers) go over gloo -- an NCCL-only group rejects CPU tensors."""
     if launched_world_size() <= 1:
         return Dist()
     if not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        tdist.init_process_group(backend=backend_for(torch.cuda.is_available()))
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        tdist.init_process_group(backend=backend)
     return current()
+
+
+def backend_for(cuda: bool) -> str:
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def broadcast(obj: Any, d: Dist) -> Any:
+    """Rank 0's value of a picklable object, on every rank (a decision made
+    once, e.g. which cached answers to use, so that ranks cannot diverge)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def current() -> Dist:

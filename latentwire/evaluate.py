@@ -1,11 +1,12 @@
 """Evaluation: batched greedy generation from `input_ids` or `inputs_embeds`,
 and scoring of a pipeline's predictions.
 
-A *pipeline* is a function from a batch of original input embeddings to the
-embeddings the frozen LLM will read: identity for the text baseline,
-PCA-inverse for the linear control, adapter(compressor(.)) for LatentWire.
-Positions marked in `keep` (BOS, kept prefix, answer-cue anchor) pass through
-unchanged -- those are the seed's "evaluation setup" switches.
+A *pipeline* (`wire.Pipeline`) is a sender and a receiver: the sender turns
+the part of a prompt that crosses the wire (`wire_span`: the context, or with
+`--wire-scope prompt` everything but the kept BOS/prefix/answer cue -- the
+seed's setting) into a payload of bytes; the receiver turns the payload into
+what the frozen LLM reads in its place. Every pipeline -- text, Stage 1, and
+any later one -- reaches the LLM through `pipeline_rows`, here.
 
 Generation is a plain greedy loop with a KV cache rather than
 `model.generate`, so that the ids path and the embeds path are the same code
@@ -21,9 +22,12 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Prompt
+from .data import Prompt, context_token_ids
 from .errors import LatentWireError
 from .metrics import aggregate, score_example
+from .models import cache_kwarg as _cache_kw
+from .models import get_cache as _get_cache
+from .wire import EmbeddingPipeline, FloatQuantizer, Payload, Pipeline, TextPipeline, Utf8Codec
 
 # [N, d] -> [N, d], row-wise: a row's output depends only on that row (every
 # compressor and adapter here is per token); diagnostics rely on it.
@@ -44,16 +48,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     out = sorted(ids)
     tokenizer._latentwire_stop_ids = out
     return out
-
-
-def _cache_kw(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _get_cache(out):
-    c = getattr(out, "cache", None)
-    return c if c is not None else getattr(out, "past_key_values", None)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,56 +301,134 @@ def decode_answer(tokenizer, ids: Sequence[int]) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def keep_mask(prompt: Prompt, keep_bos: bool, keep_prefix: int, keep_cue: bool) -> torch.Tensor:
-    """Positions that bypass the compressor (original embeddings)."""
-    L = len(prompt.ids)
-    m = torch.zeros(L, dtype=torch.bool)
-    if keep_bos:
-        m[:prompt.n_bos] = True
-    if keep_prefix:
-        m[prompt.n_bos:prompt.n_bos + keep_prefix] = True
-    if keep_cue and prompt.n_cue:
-        m[L - prompt.n_cue:] = True
-    return m
-
-
 @dataclass
 class EvalSwitches:
-    """The seed's evaluation-setup suspects, as switches (see config.EvalConfig)."""
+    """What crosses the wire (see config.EvalConfig): `scope` context (the
+    default) sends the context's tokens only; `scope` prompt sends every
+    prompt position except the kept ones -- BOS (keep_bos), the first
+    `keep_prefix` tokens after it, the answer cue (keep_cue): the seed's
+    "evaluation setup" suspects, as switches."""
     keep_bos: bool = True
     keep_prefix: int = 0
     keep_cue: bool = False
+    scope: str = "context"
+
+
+def wire_span(prompt: Prompt, switches: EvalSwitches) -> tuple[int, int]:
+    """[start, end) of the prompt positions that cross the wire."""
+    if switches.scope == "context":
+        return prompt.ctx_start, prompt.ctx_end
+    L = len(prompt.ids)
+    start = prompt.n_bos + switches.keep_prefix if (switches.keep_bos or switches.keep_prefix) else 0
+    end = L - prompt.n_cue if switches.keep_cue else L
+    return min(start, end), end
+
+
+def wire_mask(prompt: Prompt, switches: EvalSwitches) -> torch.Tensor:
+    """Bool [L]: True where the position crosses the wire (the rest is the receiver's own text)."""
+    m = torch.zeros(len(prompt.ids), dtype=torch.bool)
+    s, e = wire_span(prompt, switches)
+    m[s:e] = True
+    return m
+
+
+def wire_text(prompt: Prompt, switches: EvalSwitches) -> str:
+    """The text of the wire span (the context's text in the default scope)."""
+    return prompt.context_text if switches.scope == "context" else ""
+
+
+def text_pipeline(tokenizer) -> TextPipeline:
+    """The text baseline: the context sent as UTF-8, tokenized by the receiver."""
+    return TextPipeline(Utf8Codec(lambda t: context_token_ids(tokenizer, t)))
+
+
+def as_pipeline(lm, transform) -> Pipeline:
+    """A pipeline from what a caller passed: a Pipeline; None (the text
+    baseline); or a per-token tensor function [N, d] -> [N, d] (sent as the
+    fp32 embeddings, transformed by the receiver)."""
+    if transform is None:
+        return text_pipeline(lm.tokenizer)
+    if isinstance(transform, Pipeline):
+        return transform
+    return EmbeddingPipeline("transform", lm.embed, lambda x: x, transform, FloatQuantizer(32), lm.d_model)
+
+
+def span_payloads(pipeline: Pipeline, prompts: Sequence[Prompt], switches: EvalSwitches
+                  ) -> tuple[list[Payload], list[int]]:
+    """The payload of every distinct wire span (a paragraph asked about five
+    times is sent once) and the number of tokens each replaces."""
+    seen: dict[tuple, Payload] = {}
+    for p in prompts:
+        s, e = (p.ctx_start, p.ctx_end) if pipeline.reads_ids else wire_span(p, switches)
+        key = tuple(p.ids[s:e])
+        if key not in seen:
+            seen[key] = pipeline.payload(p.ids[s:e], wire_text(p, switches) if not pipeline.reads_ids
+                                         else p.context_text)
+    return list(seen.values()), [len(k) for k in seen]
 
 
 @torch.no_grad()
-def pipeline_embeds(lm, prompts: Sequence[Prompt], transform: EmbedTransform | None,
-                    switches: EvalSwitches, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pipeline_rows(lm, prompts: Sequence[Prompt], pipeline: Pipeline, switches: EvalSwitches) -> list[torch.Tensor]:
+    """What the LLM reads for each prompt: the prompt's own text before and
+    after the wire span, and in between what the receiver made of the
+    payload. Ids ([L]) for a text pipeline, embeddings ([L, d], float32)
+    otherwise; a row may be shorter than the prompt (a sequence compressor
+    sends fewer positions than tokens)."""
+    rows = []
+    for p in prompts:
+        if pipeline.reads_ids:
+            s, e = p.ctx_start, p.ctx_end
+            got = pipeline.receive(pipeline.payload(p.ids[s:e], p.context_text))
+            rows.append(torch.cat([torch.tensor(p.ids[:s], dtype=torch.long), got.long().cpu(),
+                                   torch.tensor(p.ids[e:], dtype=torch.long)]))
+            continue
+        s, e = wire_span(p, switches)
+        got = pipeline.receive(pipeline.payload(p.ids[s:e], wire_text(p, switches)))
+        ids = torch.tensor(p.ids, dtype=torch.long, device=lm.device)
+        row = torch.cat([lm.embed(ids[:s]).float(), got.float().to(lm.device), lm.embed(ids[e:]).float()])
+        limit = torch.finfo(lm.dtype).max if lm.dtype.is_floating_point else float("inf")
+        if not torch.isfinite(row).all() or float(row.abs().max()) > limit:
+            raise LatentWireError(f"the reconstructed embeddings are not finite in {lm.dtype} (max |x| "
+                                  f"{float(row.abs().max()):.3g}); use --dtype float32 or --calibration rms")
+        rows.append(row)
+    return rows
+
+
+def pad_rows(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad ids ([L]) or embeddings ([L, d]) rows into a batch and its mask."""
+    if rows[0].dim() == 1:
+        return left_pad([r.tolist() for r in rows], pad_id)
+    L = max(len(r) for r in rows)
+    x = torch.zeros((len(rows), L, rows[0].shape[-1]), dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            x[i, L - len(r):] = r
+            mask[i, L - len(r):] = 1
+    return x, mask
+
+
+@torch.no_grad()
+def pipeline_embeds(lm, prompts: Sequence[Prompt], transform, switches: EvalSwitches,
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded embeddings the LLM reads for these prompts under a pipeline."""
-    ids, mask = left_pad([p.ids for p in prompts], pad_id)
-    dev = lm.device
-    emb = lm.embed(ids.to(dev)).float()
-    if transform is None:
-        return emb, mask
-    keep = torch.zeros_like(mask, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        km = keep_mask(p, switches.keep_bos, switches.keep_prefix, switches.keep_cue)
-        keep[i, ids.shape[1] - len(p.ids):] = km
-    sel = (mask.bool() & ~keep).to(dev)
-    out = emb.clone()
-    if sel.any():
-        out[sel] = transform(emb[sel]).to(out.dtype)
-    limit = torch.finfo(lm.dtype).max if lm.dtype.is_floating_point else float("inf")
-    if not torch.isfinite(out).all() or float(out.abs().max()) > limit:
-        raise LatentWireError(f"the reconstructed embeddings are not finite in {lm.dtype} (max |x| "
-                              f"{float(out.abs().max()):.3g}); use --dtype float32 or --calibration rms")
-    return out, mask
+    pipe = as_pipeline(lm, transform)
+    rows = pipeline_rows(lm, prompts, pipe, switches)
+    if pipe.reads_ids:
+        rows = [lm.embed(r.to(lm.device)).float() for r in rows]
+    return pad_rows(rows, pad_id)
 
 
-def generate_predictions(lm, prompts: Sequence[Prompt], transform: EmbedTransform | None = None,
+def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | EmbedTransform | None = None,
                          switches: EvalSwitches | None = None, batch_size: int = 8, max_new_tokens: int = 16,
                          use_input_ids: bool = False, desc: str = "generate", progress: bool = True,
                          shard: tuple[int, int] = (0, 1), share_prefix: bool = True) -> list[str | None]:
     """Answers for every prompt, batched (plan_batches), in order.
+
+    `transform`: the pipeline (None: the text baseline; a per-token tensor
+    function is wrapped by `as_pipeline`). `use_input_ids`: the text
+    baseline reads its ids through `input_ids` (else through the embedding
+    module as `inputs_embeds`, the same numbers).
 
     `share_prefix`: prefill a prefix shared by several rows of a batch once
     (tree_generate) when that computes fewer positions than prefilling every
@@ -370,20 +442,18 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: EmbedTransfor
     stops = stop_token_ids(tok)
     rank, n_shards = shard
     batches = plan_batches(prompts, batch_size, share_prefix)[rank::n_shards]
-    if use_input_ids:
-        assert transform is None, "the input_ids path is the text baseline only"
+    pipe = as_pipeline(lm, transform)
+    if use_input_ids and not pipe.reads_ids:
+        raise ValueError("use_input_ids: only a text pipeline gives token ids")
     window = sliding_window(lm.model)
     preds: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, leave=False)
     for idx in batches:
-        batch = [prompts[i] for i in idx]
-        if use_input_ids:
-            x, mask = left_pad([p.ids for p in batch], tok.pad_token_id)
-        else:
-            x, mask = pipeline_embeds(lm, batch, transform, switches, tok.pad_token_id)
-        L = mask.shape[1]
-        levels = choose_tree([x[i, L - len(p.ids):] for i, p in enumerate(batch)], max_new_tokens, window) \
-            if share_prefix else None
+        rows = pipeline_rows(lm, [prompts[i] for i in idx], pipe, switches)
+        if pipe.reads_ids and not use_input_ids:
+            rows = [lm.embed(r.to(lm.device)).float() for r in rows]
+        x, mask = pad_rows(rows, tok.pad_token_id)
+        levels = choose_tree(rows, max_new_tokens, window) if share_prefix else None
         gen = None
         if levels is not None:
             try:

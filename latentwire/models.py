@@ -38,6 +38,7 @@ class LoadedModel:
     source: str  # resolved path or hub id
     device: torch.device
     dtype: torch.dtype
+    weight_files: tuple = ()  # where the weights came from (for a content digest)
 
     @property
     def d_model(self) -> int:
@@ -53,9 +54,36 @@ class LoadedModel:
     def embedding_table(self, chunk: int = 8192) -> torch.Tensor:
         return embedding_table(self.model, chunk)
 
+    def weights_digest(self) -> str:
+        """sha256 of the weights' files (memoised per path, size and mtime),
+        or of the parameters themselves when no file is known (the tiny model)."""
+        if self.weight_files:
+            h = hashlib.sha256()
+            for f in sorted(self.weight_files):
+                h.update(file_digest(Path(f)).encode())
+            return h.hexdigest()[:32]
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:32]
+
     def fingerprint(self) -> dict:
         """What a compressor/adapter must match to be reused with this model."""
         return {"model": self.source, "d_model": self.d_model, "vocab_size": self.vocab_size}
+
+
+def cache_kwarg(model) -> str:
+    """The forward() keyword of the KV cache: `cache` in newer transformers
+    (where `past_key_values` is deprecated), else `past_key_values`."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def get_cache(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -130,13 +158,17 @@ def cache_root() -> Path:
 def gguf_digest(gguf: Path) -> str:
     """sha256 of the file's bytes. The dequantized cache is keyed by content,
     so the same GGUF installed in another virtual environment (a fresh clone)
-    finds the cache instead of dequantizing again. Hashing ~270 MB takes about
-    a second, so each digest is remembered per (path, size, mtime) in
-    digests.json beside the caches (rewritten atomically; a lost entry is
-    only hashed again)."""
+    finds the cache instead of dequantizing again."""
+    return file_digest(gguf)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes. Hashing ~270 MB takes about a second, so
+    each digest is remembered per (path, size, mtime) in digests.json beside
+    the caches (rewritten atomically; a lost entry is only hashed again)."""
     from .runio import write_json
-    st = gguf.stat()
-    where = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    st = path.stat()
+    where = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     memo_path = cache_root() / "gguf" / "digests.json"
     try:
         memo = json.loads(memo_path.read_text(encoding="utf-8"))
@@ -147,7 +179,7 @@ def gguf_digest(gguf: Path) -> str:
     if isinstance(memo.get(where), str):
         return memo[where]
     h = hashlib.sha256()
-    with open(gguf, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 23), b""):
             h.update(block)
     memo[where] = h.hexdigest()
@@ -195,6 +227,32 @@ def _dequantize_gguf_to_cache(gguf: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the Hugging Face endpoint be opened? (One
+    quick look, instead of transformers' retries on a machine with no network.)"""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+    try:
+        from huggingface_hub import constants
+        url = urlparse(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001
+        url = urlparse("https://huggingface.co")
+    ok = []
+
+    def probe():
+        try:
+            with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore the socket timeout
+    t.start()
+    t.join(timeout + 1)
+    return bool(ok)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -254,6 +312,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                 except OSError:
                     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
                         raise
+                    if not hub_reachable():
+                        # without this, transformers retries the hub for ~45 s and
+                        # prints a dozen warnings before failing the same way
+                        raise LatentWireError(
+                            f"--model {name}: not a local file or folder, not an alias ({DEFAULT_MODEL}, "
+                            f"{TINY_MODEL}), not in the local Hugging Face cache, and the hub cannot be reached "
+                            "from here") from None
                     tok = AutoTokenizer.from_pretrained(name)
                     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
             else:
@@ -264,6 +329,18 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             raise LatentWireError(
                 f"--model {name}: could not load it as a local file/folder, a known alias "
                 f"({DEFAULT_MODEL}, {TINY_MODEL}) or a Hugging Face hub id ({first})") from None
+    files: tuple = ()
+    if kind == "gguf":
+        files = (str(resolve_model_source(name)[1]),)  # the .gguf itself: the cache is derived from it
+    elif kind == "folder":
+        files = tuple(str(f) for f in sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")))
+    elif kind == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+            snap = Path(snapshot_download(name, local_files_only=True))
+            files = tuple(str(f) for f in sorted(snap.glob("*.safetensors")) + sorted(snap.glob("*.bin")))
+        except Exception:  # noqa: BLE001 - then the parameters themselves are hashed
+            files = ()
     if not device_map:
         model = model.to(device=dev, dtype=dt)
     else:  # inputs go where Accelerate put the embedding layer
@@ -275,4 +352,5 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         # left padding is always masked out; any id will do, EOS is conventional
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=dev, dtype=dt)
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=dev, dtype=dt,
+                       weight_files=files)

@@ -76,23 +76,93 @@ def plot_f1(run_dir: Path, metrics: dict) -> str:
     return "f1_by_pipeline.png"
 
 
+REFERENCE_LABELS = {"utf8": "UTF-8", "zstd": "zstd -19", "lzma": "lzma -9e", "token_ids": "token ids",
+                    "lm_code_length": "LLM code length (bound)", "lm_arithmetic": "LLM arithmetic coding"}
+
+
+def _wire_cell(w: dict | None) -> str:
+    if not w or not w.get("contexts"):
+        return "-"
+    return f"{w['bytes_mean']:,.0f}"
+
+
+def plot_f1_vs_bytes(path: Path, points: list[dict], refs: dict, title: str = "") -> str:
+    """F1 (with 95% CI) and agreement against wire bytes per context (log x),
+    every pipeline a point, the text references as vertical lines. `points`:
+    {label, bytes, f1, f1_ci95, agreement (or None)}."""
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for r_name, r in refs.items():
+        if r.get("contexts"):
+            for a in ax:
+                a.axvline(r["bytes_mean"], color="#999", ls=":", lw=1)
+            ax[0].text(r["bytes_mean"], 1.0, " " + REFERENCE_LABELS.get(r_name, r_name), rotation=90, va="top",
+                       fontsize=7, color="#555", transform=ax[0].get_xaxis_transform())
+    for p in points:
+        lo, hi = p.get("f1_ci95") or (p["f1"], p["f1"])
+        ax[0].errorbar([p["bytes"]], [p["f1"]], yerr=[[p["f1"] - lo], [hi - p["f1"]]], fmt="o", capsize=3,
+                       label=p["label"])
+        if p.get("agreement") is not None:
+            ax[1].plot([p["bytes"]], [100 * p["agreement"]], "o", label=p["label"])
+    for a in ax:
+        a.set_xscale("log")
+        a.set_xlabel("wire bytes per context (mean)")
+    ax[0].set_ylabel("SQuAD F1 (95% CI)")
+    ax[1].set_ylabel("agreement with the text pipeline, %")
+    ax[1].set_ylim(-2, 102)
+    ax[0].set_title(title or "F1 against bytes on the wire")
+    ax[1].set_title("agreement against bytes on the wire")
+    if len(points) <= 14:
+        ax[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def references_table(refs: dict) -> str:
+    lines = ["| text reference (lossless) | bytes/context (mean) | median | bits/token | contexts |",
+             "|---|---|---|---|---|"]
+    for name, r in refs.items():
+        if not r.get("contexts"):
+            continue
+        extra = ""
+        if name == "lm_arithmetic":
+            extra = f" (decoded exactly: {r['decoded_exactly']}/{r['contexts']}; bound on these: " \
+                    f"{r['bound_same_contexts_mean']:,.1f})"
+        lines.append(f"| {REFERENCE_LABELS.get(name, name)}{extra} | {r['bytes_mean']:,.1f} | {r['bytes_median']:,.1f} "
+                     f"| {r['bits_per_token']:.2f} | {r['contexts']} |")
+    return "\n".join(lines)
+
+
 def metrics_table(metrics: dict) -> str:
-    lines = ["| pipeline | F1 | 95% CI | EM | F1 retention | agreement | token recovery (vocab) | cos | norm ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pipeline | F1 | 95% CI | EM | F1 retention | agreement | token recovery (vocab) | cos | norm ratio "
+             "| wire bytes/context | context positions | prefill positions/question | s/question |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in metrics["pipelines"].items():
         ret = f"{100 * m['f1_retention']:.1f}%" if m.get("f1_retention") is not None else "-"
         ag = f"{100 * m['agreement']:.1f}%" if m.get("agreement") is not None else "-"
         tr = f"{100 * m['token_recovery_vocab']:.2f}%" if m.get("token_recovery_vocab") is not None else "-"
         cos = f"{m['cos']:.3f}" if m.get("cos") is not None else "-"
         nr = f"{m['norm_ratio']:.2f} ({m['norm_status']})" if m.get("norm_ratio") is not None else "-"
+        w = m.get("wire") or {}
+        pos = f"{w['positions_mean']:.1f}" if w.get("positions_mean") is not None else "-"
+        pre = f"{w['prompt_positions_mean']:.1f}" if w.get("prompt_positions_mean") is not None else "-"
+        spq = f"{m['s_per_question']:.3f}" if m.get("s_per_question") is not None else "-"
         lines.append(f"| {name} | {m['f1']:.2f} | {m['f1_ci95'][0]:.1f}-{m['f1_ci95'][1]:.1f} | "
-                     f"{m['exact_match']:.2f} | {ret} | {ag} | {tr} | {cos} | {nr} |")
+                     f"{m['exact_match']:.2f} | {ret} | {ag} | {tr} | {cos} | {nr} | {_wire_cell(w)} | {pos} | {pre} "
+                     f"| {spq} |")
     return "\n".join(lines)
 
 
 def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) -> Path:
     run_dir = Path(run_dir)
-    figs = [plot_training(run_dir), plot_norms(run_dir, diags), plot_f1(run_dir, metrics)]
+    points = [{"label": n, "bytes": m["wire"]["bytes_mean"], "f1": m["f1"], "f1_ci95": m["f1_ci95"],
+               "agreement": m.get("agreement", 1.0 if n == "text" else None)}
+              for n, m in metrics["pipelines"].items() if (m.get("wire") or {}).get("contexts")]
+    refs = metrics.get("wire_references") or {}
+    figs = [plot_training(run_dir), plot_norms(run_dir, diags), plot_f1(run_dir, metrics),
+            plot_f1_vs_bytes(run_dir / "f1_vs_bytes.png", points, refs) if points else None]
     md = [f"# LatentWire run report\n",
           f"- model: `{metrics['model']}` (d_model={metrics['d_model']}, vocab={metrics['vocab_size']})",
           f"- data: train `{metrics['data']['train']}`, eval `{metrics['data']['eval']}` "
@@ -103,7 +173,10 @@ def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) 
           else f"- compressor: {metrics['compressor']['kind']} -> {metrics['compressor']['dim']}",
           f"- adapter: {metrics['adapter']}, template: {config['data']['template']}, seed: {config['data']['seed']}",
           f"- wall time: {metrics['wall_s']:.0f} s\n",
-          "## Metrics\n", metrics_table(metrics), ""]
+          "## Metrics\n", metrics_table(metrics), "",
+          f"Wire: what crosses it is the {metrics.get('wire_scope', 'context')} (see README, 'The wire'); bytes are "
+          "the lengths of the payloads actually sent, one per distinct context (questions about one paragraph "
+          "share it).\n", references_table(refs), ""]
     for f in figs:
         if f:
             md.append(f"![{f}]({f})\n")

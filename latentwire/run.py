@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +21,12 @@ from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, l
     synthetic_squad
 from .diagnose import diagnose, findings, summary_lines
 from .errors import LatentWireError
-from .evaluate import EvalSwitches, generate_predictions, score_predictions
+from .evaluate import EvalSwitches, generate_predictions, score_predictions, span_payloads, text_pipeline
+from .wire import EmbeddingPipeline, make_quantizer, wire_stats
 from .metrics import bootstrap_ci
 from .models import cache_root, load_model
 from .report import metrics_table, write_report
-from .runio import JsonlLogger, NullLogger, seed_everything, write_json, write_jsonl
+from .runio import JsonlLogger, NullLogger, read_jsonl, seed_everything, write_json, write_jsonl
 from .train import recon_metrics, train_phase1, train_phase2
 
 
@@ -76,11 +77,34 @@ def training_pool(builder: PromptBuilder, train: Sequence[Example]) -> torch.Ten
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_inputs(cfg: RunConfig, lm) -> tuple[list[Example], list[Example], dict, list, torch.Tensor]:
-    """Stage "data": train/eval examples, eval prompts, training token pool."""
-    train, ev, desc = load_data(cfg)
+@dataclass
+class Inputs:
+    """What the data stage gives the rest of a run."""
+    train: list[Example]  # training examples (the fit articles)
+    eval: list[Example]
+    desc: dict
+    prompts: list  # evaluation prompts
+    pool: torch.Tensor  # token ids the compressor is fitted on and Phase 1 samples from
+    select: torch.Tensor  # token occurrences of held-out training articles: Phase 1 picks its best state on them
+
+
+def build_inputs(cfg: RunConfig, lm, data: tuple | None = None) -> Inputs:
+    """Stage "data": train/eval examples, eval prompts, the training token
+    pool, and the selection tokens: ~10% of the training articles (at least
+    one) are held out of the pool, so that Phase 1 chooses its best state on
+    text it was not fitted on -- never on evaluation articles. `data`: what
+    load_data gave, when it was read earlier (before the model loaded)."""
+    train, ev, desc = data if data is not None else load_data(cfg)
     builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
-    return train, ev, desc, [builder.build(e) for e in ev], training_pool(builder, train)
+    select: list[Example] = []
+    if len({e.title for e in train}) >= 2:
+        train, select = split_by_title(train, 0.1, cfg.data.seed)
+    sel_ids: list[int] = []
+    for c in dict.fromkeys(e.context for e in select):
+        sel_ids += builder.context_ids(c)
+    sel = torch.tensor(sel_ids[:8192], dtype=torch.long)
+    desc["select_articles"] = len({e.title for e in select})
+    return Inputs(train, ev, desc, [builder.build(e) for e in ev], training_pool(builder, train), sel)
 
 
 def fit_compressor(cfg: RunConfig, lm, pool: torch.Tensor, fp: dict):
@@ -96,38 +120,70 @@ def fit_compressor(cfg: RunConfig, lm, pool: torch.Tensor, fp: dict):
     return make_compressor(cfg.compress.compressor, k, cfg.data.seed).fit(d_model=lm.d_model)
 
 
-def _text_cache_path(lm, max_new_tokens: int) -> Path:
-    key = hashlib.sha256(json.dumps([lm.source, str(lm.dtype), max_new_tokens, __version__]).encode()).hexdigest()
-    return cache_root() / "text_baseline" / f"{key[:24]}.jsonl"
+def generation_fingerprint() -> str:
+    """sha256 of the source files whose code decides a text answer: the
+    generation loop and prefix tree (evaluate), the wire the text takes
+    (wire), prompt construction (data) and model loading (models)."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("evaluate.py", "wire.py", "data.py", "models.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def text_cache_key(lm, cfg: RunConfig) -> dict:
+    """Everything that can change a text-baseline answer: the model's
+    weights (content digest), dtype, device type, generation settings
+    (batching and the shared-prefix switch change float rounding), library
+    versions, and the generating code itself."""
+    import transformers
+    return {"model": lm.source, "weights": lm.weights_digest(), "dtype": str(lm.dtype), "device": lm.device.type,
+            "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
+            "share_prefix": cfg.eval.share_prefix, "torch": torch.__version__,
+            "transformers": transformers.__version__, "latentwire": __version__, "code": generation_fingerprint()}
+
+
+def _text_cache_path(key: dict) -> Path:
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return cache_root() / "text_baseline" / f"{h[:24]}.jsonl"
 
 
 def _prompt_key(p) -> str:
     return hashlib.sha256(json.dumps(p.ids).encode()).hexdigest()[:32]
 
 
-def text_predictions(lm, prompts, cfg: RunConfig, read_cache: bool = True, write_cache: bool = True) -> list[str]:
-    """Text-baseline answers. Greedy decoding is deterministic and batched
-    output equals one-at-a-time output (tested), so answers are cached per
-    prompt -- keyed by (model, dtype, max_new_tokens, prompt ids) -- and reused
-    by later runs on the same questions (`--no-cache` to recompute)."""
-    path = _text_cache_path(lm, cfg.eval.max_new_tokens)
+def text_predictions(lm, prompts, cfg: RunConfig, read_cache: bool = True, write_cache: bool = True,
+                     stats: dict | None = None) -> list[str]:
+    """Text-baseline answers. Greedy decoding is deterministic, so answers
+    are cached per prompt under a key of everything that can change them
+    (`text_cache_key`) and reused by later runs on the same questions
+    (`--no-cache` to recompute). `stats` receives the hits and misses (for
+    metrics.json). Rank 0 alone reads the cache and decides what to
+    generate, so processes under a launcher cannot diverge."""
+    key = text_cache_key(lm, cfg)
+    path = _text_cache_path(key)
+    d = dist.current()
     cache: dict[str, str] = {}
-    if read_cache and path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                cache[row["key"]] = row["prediction"]
-            except (json.JSONDecodeError, KeyError):
-                continue  # a torn last line from a killed run: recompute that prompt
     keys = [_prompt_key(p) for p in prompts]
+    if read_cache and d.is_main and path.exists():
+        wanted = set(keys)
+        for row in read_jsonl(path, skip_bad=True):
+            if isinstance(row, dict) and row.get("key") in wanted and isinstance(row.get("prediction"), str):
+                cache[row["key"]] = row["prediction"]
+    cache = dist.broadcast(cache, d)
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
         new = sharded_predictions(lm, [prompts[i] for i in todo], None, None, cfg, desc="text baseline")
-        if write_cache and dist.current().is_main:
+        if write_cache and d.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if not (path.parent / (path.stem + ".key.json")).exists():
+                write_json(path.parent / (path.stem + ".key.json"), key)
             with open(path, "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps({"key": keys[i], "prediction": p}) + "\n" for i, p in zip(todo, new)))
         cache.update({keys[i]: p for i, p in zip(todo, new)})
+    if stats is not None:
+        stats.update({"hits": len(prompts) - len(todo), "misses": len(todo), "read_cache": read_cache,
+                      "path": str(path), "key": key})
     return [cache[k] for k in keys]
 
 
@@ -154,9 +210,92 @@ def _resolve_placement(cfg: RunConfig) -> tuple[str, str | None]:
 
 
 def eval_switches(cfg: RunConfig) -> EvalSwitches:
-    """Which prompt positions keep their original embeddings, from the flags."""
+    """Which prompt positions cross the wire, from the flags."""
     return EvalSwitches(keep_bos=cfg.data.bos == "original", keep_prefix=cfg.eval.keep_prefix,
-                        keep_cue=cfg.eval.anchor == "original")
+                        keep_cue=cfg.eval.anchor == "original", scope=cfg.eval.wire_scope)
+
+
+def fit_quantizer(cfg: RunConfig, lm, comp, pool: torch.Tensor):
+    """Stage "quantize": --bits per code dimension; scalar levels are fitted
+    on the codes of (up to 200k) training tokens, never on evaluation text."""
+    q = make_quantizer(cfg.compress.bits, cfg.compress.quantizer)
+    if cfg.compress.bits in (16, 32):
+        return q
+    g = torch.Generator().manual_seed(cfg.data.seed)
+    ids = pool[torch.randperm(pool.numel(), generator=g)[:200_000]]
+    with torch.no_grad():
+        z = torch.cat([comp.transform(lm.embed(ids[i:i + 16384].to(lm.device)).float().cpu())
+                       for i in range(0, ids.numel(), 16384)])
+    return q.fit(z, seed=cfg.data.seed)
+
+
+def stage1_pipeline(name: str, lm, comp, quant, decoder, work: torch.device, info: dict) -> EmbeddingPipeline:
+    """Stage 1 as a sender/receiver: embed -> compressor -> quantizer ->
+    bytes -> quantizer -> `decoder` (the adapter, or the compressor's inverse)."""
+    return EmbeddingPipeline(name, lambda ids: lm.embed(ids.to(lm.device)),
+                             lambda x: comp.transform(x.float().to(work)),
+                             lambda z: decoder(z.float().to(work)), quant, comp.n_components, info)
+
+
+def wire_report(lm, prompts, cfg: RunConfig, log=print) -> dict:
+    """Bytes per context of every text reference on these prompts' contexts:
+    UTF-8, zstd, lzma, token ids, the LLM's code length (bound) and its
+    arithmetic coding (actual, on --ac-contexts contexts, decoded and checked)."""
+    from .data import context_token_ids
+    from .wire import LMArithmeticCodec, LzmaCodec, TokenIdCodec, Utf8Codec, ZstdCodec, lm_code_length_bits
+    seen: dict[tuple, object] = {}
+    for p in prompts:
+        seen.setdefault(tuple(p.context_ids), p)
+    ctx = list(seen.values())
+    ntok = [len(p.context_ids) for p in ctx]
+    tokenize = lambda t: context_token_ids(lm.tokenizer, t)  # noqa: E731
+    refs = {}
+    for codec in (Utf8Codec(tokenize), ZstdCodec(tokenize), LzmaCodec(tokenize), TokenIdCodec(lm.vocab_size)):
+        refs[codec.name] = wire_stats([len(codec.encode(p.context_text, p.context_ids)) for p in ctx], ntok)
+    if cfg.eval.lm_code_length and ctx:
+        head = ctx[0].head_ids
+        bits = lm_code_length_bits(lm, head, [p.context_ids for p in ctx], batch_size=cfg.eval.batch_size)
+        refs["lm_code_length"] = wire_stats([b / 8 for b in bits], ntok) | {"bound": True}
+        n_ac = min(cfg.eval.ac_contexts, len(ctx))
+        if n_ac:
+            codec = LMArithmeticCodec(lm, head)
+            sizes, ok = [], 0
+            for p in ctx[:n_ac]:
+                data = codec.encode(p.context_text, p.context_ids)
+                ok += codec.decode(data) == list(p.context_ids)
+                sizes.append(len(data))
+            refs["lm_arithmetic"] = wire_stats(sizes, ntok[:n_ac]) | {
+                "decoded_exactly": ok, "bound_same_contexts_mean": sum(bits[:n_ac]) / 8 / n_ac}
+            if ok != n_ac:
+                log(f"warning: LLM arithmetic coding decoded {ok} of {n_ac} contexts exactly")
+    return refs
+
+
+def write_predictions(out: Path, stem: str, rows: list[dict]) -> None:
+    """One row per question (`stem`.jsonl) and the official SQuAD v1.1
+    prediction file (`stem`.official.json: {question id: answer}), which the
+    official evaluation script scores as is."""
+    write_jsonl(out / f"{stem}.jsonl", rows)
+    write_json(out / f"{stem}.official.json", {r["id"]: r["prediction"] for r in rows})
+
+
+def _wire(pipe, prompts, sw) -> dict:
+    """Bytes and positions of a pipeline's payloads over the distinct contexts."""
+    payloads, ntok = span_payloads(pipe, prompts, sw)
+    by_ctx = {tuple(p.context_ids): pl.positions for p, pl in zip(_distinct_contexts(prompts), payloads)} \
+        if pipe.reads_ids or sw.scope == "context" else {}
+    prefill = [len(p.ids) - len(p.context_ids) + by_ctx[tuple(p.context_ids)] for p in prompts] if by_ctx else \
+        [len(p.ids) for p in prompts]
+    return wire_stats([p.nbytes for p in payloads], ntok, [p.positions for p in payloads]) | pipe.describe() | {
+        "prompt_positions_mean": sum(prefill) / max(1, len(prefill))}
+
+
+def _distinct_contexts(prompts) -> list:
+    """One prompt per distinct context, in first-seen order (as span_payloads)."""
+    seen: dict[tuple, object] = {}
+    for p in prompts:
+        seen.setdefault(tuple(p.context_ids), p)
+    return list(seen.values())
 
 
 def _pipeline_metrics(rows: list[dict], agg: dict, n_boot: int, seed: int) -> dict:
@@ -186,10 +325,13 @@ def text_baseline_eval(cfg: RunConfig) -> dict:
     out = Path(cfg.out)
     d = dist.current()
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LatentWireError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
+    _, ev, desc = load_data(cfg)  # a bad data file is reported before the model loads
     device, device_map = _resolve_placement(cfg)
     lm = load_model(cfg.model.model, device, cfg.model.dtype, device_map=device_map)
-    _, ev, desc = load_data(cfg)
     builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
     prompts = [builder.build(e) for e in ev]
     # always generated afresh here (this *is* the baseline measurement); the
@@ -198,10 +340,13 @@ def text_baseline_eval(cfg: RunConfig) -> dict:
     if not d.is_main:
         return {}
     rows, agg = score_predictions(prompts, preds)
-    write_jsonl(out / "predictions.jsonl", rows)
-    m = {"model": lm.source, "n_eval": len(prompts), "data": desc, "wall_s": time.time() - t0,
-         "pipelines": {"text": _pipeline_metrics(rows, agg, cfg.eval.n_boot, cfg.data.seed)},
+    write_predictions(out, "predictions", rows)
+    m = {"model": lm.source, "n_eval": len(prompts), "data": desc,
+         "wire_references": wire_report(lm, prompts, cfg),
+         "pipelines": {"text": _pipeline_metrics(rows, agg, cfg.eval.n_boot, cfg.data.seed)
+                       | {"wire": _wire(text_pipeline(lm.tokenizer), prompts, EvalSwitches())}},
          "truncated_prompts": sum(p.truncated for p in prompts), "config": asdict(cfg)}
+    m["wall_s"] = time.time() - t0
     write_json(out / "metrics.json", m)
     return m
 
@@ -221,16 +366,34 @@ RUN_STATE_FILES = ("ckpt.pt", "ckpt_phase2.pt", "train_log.jsonl", "events.jsonl
                    "adapter_phase2_state.pt", "metrics.json")
 
 
-def config_diff(out: Path, config: RunConfig) -> list[str]:
+def config_diff(out: Path, config: RunConfig, saved: dict | None = None) -> list[str]:
     """Fields whose value differs between the run saved in `out` (its
-    config.json) and `config`, as 'field is X there but Y now'; [] when none
-    or when nothing is saved."""
-    if not (out / "config.json").exists():
-        return []
-    saved = _flatten(json.loads((out / "config.json").read_text()))
+    config.json, or `saved`) and `config`, as 'field is X there but Y now';
+    [] when none or when nothing is saved."""
+    if saved is None:
+        if not (out / "config.json").exists():
+            return []
+        saved = json.loads((out / "config.json").read_text())
+    flat = _flatten(saved)
     now = _flatten(json.loads(json.dumps(asdict(config))))
-    return [f"{k} is {saved.get(k)!r} there but {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-            if k not in ("progress",) and saved.get(k) != now.get(k)]
+    return [f"{k} is {flat.get(k)!r} there but {now.get(k)!r} now" for k in sorted(set(flat) | set(now))
+            if k not in ("progress",) and flat.get(k) != now.get(k)]
+
+
+def finished_metrics(cfg: RunConfig) -> tuple[dict | None, str]:
+    """A finished run's metrics, to be reused only when the run's resolved
+    config equals `cfg` (every field: data, questions, epochs, bits, ...);
+    else (None, why not)."""
+    mpath = Path(cfg.out) / "metrics.json"
+    if not mpath.exists():
+        return None, "not run yet"
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        return None, "its metrics.json is unreadable"
+    cfg.validate()  # resolve what validate() fills in (steps_per_epoch), as the run did
+    diff = config_diff(Path(cfg.out), cfg, saved=m.get("config") or {})
+    return (m, "") if not diff else (None, f"{len(diff)} field(s) differ; first: {diff[0]}")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig | None = None,
@@ -250,10 +413,13 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: RunConfig 
                                   f"first: {diff[0]}")
     if not main:  # every rank checks; one rank cleans and creates
         return
-    if overwrite and not resume:
-        for f in RUN_STATE_FILES:
-            (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if overwrite and not resume:
+            for f in RUN_STATE_FILES:
+                (out / f).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LatentWireError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 def _quiet(*_a, **_k) -> None:
@@ -276,6 +442,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         write_json(out / "config.json", asdict(cfg))
     seed_everything(cfg.data.seed)
 
+    data = load_data(cfg)  # a bad data file is reported before the model loads
     device, device_map = _resolve_placement(cfg)
     lm = load_model(cfg.model.model, device, cfg.model.dtype, device_map=device_map)
     d_model, V = lm.d_model, lm.vocab_size
@@ -295,7 +462,8 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         check_meta("--adapter-path", cfg.adapter.adapter_path, ad_meta, fp | {"adapter": cfg.adapter.adapter})
     events.log(event="model", source=lm.source, d_model=d_model, vocab=V, device=str(lm.device), dtype=str(lm.dtype))
 
-    train, ev, desc, prompts, pool = build_inputs(cfg, lm)
+    inp = build_inputs(cfg, lm, data)
+    train, ev, desc, prompts, pool = inp.train, inp.eval, inp.desc, inp.prompts, inp.pool
     events.log(event="data", n_train=len(train), n_eval=len(ev), **{k2: v for k2, v in desc.items()})
     # the adapter trains where the LLM runs when that is a GPU (Phase 2 and
     # DDP over NCCL need it there); the compressor's fit stays on the CPU
@@ -312,7 +480,9 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
                explained_variance_of_total=evr)
     log(f"compressor: {comp.kind} {d_model} -> {k}" + (f", explained variance {100 * evr:.1f}% of total" if evr else ""))
 
-    z_table = comp.transform(table)
+    quant = fit_quantizer(cfg, lm, comp, pool)
+    # the adapter learns from what the receiver will get: quantized codes
+    z_table = quant.roundtrip(comp.transform(table)).detach() if cfg.compress.bits != 32 else comp.transform(table)
 
     # --- adapter: Phase 1 ---------------------------------------------------
     adapter = build_adapter(cfg.adapter, comp, table).to(work)
@@ -322,67 +492,87 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         summary = {"steps": 0, "loaded_from": cfg.adapter.adapter_path}
     else:
         summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
-                               progress=cfg.progress, resume=resume)
+                               quick_ids=inp.select, progress=cfg.progress, resume=resume)
     sw = eval_switches(cfg)
     if cfg.train.phase2_steps and not cfg.adapter.adapter_path:
         b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none",
                            flag="--phase2-max-tokens")
         train_prompts = [b2.build(e) for e in train]
-        summary |= train_phase2(lm, adapter, comp, train_prompts, sw, cfg.train, out, seed=cfg.data.seed,
+        summary |= train_phase2(lm, adapter, lambda x: quant.roundtrip(comp.transform(x)), train_prompts, sw,
+                                cfg.train, out, seed=cfg.data.seed,
                                 progress=cfg.progress, resume=resume)
     if d.is_main:
         save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
     events.log(event="trained", **summary)
 
     # --- evaluate -------------------------------------------------------------
-    text_preds = text_predictions(lm, prompts, cfg, read_cache=use_cache)
+    cache_stats: dict = {}
+    tg = time.time()
+    text_preds = text_predictions(lm, prompts, cfg, read_cache=use_cache, stats=cache_stats)
+    text_gen_s = time.time() - tg
     text_rows, text_agg = score_predictions(prompts, text_preds)
     if d.is_main:
-        write_jsonl(out / "predictions_text.jsonl", text_rows)
-    log(f"text baseline: F1 {text_agg['f1']:.2f} EM {text_agg['exact_match']:.2f} on {len(prompts)} questions")
+        write_predictions(out, "predictions_text", text_rows)
+    log(f"text baseline: F1 {text_agg['f1']:.2f} EM {text_agg['exact_match']:.2f} on {len(prompts)} questions "
+        f"({cache_stats['misses']} generated, {cache_stats['hits']} read from the answer cache)")
 
-    def recon(x: torch.Tensor) -> torch.Tensor:
-        return adapter(comp.transform(x.float().to(work))).to(x.device)
-
-    def linear(x: torch.Tensor) -> torch.Tensor:
-        return comp.inverse_transform(comp.transform(x.float().cpu())).to(x.device)
-
+    info = {"compressor": comp.kind}
+    linear = stage1_pipeline("linear_inverse", lm, comp, quant, comp.inverse_transform, work, info)
+    recon = stage1_pipeline("latentwire", lm, comp, quant, adapter, work, info | {"adapter": cfg.adapter.adapter})
     pipelines = {"linear_inverse": linear, "latentwire": recon} if cfg.controls else {"latentwire": recon}
     if cfg.adapter.adapter == "linear":
         pipelines = {"latentwire": linear}
     nb, seed = cfg.eval.n_boot, cfg.data.seed
+    text_pipe = text_pipeline(lm.tokenizer)
+    refs = wire_report(lm, prompts, cfg, log) if d.is_main else {}
     metrics = {"model": lm.source, "d_model": d_model, "vocab_size": V, "n_eval": len(prompts), "data": desc,
-               "compressor": {"kind": comp.kind, "dim": k, "ratio": d_model / k, "explained_variance": evr},
+               "compressor": {"kind": comp.kind, "dim": k, "ratio": d_model / k, "explained_variance": evr,
+                              "bits": cfg.compress.bits, "quantizer": quant.scheme},
                "adapter": cfg.adapter.adapter + (" (seed preset)" if cfg.adapter.preset == "seed" else ""),
                "train": summary, "truncated_prompts": sum(p.truncated for p in prompts),
-               "pipelines": {"text": _pipeline_metrics(text_rows, text_agg, nb, seed)}}
+               "wire_scope": cfg.eval.wire_scope, "wire_references": refs, "text_answer_cache": cache_stats,
+               "pipelines": {"text": _pipeline_metrics(text_rows, text_agg, nb, seed)
+                             | {"wire": _wire(text_pipe, prompts, sw),
+                                # only meaningful when every answer was generated here
+                                "s_per_question": text_gen_s / len(prompts) if not cache_stats["hits"] else None}}}
+    if cfg.eval.sequence:
+        from .sequence import sequence_pipelines
+        pipelines |= sequence_pipelines(lm, cfg.eval.sequence_kinds(), cfg.eval.sequence_ratio_list(),
+                                        prompts[0].head_ids, quant)
     diags = {}
-    for name, fn in pipelines.items():
-        mod = adapter if name == "latentwire" else None
+    stage1 = {"linear_inverse", "latentwire"}
+    for name, fn in pipelines.items():  # fn: the pipeline (sender + receiver)
+        tg = time.time()
         preds = sharded_predictions(lm, prompts, fn, sw, cfg, desc=name)
+        gen_s = time.time() - tg
         if not d.is_main:
             continue  # scoring, diagnostics and writing happen once, on rank 0
         rows, agg = score_predictions(prompts, preds)
         for r, tp in zip(rows, text_preds):
             r["text_prediction"] = tp
             r["agree"] = r["prediction"] == tp
-        write_jsonl(out / f"predictions_{name}.jsonl", rows)
+        write_predictions(out, f"predictions_{name}", rows)
+        ret, ret_ci = _retention(text_rows, rows, nb, seed)
+        entry = _pipeline_metrics(rows, agg, nb, seed) | {
+            "f1_retention": ret, "f1_retention_ci95": ret_ci, "agreement": sum(r["agree"] for r in rows) / len(rows),
+            "s_per_question": gen_s / len(rows), "wire": _wire(fn, prompts, sw)}
+        metrics["pipelines"][name] = entry
+        if name not in stage1:
+            continue  # per-token diagnostics apply to per-token (Stage 1) codes only
+        mod = adapter if name == "latentwire" else None
         # the adapter ends on its best state, whose whole-vocabulary metrics
-        # training already measured (~25 s on a CPU); Phase 2 changes it
+        # training measured once; Phase 2 changes it
         known = (summary.get("best") or {}).get("vocab_metrics") if not summary.get("phase2_steps") else None
         vocab_m = known if (mod is not None and known) else \
             recon_metrics(mod if mod is not None else LinearAdapter(comp), z_table, table, torch.arange(V))
-        diag = diagnose(lm, prompts, fn, sw, text_preds, preds, table, cfg.eval.diagnostics_k,
+        diag = diagnose(lm, prompts, fn.transform, sw, text_preds, preds, table, cfg.eval.diagnostics_k,
                         vocab_recovery=vocab_m["token_recovery"])
         write_json(out / f"diagnostics_{name}.json", diag)
         diags[name] = diag
-        ret, ret_ci = _retention(text_rows, rows, nb, seed)
-        metrics["pipelines"][name] = _pipeline_metrics(rows, agg, nb, seed) | {
-            "f1_retention": ret, "f1_retention_ci95": ret_ci, "agreement": diag["agreement"],
-            "token_recovery_vocab": vocab_m["token_recovery"], "token_recovery_prompts": diag["token_recovery_prompts"],
-            "cos": diag["cos"], "norm_ratio": diag["norm_ratio"], "norm_status": diag["norm_status"],
-            "collapsed": diag["collapsed"]}
-        metrics.setdefault("verdict", []).extend(findings(name, metrics["pipelines"][name], diag))
+        entry |= {"token_recovery_vocab": vocab_m["token_recovery"],
+                  "token_recovery_prompts": diag["token_recovery_prompts"], "cos": diag["cos"],
+                  "norm_ratio": diag["norm_ratio"], "norm_status": diag["norm_status"], "collapsed": diag["collapsed"]}
+        metrics.setdefault("verdict", []).extend(findings(name, entry, diag))
         for line in summary_lines(name, diag):
             log(line)
     if not d.is_main:

@@ -72,9 +72,61 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> list[dict]:
+    """Rows of a JSONL file. A last line cut short by a kill (no newline, not
+    JSON) is dropped with a warning; any other bad line is an error naming
+    the file and line, or skipped with `skip_bad` (caches)."""
+    import warnings
+
+    from .errors import LatentWireError
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # the unterminated last line: a torn write
+                warnings.warn(f"{path}: dropped a torn last line (a run was killed while writing it)")
+            elif not skip_bad:
+                raise LatentWireError(f"{path}: line {n} is not JSON") from None
+    return rows
+
+
+def drop_torn_tail(path: Path) -> bool:
+    """Cut a file back to its last complete line (a kill can leave half a
+    line); True when something was cut."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        f.seek(0)
+        data = f.read()
+        f.seek(0)
+        f.truncate(data.rfind(b"\n") + 1)
+    import warnings
+    warnings.warn(f"{path}: dropped a torn last line (a run was killed while writing it)")
+    return True
+
+
+def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
+    """torch.load with weights_only=True: tensors, numbers, strings, lists and
+    dicts only. A pickle that would run code (or build any other object) is
+    refused with an error naming `what` (the flag or file) -- loading a
+    checkpoint from a user's path never executes what it contains."""
+    from .errors import LatentWireError
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file
+        glob = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if glob:  # the pickle names a callable: code that would run on load
+            raise LatentWireError(f"{what} {path}: refused: it holds objects other than tensors and plain data, "
+                                  f"and loading them would run code ({glob[0][:120]})") from None
+        raise LatentWireError(f"{what} {path}: not a LatentWire checkpoint ({type(e).__name__})") from None
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -89,6 +141,7 @@ class JsonlLogger:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.path)  # appending after half a line would corrupt the next row too
 
     def log(self, **row: Any) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

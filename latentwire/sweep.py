@@ -31,7 +31,8 @@ from .metrics import bootstrap_ci
 from .runio import atomic_write_text, read_jsonl
 
 RESULT_COLUMNS = ["name", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
-                  "token_recovery_vocab", "cos", "norm_ratio", "norm_status", "collapsed", "wall_s", "run_dir"]
+                  "token_recovery_vocab", "cos", "norm_ratio", "norm_status", "collapsed", "wire_bytes",
+                  "bits_per_token", "text_utf8_bytes", "wall_s", "run_dir"]
 
 
 def _field_index() -> dict[str, str]:
@@ -115,13 +116,6 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=-_." else "_" for c in name)
 
 
-def done_names(csv_path: Path) -> set[str]:
-    if not csv_path.exists():
-        return set()
-    with open(csv_path, newline="") as f:
-        return {r["name"] for r in csv.DictReader(f)}
-
-
 def result_row(name: str, overrides: dict, m: dict, run_dir: Path) -> dict:
     p, t = m["pipelines"]["latentwire"], m["pipelines"]["text"]
     return {"name": name, "overrides": json.dumps({k: v for k, v in overrides.items() if k != "name"}),
@@ -130,12 +124,20 @@ def result_row(name: str, overrides: dict, m: dict, run_dir: Path) -> dict:
             "f1_retention": "" if p.get("f1_retention") is None else round(p["f1_retention"], 4),
             "agreement": round(p["agreement"], 4), "token_recovery_vocab": round(p["token_recovery_vocab"], 5),
             "cos": round(p["cos"], 4), "norm_ratio": round(p["norm_ratio"], 4), "norm_status": p["norm_status"],
-            "collapsed": p["collapsed"], "wall_s": round(m["wall_s"], 1), "run_dir": str(run_dir)}
+            "collapsed": p["collapsed"], "wire_bytes": round(p["wire"]["bytes_mean"], 1),
+            "bits_per_token": round(p["wire"]["bits_per_token"], 3),
+            "text_utf8_bytes": round(t["wire"]["bytes_mean"], 1), "wall_s": round(m["wall_s"], 1),
+            "run_dir": str(run_dir)}
 
 
 def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use_cache: bool = True) -> list[dict]:
-    """Run every entry not already in results.csv; return all rows."""
-    from .run import config_diff, run_experiment
+    """Run every entry whose finished run is missing or was made with other
+    settings; return one row per entry, in file order. A finished run is
+    reused only when its resolved config equals the entry's (so a changed
+    `base` reruns what it changes); results.csv is rewritten from the runs'
+    own metrics.json after each run."""
+    from .run import config_diff, finished_metrics, run_experiment
+    from .runio import atomic_write_text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
@@ -143,17 +145,30 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
     cfgs = []
     for r in runs:
         c = apply_overrides(base, r, where=f"sweep run {r['name']!r}")
-        apply_preset(c)
+        apply_preset(c, keep={k.replace("-", "_") for k in r})
         c.out = str(out / _slug(r["name"]))
         c.validate()
         cfgs.append(c)
-    done = done_names(csv_path)
+    rows: dict[str, dict] = {}
+
+    def write_csv():
+        import io
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows[r["name"]] for r in runs if r["name"] in rows)
+        atomic_write_text(csv_path, buf.getvalue())
+
     for r, c in zip(runs, cfgs):
-        if r["name"] in done:
-            log(f"[skip] {r['name']} (in {csv_path})")
-            continue
-        t0 = time.time()
         run_dir = Path(c.out)
+        m, why = finished_metrics(c)
+        if m is not None:
+            log(f"[reuse] {r['name']}: finished with the same settings ({run_dir}/metrics.json)")
+            rows[r["name"]] = result_row(r["name"], r, m, run_dir)
+            continue
+        if (run_dir / "metrics.json").exists():
+            log(f"[rerun] {r['name']}: the finished run in {run_dir} was made with other settings ({why})")
+        t0 = time.time()
         resume = (run_dir / "ckpt.pt").exists() and not (run_dir / "metrics.json").exists()
         changed = config_diff(run_dir, c) if resume else []
         if changed:
@@ -164,19 +179,15 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
             resume = False
         log(f"[run ] {r['name']} -> {c.out}")
         m = run_experiment(c, use_cache=use_cache, resume=resume, overwrite=True, log=lambda *a: None)
-        row = result_row(r["name"], r, m, run_dir)
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:  # one row per finished run, appended
-            w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        rows[r["name"]] = row = result_row(r["name"], r, m, run_dir)
+        write_csv()
         log(f"[done] {r['name']}: F1 {row['f1']:.2f} (text {row['text_f1']:.2f}), agreement "
             f"{100 * row['agreement']:.1f}% in {time.time() - t0:.0f} s")
+    write_csv()
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    plot_sweep(rows, out)
-    return rows
+        all_rows = list(csv.DictReader(f))
+    plot_sweep(all_rows, out)
+    return all_rows
 
 
 def _direction(d: tuple) -> str:
@@ -230,6 +241,13 @@ def plot_sweep(rows: list[dict], out: Path) -> list[str]:
         ax[0].legend(fontsize=7)
         fig.tight_layout(); fig.savefig(out / "f1_vs_ratio.png", dpi=110); plt.close(fig)
         made.append("f1_vs_ratio.png")
+    if rows and rows[0].get("wire_bytes"):
+        from .report import plot_f1_vs_bytes
+        first = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())
+        pts = [{"label": r["name"][:24], "bytes": float(r["wire_bytes"]), "f1": float(r["f1"]),
+                "f1_ci95": [float(x) for x in r["f1_ci95"].split("-")[:2]] if r["f1_ci95"].count("-") == 1 else None,
+                "agreement": float(r["agreement"])} for r in rows]
+        made.append(plot_f1_vs_bytes(out / "f1_vs_bytes.png", pts, first.get("wire_references") or {}))
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.scatter([float(r["cos"]) for r in rows], [float(r["f1"]) for r in rows])
     for r in rows:
@@ -290,7 +308,7 @@ def verdict(d_f1: tuple, d_ag: tuple, min_effect: float = 2.0) -> str:
     return "inconclusive"
 
 
-def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int = 30) -> dict:
+def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int = 30, keep=()) -> dict:
     """Test the seed's five hypotheses as controlled one-change comparisons
     against `base` (the seed preset by default) on the same questions."""
     out = Path(out)
@@ -298,7 +316,7 @@ def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int 
     for _, _, ov in hyps:
         if "phase2_steps" in ov:
             ov["phase2_steps"] = phase2_steps
-    apply_preset(base)
+    apply_preset(base, keep=keep)  # flags the user gave win over the preset
     base.adapter.preset = "none"  # the variants below change the preset's fields one at a time
     # the linear-PCA-inverse control is the same in every variant: evaluate it once, with the baseline
     runs = [{"name": "baseline"}] + [{"name": f"h{i + 1}", "controls": False, **ov} for i, (_, _, ov) in enumerate(hyps)]

@@ -27,7 +27,7 @@ from . import dist
 from .config import TrainConfig
 from .errors import LatentWireError
 from .losses import reconstruction_loss
-from .runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, write_jsonl
+from .runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, safe_torch_load, write_jsonl
 
 
 class _StopFlag:
@@ -84,7 +84,7 @@ class _Checkpoint:
                                "train_config": asdict(self.cfg)}, self.path)
 
     def load(self) -> dict:
-        ck = torch.load(self.path, map_location="cpu", weights_only=False)
+        ck = safe_torch_load(self.path, "--resume: checkpoint")
         self.adapter.load_state_dict(ck["adapter"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -143,14 +143,28 @@ def _has_params(adapter) -> bool:
     return any(p.requires_grad for p in adapter.parameters())
 
 
+def _recovery_ci(p: float, n: int) -> list[float]:
+    """Wilson 95% interval of a share measured on n tokens."""
+    if n == 0:
+        return [0.0, 1.0]
+    z = 1.96
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, c - h), min(1.0, c + h)]
+
+
 def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.Tensor, pool_ids: torch.Tensor,
                  cfg: TrainConfig, out_dir: str | Path, seed: int = 0, quick_ids: torch.Tensor | None = None,
                  progress: bool = True, resume: bool = False,
                  on_epoch: Callable[[int, dict], None] | None = None, stop_after: int | None = None) -> dict:
     """Train `adapter` so that adapter(z_table[id]) ~ table[id].
 
-    Returns a summary (final/best metrics). Writes `train_log.jsonl`,
-    `ckpt.pt` (resumable) and `adapter_best.pt` state in `out_dir`.
+    `quick_ids`: the selection set -- token occurrences of held-out training
+    articles (never in `pool_ids`, never evaluation text); the quick
+    evaluations and the per-epoch choice of the best state use it (token
+    recovery with a Wilson 95% interval). Whole-vocabulary metrics are
+    computed once, for the state training ends on. Returns a summary; writes
+    `train_log.jsonl`, `ckpt.pt` (resumable) and the best state in `out_dir`.
     """
     out_dir = Path(out_dir)
     d = dist.current()
@@ -161,8 +175,10 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
     if pool_ids.numel() == 0 and cfg.vocab_fraction < 1.0:
         raise LatentWireError("training token pool is empty (no training prompts?); set --vocab-fraction 1")
     g = torch.Generator().manual_seed(seed)
-    if quick_ids is None:
+    select_set = "held-out training articles"
+    if quick_ids is None or quick_ids.numel() == 0:
         quick_ids = torch.randint(0, V, (2048,), generator=torch.Generator().manual_seed(seed + 1))
+        select_set = "2,048 random vocabulary ids (no held-out text)"
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
@@ -213,16 +229,18 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
             bar.set_postfix(loss=f"{row['loss']:.4f}", cos=f"{row['cos']:.3f}")
             if step % cfg.steps_per_epoch == 0 or step == total:
                 epoch = math.ceil(step / cfg.steps_per_epoch)
-                full = recon_metrics(adapter, z_table, table, torch.arange(V))
-                log.log(event="epoch", epoch=epoch, step=step, **{f"vocab_{k}": v for k, v in full.items()})
-                key = (full["token_recovery"], full["cos"])
+                sel = recon_metrics(adapter, z_table, table, quick_ids)
+                sel["token_recovery_ci95"] = _recovery_ci(sel["token_recovery"], quick_ids.numel())
+                log.log(event="epoch", epoch=epoch, step=step, select_set=select_set,
+                        select_tokens=int(quick_ids.numel()), **{f"select_{k}": v for k, v in sel.items()})
+                key = (sel["token_recovery"], sel["cos"])
                 if key > (best["token_recovery"], best["cos"]):
-                    best = {"token_recovery": full["token_recovery"], "cos": full["cos"], "step": step,
-                            "vocab_metrics": full}
+                    best = {"token_recovery": sel["token_recovery"], "cos": sel["cos"], "step": step,
+                            "select_metrics": sel, "select_set": select_set}
                     if d.is_main:
                         atomic_torch_save(adapter.state_dict(), out_dir / "adapter_best_state.pt")
                 if on_epoch:
-                    on_epoch(epoch, full)
+                    on_epoch(epoch, sel)
             if step % cfg.ckpt_every == 0 or step == total:
                 ckpt.save()
             ckpt.stop_if_signalled(stop, d, bar, log, "interrupted", step)
@@ -234,8 +252,10 @@ def train_phase1(adapter: torch.nn.Module, z_table: torch.Tensor, table: torch.T
     # finish on the best checkpoint, as the seed's "best model" intended
     best_path = out_dir / "adapter_best_state.pt"
     if best_path.exists():
-        adapter.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False))
+        adapter.load_state_dict(safe_torch_load(best_path, "best adapter state"))
     adapter.eval()
+    # whole-vocabulary metrics once, for the state the run goes on with
+    best["vocab_metrics"] = recon_metrics(adapter, z_table, table, torch.arange(V))
     return {"steps": step, "best": best}
 
 
@@ -246,7 +266,7 @@ def phase2_batch(lm, prompts, switches, pad_id: int):
     `recon` (prompt positions that go through compressor+adapter), `labels`
     (gold answer tokens, -100 elsewhere, aligned so logits[:, t] predicts
     labels[:, t]), `prompt_pos` and `answer_pos` (where the KL may be taken)."""
-    from .evaluate import keep_mask
+    from .evaluate import wire_mask
     tok = lm.tokenizer
     seqs, metas = [], []
     for p in prompts:
@@ -264,7 +284,7 @@ def phase2_batch(lm, prompts, switches, pad_id: int):
     for i, (s, (p, L, A)) in enumerate(zip(seqs, metas)):
         ids[i, :len(s)] = torch.tensor(s)
         attn[i, :len(s)] = 1
-        recon[i, :L] = ~keep_mask(p, switches.keep_bos, switches.keep_prefix, switches.keep_cue)
+        recon[i, :L] = wire_mask(p, switches)
         labels[i, L - 1:L + A - 1] = torch.tensor(s[L:L + A])
         prompt_pos[i, :L - 1] = True
         answer_pos[i, L - 1:L + A - 1] = True
@@ -272,7 +292,7 @@ def phase2_batch(lm, prompts, switches, pad_id: int):
             "answer_pos": answer_pos}
 
 
-def phase2_loss(lm, adapter, compressor, batch: dict, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def phase2_loss(lm, adapter, encode: Callable, batch: dict, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """One Phase 2 loss step, each term returned separately.
 
     The prompt is given to the frozen LLM as reconstructed embeddings; answer
@@ -288,7 +308,7 @@ def phase2_loss(lm, adapter, compressor, batch: dict, cfg: TrainConfig) -> dict[
         orig = lm.embed(ids).float()
         teacher = lm.model(inputs_embeds=orig.to(lm.dtype), attention_mask=attn).logits if cfg.w_kl else None
     x = orig[sel]
-    y = adapter(compressor.transform(x.cpu()).to(dev)).to(dev)
+    y = adapter(encode(x.cpu()).to(dev)).to(dev)  # encode: compressor (+ quantizer, straight-through)
     emb = orig.masked_scatter(sel[..., None], y) if sel.any() else orig
     student = lm.model(inputs_embeds=emb.to(lm.dtype), attention_mask=attn).logits
     terms = {"ce": answer_cross_entropy(student, batch["labels"].to(dev))}
@@ -304,7 +324,7 @@ def phase2_loss(lm, adapter, compressor, batch: dict, cfg: TrainConfig) -> dict[
     return terms
 
 
-def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, out_dir: str | Path, seed: int = 0,
+def train_phase2(lm, adapter, encode: Callable, prompts, switches, cfg: TrainConfig, out_dir: str | Path, seed: int = 0,
                  progress: bool = True, resume: bool = False, stop_after: int | None = None) -> dict:
     """Generation-aware fine-tuning of the adapter through the frozen LLM.
 
@@ -346,7 +366,7 @@ def train_phase2(lm, adapter, compressor, prompts, switches, cfg: TrainConfig, o
         while step < cfg.phase2_steps:
             pick = torch.randint(0, len(prompts), (cfg.phase2_batch,), generator=g).tolist()[mine]
             batch = phase2_batch(lm, [prompts[i] for i in pick], switches, lm.tokenizer.pad_token_id)
-            terms = phase2_loss(lm, model, compressor, batch, cfg)
+            terms = phase2_loss(lm, model, encode, batch, cfg)
             row = dist.mean_terms(terms, d)
             for name, v in row.items():
                 if not math.isfinite(v):  # no save: the last good checkpoint stays as it is

@@ -6,6 +6,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite never writes the user's ~/.cache: answer and model caches go to a
+# folder of this session (CI sets nothing; a developer may point it elsewhere)
+if "LATENTWIRE_CACHE" not in os.environ:
+    import tempfile
+    os.environ["LATENTWIRE_CACHE"] = tempfile.mkdtemp(prefix="latentwire-test-cache-")
 
 
 @pytest.fixture(scope="session")

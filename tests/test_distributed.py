@@ -37,8 +37,8 @@ def test_two_processes_match_one(tmp_path, adapter):
     one, two = tmp_path / "one", tmp_path / "two"
     _launch(one, 1, "--adapter", adapter)
     _launch(two, 2, "--adapter", adapter)
-    sa = torch.load(one / "adapter.pt", weights_only=False)["state_dict"]
-    sb = torch.load(two / "adapter.pt", weights_only=False)["state_dict"]
+    sa = torch.load(one / "adapter.pt", weights_only=True)["state_dict"]
+    sb = torch.load(two / "adapter.pt", weights_only=True)["state_dict"]
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-5, atol=1e-6), k

@@ -15,8 +15,15 @@ def test_tiny_model_is_frozen(tiny):
     assert tiny.tokenizer.padding_side == "left"
 
 
-def test_resolvers():
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+def test_resolvers(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"  # auto prefers CUDA when there is one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(LatentWireError, match="--device cuda:0: CUDA is not available"):
+        resolve_device("cuda:0")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(LatentWireError, match="--dtype"):
@@ -112,7 +119,7 @@ def test_identity_transform_equals_text_and_keep_mask(tiny):
     ident = generate_predictions(tiny, prompts, transform=lambda x: x, max_new_tokens=6, progress=False)
     assert text == ident
     # a transform that zeroes everything, with the cue kept: cue positions stay original
-    sw = EvalSwitches(keep_bos=False, keep_prefix=0, keep_cue=True)
+    sw = EvalSwitches(keep_bos=False, keep_prefix=0, keep_cue=True, scope="prompt")
     emb, mask = pipeline_embeds(tiny, prompts, lambda x: torch.zeros_like(x), sw, tiny.tokenizer.pad_token_id)
     n_cue = prompts[0].n_cue
     orig = tiny.embed(torch.tensor(prompts[0].ids[-n_cue:]))

@@ -20,7 +20,7 @@ def setup(tiny):
 
 def test_batch_alignment(tiny, setup):
     _, _, prompts = setup
-    bt = phase2_batch(tiny, prompts[:3], EvalSwitches(keep_cue=True), tiny.tokenizer.pad_token_id)
+    bt = phase2_batch(tiny, prompts[:3], EvalSwitches(keep_cue=True, scope="prompt"), tiny.tokenizer.pad_token_id)
     for i, p in enumerate(prompts[:3]):
         L = len(p.ids)
         lab = bt["labels"][i]
@@ -36,7 +36,7 @@ def test_phase2_grads_reach_only_the_adapter(tiny, setup):
     table, pca, prompts = setup
     a = build_adapter(AdapterConfig(adapter="mlp"), pca, table)
     bt = phase2_batch(tiny, prompts[:2], EvalSwitches(), tiny.tokenizer.pad_token_id)
-    terms = phase2_loss(tiny, a, pca, bt, TrainConfig(w_kl=1.0, w_ce=1.0))
+    terms = phase2_loss(tiny, a, pca.transform, bt, TrainConfig(w_kl=1.0, w_ce=1.0))
     assert {"ce", "kl", "cos_loss", "mse", "loss"} <= set(terms)
     terms["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.parameters())
@@ -48,7 +48,7 @@ def test_kl_is_zero_for_a_perfect_reconstruction(tiny, setup):
     full = PCA(table.shape[1]).fit(table)  # lossless
     a = build_adapter(AdapterConfig(adapter="linear"), full, table)
     bt = phase2_batch(tiny, prompts[:2], EvalSwitches(), tiny.tokenizer.pad_token_id)
-    terms = phase2_loss(tiny, a, full, bt, TrainConfig())
+    terms = phase2_loss(tiny, a, full.transform, bt, TrainConfig())
     assert terms["kl"].item() == pytest.approx(0.0, abs=1e-4)
 
 
@@ -56,7 +56,7 @@ def test_train_phase2_logs_each_term(tiny, setup, tmp_path):
     table, pca, prompts = setup
     a = build_adapter(AdapterConfig(adapter="mlp"), pca, table)
     before = [p.detach().clone() for p in a.parameters()]
-    out = train_phase2(tiny, a, pca, prompts, EvalSwitches(), TrainConfig(phase2_steps=3, phase2_batch=2), tmp_path,
+    out = train_phase2(tiny, a, pca.transform, prompts, EvalSwitches(), TrainConfig(phase2_steps=3, phase2_batch=2), tmp_path,
                        progress=False)
     assert out["phase2_steps"] == 3
     rows = [r for r in __import__("latentwire.runio", fromlist=["x"]).read_jsonl(tmp_path / "train_log.jsonl")]
@@ -91,13 +91,13 @@ def test_phase2_resume_is_bit_identical(tiny, setup, tmp_path):
         return a
 
     full = fresh()
-    train_phase2(tiny, full, pca, prompts, EvalSwitches(), cfg, tmp_path / "a", progress=False)
+    train_phase2(tiny, full, pca.transform, prompts, EvalSwitches(), cfg, tmp_path / "a", progress=False)
     part = fresh()
-    out = train_phase2(tiny, part, pca, prompts, EvalSwitches(), cfg, tmp_path / "b", progress=False, stop_after=3)
-    assert out["stopped_early"] and torch.load(tmp_path / "b" / "ckpt_phase2.pt", weights_only=False)["step"] == 2
+    out = train_phase2(tiny, part, pca.transform, prompts, EvalSwitches(), cfg, tmp_path / "b", progress=False, stop_after=3)
+    assert out["stopped_early"] and torch.load(tmp_path / "b" / "ckpt_phase2.pt", weights_only=True)["step"] == 2
     resumed = fresh()
     torch.manual_seed(123)  # the resumed process starts with some other RNG state
-    res = train_phase2(tiny, resumed, pca, prompts, EvalSwitches(), cfg, tmp_path / "b", progress=False, resume=True)
+    res = train_phase2(tiny, resumed, pca.transform, prompts, EvalSwitches(), cfg, tmp_path / "b", progress=False, resume=True)
     assert res["phase2_steps"] == 6
     for (n, p), (_, q) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(p, q), n

@@ -37,7 +37,7 @@ def _wait_for_step(proc, log, step, timeout=120):
 
 
 def _state(path):
-    return torch.load(path, weights_only=False)["state_dict"]
+    return torch.load(path, weights_only=True)["state_dict"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
     _wait_for_step(p, out / "train_log.jsonl", 430)  # mid-training, past an epoch boundary
     os.kill(p.pid, signal.SIGKILL)
     p.communicate()
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert 0 < ck["step"] < 800
     r = _run(out, "--resume")
     _, err = r.communicate(timeout=300)
@@ -80,7 +80,7 @@ def test_sigterm_saves_checkpoint_and_resumes(tmp_path, reference):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "checkpoint saved" in err and "--resume" in err
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["step"] % 25 != 0 or ck["step"] >= 110  # saved at the interrupted step, not only on the schedule
     r = _run(out, "--resume")
     _, err = r.communicate(timeout=300)
@@ -122,7 +122,7 @@ def test_sigkill_in_phase2_then_resume_is_bit_identical(tmp_path):
         time.sleep(0.02)
     os.kill(p.pid, signal.SIGKILL)
     p.communicate()
-    ck = torch.load(out / "ckpt_phase2.pt", weights_only=False)
+    ck = torch.load(out / "ckpt_phase2.pt", weights_only=True)
     assert 7 <= ck["step"] < 200
     r = _run(out, *ARGS2, "--resume")
     _, err = r.communicate(timeout=300)

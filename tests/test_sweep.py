@@ -1,4 +1,5 @@
 import csv
+import json
 import subprocess
 import sys
 
@@ -53,7 +54,7 @@ def test_sweep_appends_rows_and_resumes(tmp_path):
     rows = run_sweep(base, runs, out, log=logs.append)
     assert [r["name"] for r in rows] == ["ratio=2", "ratio=4", "mlp"]
     assert sum(line.startswith("[run ]") for line in logs) == 3  # the first run was not redone
-    assert any(line.startswith("[skip] ratio=2") for line in logs)
+    assert any(line.startswith("[reuse] ratio=2") for line in logs)
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     for png in ("f1_vs_ratio.png", "cos_vs_f1.png", "norms_and_losses.png"):
@@ -83,13 +84,40 @@ def test_verdict_rules():
 
 
 def test_diagnose_on_tiny_model(tmp_path):
+    from latentwire.runio import read_jsonl
+    from latentwire.sweep import HYPOTHESES, _paired, verdict
     base = _base(tmp_path)
     base.adapter.preset = "seed"
     res = run_diagnose(base, tmp_path / "dg", log=lambda *a: None, phase2_steps=1)
     assert len(res["results"]) == 5
-    assert {r["verdict"] for r in res["results"]} <= {"supported", "not supported", "inconclusive"}
-    text = (tmp_path / "dg" / "diagnose_report.md").read_text()
+    out = tmp_path / "dg"
+    saved = json.loads((out / "baseline" / "config.json").read_text())
+    assert saved["eval"]["wire_scope"] == "prompt" and saved["adapter"]["output_norm"] is True  # the seed's setting
+    base_pred = read_jsonl(out / "baseline" / "predictions_latentwire.jsonl")
+    by_h = {r["hypothesis"]: r for r in res["results"]}
+    for i, (h, _, overrides) in enumerate(HYPOTHESES):
+        r = by_h[h]
+        cfg = json.loads((out / f"h{i + 1}" / "config.json").read_text())
+        # each variant changes exactly its own fields (and drops the control), nothing else
+        flat = {f"{g}.{k}": v for g, sub in cfg.items() if isinstance(sub, dict) for k, v in sub.items()}
+        flat_b = {f"{g}.{k}": v for g, sub in saved.items() if isinstance(sub, dict) for k, v in sub.items()}
+        changed = {k.split(".")[1] for k in flat if flat[k] != flat_b.get(k)} - {"out"}
+        assert changed == set(overrides), (h, changed)
+        # the verdict is the rule applied to the paired deltas of the saved predictions
+        pred = read_jsonl(out / f"h{i + 1}" / "predictions_latentwire.jsonl")
+        d_f1, d_ag = _paired(base_pred, pred, "f1", 50, 0), _paired(base_pred, pred, "agree", 50, 0)
+        assert r["delta_f1"][0] == pytest.approx(d_f1[0]) and r["delta_agreement"][0] == pytest.approx(d_ag[0])
+        assert r["verdict"] == verdict(tuple(r["delta_f1"]), tuple(r["delta_agreement"]))
+    text = (out / "diagnose_report.md").read_text()
     assert "magnitude mismatch" in text and "ΔF1" in text
+
+
+def test_verdict_rule():
+    from latentwire.sweep import verdict
+    assert verdict((3.0, 1.0, 5.0), (0.0, -1.0, 1.0)) == "supported"  # F1 interval above 0
+    assert verdict((0.0, -1.0, 1.0), (2.0, 0.5, 4.0)) == "supported"  # agreement interval above 0
+    assert verdict((0.2, -1.0, 1.5), (0.0, -0.5, 0.5)) == "not supported"  # both stay below +2 points
+    assert verdict((1.0, -1.0, 6.0), (0.0, -0.5, 0.5)) == "inconclusive"  # too wide to tell
 
 
 def test_half_finished_run_resumes_or_restarts_when_its_flags_changed(tmp_path):

@@ -59,7 +59,7 @@ def test_resume_is_bit_identical(tmp_path):
     # interrupted run: train 10 of 20 steps, then resume in a new adapter object
     part = fresh()
     train_phase1(part, zt, table, pool, _cfg(), tmp_path / "b", seed=3, progress=False, stop_after=10)
-    ck = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    ck = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 10
     resumed = fresh()
     train_phase1(resumed, zt, table, pool, _cfg(), tmp_path / "b", seed=3, progress=False, resume=True)
@@ -106,6 +106,15 @@ def test_tiny_end_to_end_run(tmp_path, adapter):
     lw = m["pipelines"]["latentwire"]
     assert {"f1", "exact_match", "agreement", "token_recovery_vocab", "f1_ci95"} <= set(lw)
     assert m["n_eval"] == 8
+    # every pipeline reports its wire; the text references are there too
+    for name in ("text", "linear_inverse", "latentwire"):
+        w = m["pipelines"][name]["wire"]
+        assert {"contexts", "bytes_mean", "bytes_median", "bytes_per_token", "positions_mean"} <= set(w), name
+        assert w["bytes_mean"] > 0
+    assert m["pipelines"]["latentwire"]["wire"]["bytes_per_token"] == pytest.approx(16 * 4)  # 16 dims x fp32
+    assert {"utf8", "zstd", "lzma", "token_ids", "lm_code_length", "lm_arithmetic"} <= set(m["wire_references"])
+    assert m["wire_references"]["lm_arithmetic"]["decoded_exactly"] == m["wire_references"]["lm_arithmetic"]["contexts"]
+    assert (run / "f1_vs_bytes.png").exists() and "bytes/context" in (run / "report.md").read_text()
     d = json.loads((run / "diagnostics_latentwire.json").read_text())
     assert len(d["examples"]) == 8 and "nearest_tokens" in d["examples"][0]
     if adapter == "vocab":
@@ -114,10 +123,36 @@ def test_tiny_end_to_end_run(tmp_path, adapter):
         assert lw["token_recovery_vocab"] > 0.99 and lw["agreement"] == 1.0
 
 
+def test_quantized_codes_on_the_wire(tmp_path):
+    c = _tiny_cfg(tmp_path, adapter="vocab")
+    c.compress.compress_dim, c.compress.bits = 8, 2
+    m = run_experiment(c, use_cache=False, log=lambda *a: None)
+    w = m["pipelines"]["latentwire"]["wire"]
+    assert w["bits_per_token"] == pytest.approx(8 * 2, rel=0.02)  # 8 dims x 2 bits (+ padding to a byte)
+    assert w["bits"] == 2 and w["dims"] == 8 and m["compressor"]["bits"] == 2
+
+
 def test_cli_bad_flags_one_line_error(tmp_path):
-    def run(*args):
-        p = subprocess.run([sys.executable, "-m", "latentwire.cli", *args], capture_output=True, text=True)
+    import os
+
+    def run(*args, env=None):
+        p = subprocess.run([sys.executable, "-m", "latentwire.cli", *args], capture_output=True, text=True, env=env)
         return p.returncode, p.stderr.strip().splitlines()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    # "online" as far as the flags go, but the endpoint is a closed local port: nothing leaves the machine
+    online = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    for args, msg, env in [
+        (["run", "--model", "tiny-random", "--out", "/proc/nope/run"], "--out /proc/nope/run: cannot write there", None),
+        # the data file is read before the model loads: a missing model is not reached
+        (["eval", "--model", "./no-model-here", "--squad-eval", str(bad), "--out", str(tmp_path / "e")],
+         "not valid JSON", None),
+        # an unknown hub id on a machine without a network: one line, no retries
+        (["eval", "--model", "no-such-model", "--out", str(tmp_path / "e2")], "the hub cannot be reached", online),
+    ]:
+        rc, err = run(*args, env=env)
+        assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
 
     for args, msg in [
         (["run", "--model", "tiny-random", "--ratio", "0.5"], "--ratio must be >= 1"),
@@ -127,6 +162,9 @@ def test_cli_bad_flags_one_line_error(tmp_path):
           str(tmp_path / "y.json")], "no such file"),
         (["eval", "--model", "./nope"], "--model ./nope: no such file or folder"),
         (["run", "--model", "tiny-random", "--adapter", "transformer"], "--adapter"),
+        (["run", "--model", "tiny-random", "--bits", "12"], "--bits 12"),
+        (["run", "--model", "tiny-random", "--anchor", "reconstructed"], "--anchor reconstructed needs --wire-scope"),
+        (["run", "--model", "tiny-random", "--ratio", "1000"], "--ratio 1000.0 exceeds d_model=64"),
     ]:
         rc, err = run(*args, "--out", str(tmp_path / "o"))
         assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
@@ -144,6 +182,9 @@ def test_cli_eval_writes_predictions_and_metrics(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["pipelines"]["text"]["n"] == 5 and m["config"]["model"]["model"] == "tiny-random"
     assert m["pipelines"]["text"]["f1"] == pytest.approx(100 * sum(r["f1"] for r in rows) / 5)
+    # the official {question id: answer} file, as the v1.1 evaluation script reads it
+    official = json.loads((out / "predictions.official.json").read_text())
+    assert official == {r["id"]: r["prediction"] for r in rows}
 
 
 def test_findings_name_the_cause():
@@ -214,7 +255,7 @@ def test_diagnostic_stats_match_position_by_position(tiny):
     fn = lambda x: x + x @ noise  # noqa: E731 - row-wise, far from identity
     b = PromptBuilder(tiny.tokenizer, "plain", 300)
     prompts = [b.build(e) for e in synthetic_squad(3, seed=4)[:4]]
-    sw = EvalSwitches(keep_cue=True)
+    sw = EvalSwitches(keep_cue=True, scope="prompt")
     tn = F.normalize(table, dim=-1)
     rows = per_example_embedding_stats(tiny, prompts, fn, sw, tn)
     for p, r in zip(prompts, rows):

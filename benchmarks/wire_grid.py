@@ -1,0 +1,179 @@
+"""Stage 1 on the wire: F1, retention, agreement and token recovery against
+the bytes each context costs, for the vocab adapter and the MLP over code
+dimensions x bits per dimension, beside the lossless text references
+(UTF-8, zstd, lzma, token ids, the LLM's own code length and its arithmetic
+coding) measured on the same contexts.
+
+Each cell is one `latentwire run` (its own folder, report and metrics.json)
+with `--compress-dim K --bits B`; a finished cell is reused only when its
+resolved config equals the requested one (else it is rerun, and the output
+says so). The first cell generates the text answers afresh (no cache read);
+later cells read those answers from the answer cache (same key: model
+weights, settings, code), and each row says how many it generated or read.
+
+  python benchmarks/wire_grid.py --squad-train ../shared/squad/train-v1.1-first44.json \\
+      --squad-eval ../shared/squad/dev-v1.1-part-a.json --max-eval 500 --out runs/wire_grid
+
+Writes results.csv, results.md, references.json and f1_vs_bytes.png in --out
+and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from latentwire.config import RunConfig  # noqa: E402
+from latentwire.report import REFERENCE_LABELS, plot_f1_vs_bytes  # noqa: E402
+from latentwire.run import finished_metrics, run_experiment  # noqa: E402
+from latentwire.runio import atomic_write_text, write_json  # noqa: E402
+
+# (adapter, dims, bits): what matters -- the vocab adapter from fp32 down to
+# codes smaller than the token ids (16 bits a token), and the MLP where it
+# still answers (it is already at F1 ~0 from 36 dims in fp32, so its
+# low-bit cells would only repeat that)
+DEFAULT_CELLS = ["vocab:144:32", "vocab:36:32", "vocab:9:32", "vocab:9:8", "vocab:9:4", "vocab:9:2", "vocab:9:1",
+                 "vocab:4:8", "vocab:4:4", "vocab:4:2", "vocab:2:8", "vocab:2:4", "vocab:1:8",
+                 "mlp:144:32", "mlp:144:8", "mlp:144:4", "mlp:36:32", "mlp:9:32"]
+
+
+def cell_config(args, adapter: str, dims: int, bits: int) -> RunConfig:
+    c = RunConfig()
+    c.model.model = args.model
+    c.data.squad_train, c.data.squad_eval = args.squad_train, args.squad_eval
+    c.data.max_eval, c.data.seed = args.max_eval, args.seed
+    c.compress.compress_dim, c.compress.bits = dims, bits
+    c.adapter.adapter = adapter
+    c.eval.lm_code_length = False  # the references are measured once, below
+    c.controls, c.progress = False, False
+    c.out = str(Path(args.out) / f"{adapter}_d{dims}_b{bits}")
+    return c
+
+
+def run_cell(cfg: RunConfig, read_cache: bool) -> dict:
+    m, why = finished_metrics(cfg)
+    if m is not None:
+        print(f"[reuse] {cfg.out}: finished with the same settings", file=sys.stderr, flush=True)
+        return m
+    if why != "not run yet":
+        print(f"[rerun] {cfg.out}: {why}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    print(f"[run  ] {cfg.out}", file=sys.stderr, flush=True)
+    m = run_experiment(cfg, use_cache=read_cache, overwrite=True, log=lambda *a: None)
+    print(f"[done ] {cfg.out} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return m
+
+
+def row(adapter: str, m: dict) -> dict:
+    p, t = m["pipelines"]["latentwire"], m["pipelines"]["text"]
+    w, c = p["wire"], m["text_answer_cache"]
+    return {"adapter": adapter, "dims": m["compressor"]["dim"], "bits": m["compressor"]["bits"],
+            "bytes_per_context": round(w["bytes_mean"], 1), "bits_per_token": round(w["bits_per_token"], 2),
+            "n": p["n"], "text_f1": round(t["f1"], 2), "f1": round(p["f1"], 2),
+            "f1_ci95": f"{p['f1_ci95'][0]:.1f}-{p['f1_ci95'][1]:.1f}",
+            "retention": None if p["f1_retention"] is None else round(100 * p["f1_retention"], 1),
+            "retention_ci95": None if not p["f1_retention_ci95"] else
+            f"{100 * p['f1_retention_ci95'][0]:.1f}-{100 * p['f1_retention_ci95'][1]:.1f}",
+            "agreement": round(100 * p["agreement"], 1),
+            "token_recovery_prompts": round(100 * p["token_recovery_prompts"], 2),
+            "token_recovery_vocab": round(100 * p["token_recovery_vocab"], 2),
+            "text_answers": f"{c['misses']} generated, {c['hits']} cached",
+            "wall_s": round(m["wall_s"]), "_f1_ci": p["f1_ci95"], "_agree": p["agreement"]}
+
+
+COLS = ["adapter", "dims", "bits", "bytes_per_context", "bits_per_token", "n", "text_f1", "f1", "f1_ci95",
+        "retention", "retention_ci95", "agreement", "token_recovery_prompts", "token_recovery_vocab",
+        "text_answers"]
+
+
+def markdown(rows: list[dict], cols=COLS) -> str:
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+    return head + "\n" + "\n".join("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |"
+                                   for r in rows)
+
+
+def references(args, first_cfg: RunConfig) -> dict:
+    """Text references on exactly the evaluated contexts (the same prompts as every cell)."""
+    from latentwire.models import load_model
+    from latentwire.run import build_inputs, wire_report
+    path = Path(args.out) / "references.json"
+    want = {"model": args.model, "squad_eval": args.squad_eval, "max_eval": args.max_eval, "seed": args.seed,
+            "ac_contexts": args.ac_contexts}
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("settings") == want:
+            print(f"[reuse] {path}: same settings", file=sys.stderr)
+            return old["references"]
+    cfg = first_cfg
+    cfg.eval.lm_code_length, cfg.eval.ac_contexts = True, args.ac_contexts
+    cfg.validate()
+    lm = load_model(cfg.model.model)
+    t0 = time.time()
+    refs = wire_report(lm, build_inputs(cfg, lm).prompts, cfg)
+    print(f"[refs ] text references in {time.time() - t0:.0f} s", file=sys.stderr)
+    write_json(path, {"settings": want, "references": refs})
+    return refs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--squad-train", default=None)
+    ap.add_argument("--squad-eval", default=None)
+    ap.add_argument("--max-eval", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, help="adapter:dims:bits, e.g. vocab:9:2")
+    ap.add_argument("--ac-contexts", type=int, default=10,
+                    help="contexts whose LLM arithmetic coding is run for real (encoded and decoded)")
+    ap.add_argument("--out", default="runs/wire_grid")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = []
+    for spec in args.cells:
+        try:
+            a, k, b = spec.split(":")
+            cells.append((a, int(k), int(b)))
+        except ValueError:
+            ap.error(f"--cells {spec!r}: expected adapter:dims:bits")
+    rows = []
+    for i, (a, k, b) in enumerate(cells):
+        m = run_cell(cell_config(args, a, k, b), read_cache=i > 0)
+        rows.append(row(a, m))
+        with open(out / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLS + ["wall_s"], extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    refs = references(args, cell_config(args, *cells[0]))
+    ref_rows = [{"reference": REFERENCE_LABELS.get(n, n), "bytes_per_context": round(r["bytes_mean"], 1),
+                 "bits_per_token": round(r["bits_per_token"], 2), "contexts": r["contexts"]}
+                for n, r in refs.items()]
+    ok = [r for r in rows if r["_agree"] >= 0.99]
+    best = min(ok, key=lambda r: r["bytes_per_context"]) if ok else None
+    lines = [markdown(rows), "", markdown(ref_rows, ["reference", "bytes_per_context", "bits_per_token", "contexts"]),
+             ""]
+    if best:
+        cmp = ", ".join(f"{REFERENCE_LABELS[n]} {refs[n]['bytes_mean']:.0f}"
+                        for n in ("token_ids", "zstd", "lm_code_length", "lm_arithmetic") if n in refs)
+        lines.append(f"Smallest Stage 1 wire with agreement >= 99%: {best['adapter']} at {best['dims']} dims x "
+                     f"{best['bits']} bits = {best['bytes_per_context']:.0f} bytes per context "
+                     f"({best['bits_per_token']:.1f} bits a token); text references on the same contexts: {cmp} "
+                     f"bytes.")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "results.md", text)
+    pts = [{"label": f"{r['adapter']} {r['dims']}d x {r['bits']}b", "bytes": r["bytes_per_context"], "f1": r["f1"],
+            "f1_ci95": r["_f1_ci"], "agreement": r["_agree"]} for r in rows]
+    plot_f1_vs_bytes(out / "f1_vs_bytes.png", pts, refs,
+                     title=f"Stage 1 on the wire ({args.model}, {rows[0]['n']} questions)")
+    print(text)
+    print(f"plot: {out / 'f1_vs_bytes.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

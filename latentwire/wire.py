@@ -1,0 +1,479 @@
+"""The wire: what a sender actually transmits about a prompt's context, in
+bytes, and how a receiver turns it back into what the frozen LLM reads.
+
+A *pipeline* is a sender (context -> `Payload`, whose `data` is the exact
+byte string that crosses the wire) and a receiver (payload -> the token ids
+or the [M, d] embeddings the LLM reads where the context was). Only the
+context is sent (`--wire-scope context`, the default): the few-shot shots,
+the question and the answer cue are the receiver's own text. Every pipeline
+-- text, Stage 1 (PCA + quantizer + adapter), and later sequence compressors
+-- is evaluated through `pipeline.payload()` / `pipeline.receive()`, so the
+byte counts are the lengths of real byte strings, never a formula.
+
+Byte-count conventions (stated in the README):
+* transport framing is not counted (the message length is known, as for any
+  file or packet); a payload whose values are narrower than a byte carries
+  a varint count of positions, because its padding would be ambiguous;
+* what both ends hold before any message -- the model, the tokenizer, the
+  PCA basis, the quantizer's levels, the adapter -- is not sent per context.
+
+Text references (`TEXT_CODECS`): UTF-8, zstd (level 19), lzma (preset 9e),
+token ids at ceil(log2 V) bits, and the frozen LLM's own code: arithmetic
+coding of the context's tokens with the LM's next-token distribution
+(`constriction`'s range coder; a real, decoded round trip), beside its bound
+sum(-log2 p(token | prefix)).
+"""
+from __future__ import annotations
+
+import lzma
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import LatentWireError
+
+
+@dataclass
+class Payload:
+    """What crosses the wire for one context."""
+    data: bytes
+    positions: int  # vectors (or tokens) the receiver puts where the context was
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+# ------------------------------------------------------------- bit packing
+
+def varint(n: int) -> bytes:
+    """LEB128: 7 bits a byte (1 byte below 128, 2 below 16,384)."""
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def read_varint(data: bytes) -> tuple[int, int]:
+    """(value, bytes used)."""
+    n = shift = 0
+    for i, b in enumerate(data):
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i + 1
+    raise LatentWireError("payload: truncated varint")
+
+
+def pack_uints(values: np.ndarray, bits: int) -> bytes:
+    """Unsigned integers < 2**bits, each in exactly `bits` bits, big-endian,
+    concatenated; the last byte is zero-padded."""
+    v = np.asarray(values, dtype=np.uint64).reshape(-1)
+    if v.size and int(v.max()) >= (1 << bits):
+        raise ValueError(f"value {int(v.max())} does not fit in {bits} bits")
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
+    b = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(b.reshape(-1)).tobytes()
+
+
+def unpack_uints(data: bytes, bits: int, n: int) -> np.ndarray:
+    b = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:n * bits].reshape(n, bits).astype(np.uint64)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
+    return (b << shifts).sum(axis=1).astype(np.int64)
+
+
+def pack_rows(values: np.ndarray, bits: int) -> bytes:
+    """[L, k] integers of `bits` bits each; prefixed with L as a varint when
+    k * bits < 8 (then the padding could be mistaken for a position)."""
+    L, k = values.shape
+    head = varint(L) if k * bits < 8 else b""
+    return head + pack_uints(values, bits)
+
+
+def unpack_rows(data: bytes, bits: int, k: int) -> np.ndarray:
+    if k * bits < 8:
+        L, used = read_varint(data)
+        data = data[used:]
+    else:
+        L = (len(data) * 8) // (k * bits)
+    return unpack_uints(data, bits, L * k).reshape(L, k)
+
+
+# ------------------------------------------------------------ text codecs
+
+class TextCodec:
+    """A lossless encoding of the context: encode -> bytes, decode -> ids."""
+    name = "base"
+
+    def encode(self, text: str, ids: Sequence[int]) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> list[int]:
+        raise NotImplementedError
+
+
+class Utf8Codec(TextCodec):
+    name = "utf8"
+
+    def __init__(self, tokenize: Callable[[str], list[int]]):
+        self.tokenize = tokenize  # the receiver's own: text -> the context's ids
+
+    def encode(self, text, ids):
+        return text.encode("utf-8")
+
+    def decode(self, data):
+        return self.tokenize(data.decode("utf-8"))
+
+
+class ZstdCodec(Utf8Codec):
+    """zstd at level 19, no dictionary, no frame checksum/size fields beyond zstd's defaults."""
+    name = "zstd"
+
+    def __init__(self, tokenize, level: int = 19):
+        super().__init__(tokenize)
+        import zstandard
+        self._c = zstandard.ZstdCompressor(level=level)
+        self._d = zstandard.ZstdDecompressor()
+
+    def encode(self, text, ids):
+        return self._c.compress(text.encode("utf-8"))
+
+    def decode(self, data):
+        return self.tokenize(self._d.decompress(data).decode("utf-8"))
+
+
+class LzmaCodec(Utf8Codec):
+    """lzma (xz format would add a 60-byte container; FORMAT_RAW keeps only the stream)."""
+    name = "lzma"
+    _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+    def encode(self, text, ids):
+        return lzma.compress(text.encode("utf-8"), format=lzma.FORMAT_RAW, filters=self._FILTERS)
+
+    def decode(self, data):
+        return self.tokenize(lzma.decompress(data, format=lzma.FORMAT_RAW, filters=self._FILTERS).decode("utf-8"))
+
+
+class TokenIdCodec(TextCodec):
+    """Token ids at ceil(log2 V) bits each (16 for SmolLM2's 49,152)."""
+    name = "token_ids"
+
+    def __init__(self, vocab_size: int):
+        self.bits = max(1, math.ceil(math.log2(vocab_size)))
+
+    def encode(self, text, ids):
+        return pack_rows(np.asarray(ids, dtype=np.int64).reshape(-1, 1), self.bits)
+
+    def decode(self, data):
+        return unpack_rows(data, self.bits, 1).reshape(-1).tolist()
+
+
+class LMArithmeticCodec(TextCodec):
+    """The frozen LLM as the probability model of an arithmetic (range)
+    coder: each context token is coded with p(token | head, earlier tokens),
+    so the bytes approach the model's code length sum(-log2 p). Encoder and
+    decoder compute the distributions by the same step-by-step forward passes
+    with a KV cache, so their floating-point numbers are identical (a
+    teacher-forced single pass can differ in the last bits and break
+    decoding). A varint token count leads the payload. One LLM step per token
+    each way: slow (~L forward passes), so reports run it on a sample."""
+    name = "lm_arithmetic"
+
+    def __init__(self, lm, head_ids: Sequence[int]):
+        import constriction
+        self.lm, self.head = lm, list(head_ids)
+        self._model = constriction.stream.model.Categorical(perfect=False)
+        self._c = constriction
+
+    @torch.no_grad()
+    def _steps(self):
+        """Generator: yields the distribution of the next token, is sent the token."""
+        from .models import cache_kwarg, get_cache
+        model, kw = self.lm.model, cache_kwarg(self.lm.model)
+        ids = torch.tensor([self.head], dtype=torch.long, device=self.lm.device)
+        out = model(input_ids=ids, use_cache=True)
+        while True:
+            p = torch.softmax(out.logits[0, -1].double(), -1).cpu().numpy()
+            tok = yield p
+            out = model(input_ids=torch.tensor([[tok]], device=self.lm.device), use_cache=True,
+                        **{kw: get_cache(out)})
+
+    def encode(self, text, ids):
+        enc = self._c.stream.queue.RangeEncoder()
+        steps = self._steps()
+        p = next(steps)
+        for i, t in enumerate(ids):
+            enc.encode(np.array([t], dtype=np.int32), self._model, p[None, :])
+            if i + 1 < len(ids):
+                p = steps.send(int(t))
+        return varint(len(ids)) + enc.get_compressed().tobytes()
+
+    def decode(self, data):
+        n, used = read_varint(data)
+        words = np.frombuffer(data[used:], dtype=np.uint32)
+        dec = self._c.stream.queue.RangeDecoder(words)
+        steps = self._steps()
+        p = next(steps)
+        out = []
+        for i in range(n):
+            t = int(dec.decode(self._model, p[None, :])[0])
+            out.append(t)
+            if i + 1 < n:
+                p = steps.send(t)
+        return out
+
+
+@torch.no_grad()
+def lm_code_length_bits(lm, head_ids: Sequence[int], contexts: Sequence[Sequence[int]], batch_size: int = 8,
+                        ) -> list[float]:
+    """sum(-log2 p(token | head, earlier tokens)) for each context, from one
+    teacher-forced forward pass per batch: the lossless floor for a sender
+    and receiver that share this LLM (arithmetic coding reaches it to within
+    a few bytes)."""
+    out: list[float] = []
+    head = list(head_ids)
+    pad = lm.tokenizer.pad_token_id
+    for s in range(0, len(contexts), batch_size):
+        chunk = [list(c) for c in contexts[s:s + batch_size]]
+        T = len(head) + max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for i, c in enumerate(chunk):  # right padding: positions are 0.. as alone
+            ids[i, :len(head) + len(c)] = torch.tensor(head + c)
+            mask[i, :len(head) + len(c)] = 1
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.double()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(lm.device))[..., 0].cpu()
+        for i, c in enumerate(chunk):
+            lo = len(head) - 1  # logits at position j predict token j + 1
+            out.append(float(-logp[i, lo:lo + len(c)].sum()) / math.log(2))
+    return out
+
+
+# ------------------------------------------------------------ quantizers
+
+class Quantizer:
+    """Codes [N, k] (float) <-> the bytes of a payload. Fitted on training
+    codes; what it learns (levels) is shared by both ends, never sent."""
+    bits: int
+    scheme: str
+
+    def fit(self, z: torch.Tensor) -> "Quantizer":
+        return self
+
+    def to_bytes(self, z: torch.Tensor) -> bytes:
+        raise NotImplementedError
+
+    def from_bytes(self, data: bytes, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def roundtrip(self, z: torch.Tensor) -> torch.Tensor:
+        """What the receiver gets back, as a tensor (no bytes): for
+        diagnostics and training; equal to from_bytes(to_bytes(z)) (tested)."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        return {"bits": self.bits, "scheme": self.scheme}
+
+
+class FloatQuantizer(Quantizer):
+    """32: fp32 as computed; 16: IEEE half precision."""
+    scheme = "float"
+
+    def __init__(self, bits: int = 32):
+        if bits not in (16, 32):
+            raise LatentWireError(f"--bits {bits}: float codes are 16 or 32 bits")
+        self.bits = bits
+        self._np = np.float32 if bits == 32 else np.float16
+        self._t = torch.float32 if bits == 32 else torch.float16
+
+    def to_bytes(self, z):
+        return z.detach().float().cpu().numpy().astype(self._np).tobytes()
+
+    def from_bytes(self, data, k):
+        return torch.from_numpy(np.frombuffer(data, dtype=self._np).astype(np.float32).reshape(-1, k).copy())
+
+    def roundtrip(self, z):
+        return z.to(self._t).to(z.dtype)
+
+
+class ScalarQuantizer(Quantizer):
+    """Per-dimension scalar quantization to 2**bits levels, fitted on
+    training codes. `uniform`: evenly spaced levels over the dimension's
+    [0.1%, 99.9%] quantile range (cell midpoints); `lloyd`: Lloyd-Max levels
+    (1-D k-means, initialised at quantiles), which put levels where the codes
+    are and lose less at 1-4 bits. Encoding is nearest level (deterministic:
+    ties go to the lower level)."""
+
+    def __init__(self, bits: int, scheme: str = "lloyd", iters: int = 30):
+        if not 1 <= bits <= 8:
+            raise LatentWireError(f"--bits {bits}: scalar quantization takes 1..8 bits (or 16, 32 as floats)")
+        self.bits, self.scheme, self.iters = bits, scheme, iters
+
+    def fit(self, z: torch.Tensor, max_rows: int = 200_000, seed: int = 0) -> "ScalarQuantizer":
+        z = z.detach().float().cpu()
+        if z.shape[0] > max_rows:
+            z = z[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]]
+        n = 1 << self.bits
+        zt = z.T.contiguous()  # [k, N]
+        if self.scheme == "uniform":
+            lo = torch.quantile(zt, 0.001, dim=1, keepdim=True)
+            hi = torch.quantile(zt, 0.999, dim=1, keepdim=True)
+            levels = lo + (hi - lo) * (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        elif self.scheme == "lloyd":
+            q = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+            levels = torch.quantile(zt, q, dim=1).T.contiguous()  # [k, n]
+            for _ in range(self.iters):
+                idx = self._assign(zt, levels)
+                s = torch.zeros_like(levels).scatter_add_(1, idx, zt)
+                c = torch.zeros_like(levels).scatter_add_(1, idx, torch.ones_like(zt))
+                levels = torch.where(c > 0, s / c.clamp_min(1), levels)
+                levels, _ = levels.sort(dim=1)
+        else:
+            raise LatentWireError(f"--quantizer: unknown scheme {self.scheme!r}; choose uniform, lloyd")
+        self.levels_ = levels.contiguous()  # [k, 2**bits], sorted per dimension
+        return self
+
+    @staticmethod
+    def _assign(zt: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        mids = (levels[:, 1:] + levels[:, :-1]) / 2
+        return torch.searchsorted(mids.contiguous(), zt.contiguous(), right=False)
+
+    def indices(self, z: torch.Tensor) -> torch.Tensor:
+        """[N, k] level indices."""
+        return self._assign(z.detach().float().cpu().T.contiguous(), self.levels_).T
+
+    def dequantize(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.levels_.gather(1, idx.T.contiguous()).T.contiguous()
+
+    def to_bytes(self, z):
+        return pack_rows(self.indices(z).numpy(), self.bits)
+
+    def from_bytes(self, data, k):
+        return self.dequantize(torch.from_numpy(unpack_rows(data, self.bits, k)))
+
+    def roundtrip(self, z):
+        """Quantized values; with autograd on, gradients pass straight through
+        (for training; the values then differ from the levels in the last bits)."""
+        q = self.dequantize(self.indices(z)).to(z.device, z.dtype)
+        return z + (q - z).detach() if z.requires_grad else q
+
+    def state(self):
+        return super().state() | {"levels_": self.levels_}
+
+
+def make_quantizer(bits: int, scheme: str = "lloyd") -> Quantizer:
+    return FloatQuantizer(bits) if bits in (16, 32) else ScalarQuantizer(bits, scheme)
+
+
+def quantizer_from_state(s: dict) -> Quantizer:
+    if s["scheme"] == "float":
+        return FloatQuantizer(s["bits"])
+    q = ScalarQuantizer(s["bits"], s["scheme"])
+    q.levels_ = s["levels_"]
+    return q
+
+
+# ------------------------------------------------------------- pipelines
+
+class Pipeline:
+    """A sender and a receiver. `send` turns a context (its text and the
+    sender's token ids) into a Payload; `receive` turns a payload into what
+    the LLM reads in the context's place: a LongTensor [M] of ids (text
+    pipelines) or a float tensor [M, d] of embeddings. Payloads are memoised
+    per context: the sender never sees the question, so every question about
+    a paragraph reuses the same payload."""
+    name = "pipeline"
+    reads_ids = False  # True: receive() gives token ids (the LLM's input_ids path)
+
+    def __init__(self):
+        self._memo: dict[tuple, Payload] = {}
+
+    def send(self, ids: Sequence[int], text: str) -> Payload:
+        raise NotImplementedError
+
+    def receive(self, payload: Payload) -> torch.Tensor:
+        raise NotImplementedError
+
+    def payload(self, ids: Sequence[int], text: str) -> Payload:
+        key = tuple(ids)
+        if key not in self._memo:
+            self._memo[key] = self.send(ids, text)
+        return self._memo[key]
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class TextPipeline(Pipeline):
+    """The text itself: the receiver reads the context's own token ids. Its
+    wire is any lossless text encoding (`codec`, UTF-8 by default); the other
+    encodings give the same ids and are reported as references."""
+    name = "text"
+    reads_ids = True
+
+    def __init__(self, codec: TextCodec):
+        super().__init__()
+        self.codec = codec
+
+    def send(self, ids, text):
+        return Payload(self.codec.encode(text, ids), positions=len(ids))
+
+    def receive(self, payload):
+        return torch.tensor(self.codec.decode(payload.data), dtype=torch.long)
+
+    def describe(self):
+        return {"name": self.name, "codec": self.codec.name}
+
+
+class EmbeddingPipeline(Pipeline):
+    """Pipelines over embeddings: the sender embeds the context's ids with
+    the frozen LLM's table, `encode` maps [L, d] -> codes [M, k] (M = L for
+    a per-token code, fewer for a sequence compressor) and the quantizer
+    writes them as bytes; the receiver reads the bytes back and `decode`
+    maps [M, k] -> [M, d]. Stage 1 is encode = compressor.transform, decode
+    = adapter; `transform` is the same chain as one tensor function
+    (diagnostics, Phase 2), equal to receive(send(.)) (tested)."""
+
+    def __init__(self, name: str, embed: Callable[[torch.Tensor], torch.Tensor],
+                 encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
+                 quantizer: Quantizer, k: int, info: dict | None = None):
+        super().__init__()
+        self.name, self.embed, self.encode, self.decode = name, embed, encode, decode
+        self.quantizer, self.k, self.info = quantizer, k, info or {}
+
+    @torch.no_grad()
+    def send(self, ids, text):
+        x = self.embed(torch.tensor(list(ids), dtype=torch.long)).float()
+        z = self.encode(x)
+        return Payload(self.quantizer.to_bytes(z), positions=int(z.shape[0]))
+
+    @torch.no_grad()
+    def receive(self, payload):
+        return self.decode(self.quantizer.from_bytes(payload.data, self.k))
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.quantizer.roundtrip(self.encode(x)))
+
+    def describe(self):
+        return {"name": self.name, "dims": self.k, "bits": self.quantizer.bits,
+                "quantizer": self.quantizer.scheme} | self.info
+
+
+def wire_stats(sizes: Sequence[float], context_tokens: Sequence[int], positions: Sequence[int] | None = None) -> dict:
+    """Bytes (and positions the receiver prefills) over distinct contexts,
+    one payload each: mean, median, per context token."""
+    b = np.asarray(sizes, dtype=np.float64)
+    if not len(b):
+        return {"contexts": 0}
+    toks = float(sum(context_tokens))
+    out = {"contexts": len(b), "bytes_mean": float(b.mean()), "bytes_median": float(np.median(b)),
+           "bytes_per_token": float(b.sum() / max(toks, 1.0)), "bits_per_token": float(8 * b.sum() / max(toks, 1.0)),
+           "context_tokens_mean": toks / len(b)}
+    if positions is not None:
+        out["positions_mean"] = float(np.mean(positions))
+    return out
