@@ -37,9 +37,9 @@ from latentwire.runio import atomic_write_text, write_json  # noqa: E402
 # codes smaller than the token ids (16 bits a token), and the MLP where it
 # still answers (it is already at F1 ~0 from 36 dims in fp32, so its
 # low-bit cells would only repeat that)
-DEFAULT_CELLS = ["vocab:144:32", "vocab:36:32", "vocab:9:32", "vocab:9:8", "vocab:9:4", "vocab:9:2", "vocab:9:1",
-                 "vocab:4:8", "vocab:4:4", "vocab:4:2", "vocab:2:8", "vocab:2:4", "vocab:1:8",
-                 "mlp:144:32", "mlp:144:8", "mlp:144:4", "mlp:36:32", "mlp:9:32"]
+DEFAULT_CELLS = ["vocab:144:32", "vocab:9:32", "vocab:9:8", "vocab:9:4", "vocab:9:2", "vocab:9:1",
+                 "vocab:4:8", "vocab:4:4", "vocab:2:8", "vocab:1:8",
+                 "mlp:144:32", "mlp:144:8", "mlp:144:4", "mlp:36:32"]
 
 
 def cell_config(args, adapter: str, dims: int, bits: int) -> RunConfig:
@@ -50,6 +50,7 @@ def cell_config(args, adapter: str, dims: int, bits: int) -> RunConfig:
     c.compress.compress_dim, c.compress.bits = dims, bits
     c.adapter.adapter = adapter
     c.eval.lm_code_length = False  # the references are measured once, below
+    c.eval.vocab_metrics = "sample"  # 8,192 random ids with an interval: the exact V x V figure costs ~1 min a cell
     c.controls, c.progress = False, False
     c.out = str(Path(args.out) / f"{adapter}_d{dims}_b{bits}")
     return c
@@ -82,13 +83,14 @@ def row(adapter: str, m: dict) -> dict:
             "agreement": round(100 * p["agreement"], 1),
             "token_recovery_prompts": round(100 * p["token_recovery_prompts"], 2),
             "token_recovery_vocab": round(100 * p["token_recovery_vocab"], 2),
+            "token_recovery_vocab_ci95": "{:.2f}-{:.2f}".format(*[100 * x for x in p["token_recovery_vocab_ci95"]]),
             "text_answers": f"{c['misses']} generated, {c['hits']} cached",
             "wall_s": round(m["wall_s"]), "_f1_ci": p["f1_ci95"], "_agree": p["agreement"]}
 
 
 COLS = ["adapter", "dims", "bits", "bytes_per_context", "bits_per_token", "n", "text_f1", "f1", "f1_ci95",
         "retention", "retention_ci95", "agreement", "token_recovery_prompts", "token_recovery_vocab",
-        "text_answers"]
+        "token_recovery_vocab_ci95", "text_answers"]
 
 
 def markdown(rows: list[dict], cols=COLS) -> str:

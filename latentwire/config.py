@@ -114,6 +114,10 @@ class EvalConfig:
     """The answer cue ('\\nAnswer:'): original embeddings (an anchor) or reconstructed."""
     keep_prefix: int = 0
     """Keep this many leading prompt tokens (after BOS) as original embeddings."""
+    vocab_metrics: str = "auto"
+    """Whole-vocabulary token recovery of each Stage 1 pipeline: full (every id, once: V x V comparisons,
+    ~1 min for a 49k vocabulary on 2 CPU cores) | sample (8,192 random ids, with a 95% interval) | auto (full up
+    to 65,536 ids, else sample)."""
     diagnostics_k: int = 10
     """Examples shown token by token in the diagnostics."""
     n_boot: int = 1000
@@ -133,6 +137,7 @@ class EvalConfig:
         _positive("max_new_tokens", self.max_new_tokens)
         _choice("anchor", self.anchor, ("original", "reconstructed"))
         _choice("wire_scope", self.wire_scope, ("context", "prompt"))
+        _choice("vocab_metrics", self.vocab_metrics, ("auto", "full", "sample"))
         _positive("keep_prefix", self.keep_prefix, allow_zero=True)
         _positive("ac_contexts", self.ac_contexts, allow_zero=True)
         for k in self.sequence_kinds():
@@ -245,8 +250,8 @@ class TrainConfig:
     """Passes over the training token pool (corpus tokens + vocabulary rows)."""
     steps_per_epoch: int | None = None
     """Optimizer steps per epoch; default 300 for mlp, 20 for vocab (it learns only a temperature)."""
-    batch_tokens: int = 1024
-    """Token vectors per step."""
+    batch_tokens: int | None = None
+    """Token vectors per step; default 1024 for mlp/linear, 256 for vocab (it learns one temperature)."""
     vocab_fraction: float = 0.5
     """Share of each batch drawn uniformly from the whole vocabulary (so unseen tokens reconstruct)."""
     lr: float = 3e-3
@@ -285,10 +290,12 @@ class TrainConfig:
     """Phase 2: softmax temperature of the KL term."""
 
     def validate(self) -> None:
-        for n in ("epochs", "batch_tokens", "eval_every", "ckpt_every"):
+        for n in ("epochs", "eval_every", "ckpt_every"):
             _positive(n, getattr(self, n))
         if self.steps_per_epoch is not None:
             _positive("steps_per_epoch", self.steps_per_epoch)
+        if self.batch_tokens is not None:
+            _positive("batch_tokens", self.batch_tokens)
         for n in ("warmup_steps", "weight_decay", "grad_clip", "w_cos", "w_mse"):
             _positive(n, getattr(self, n), allow_zero=True)
         _positive("lr", self.lr)
@@ -324,6 +331,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.train.steps_per_epoch is None:
             self.train.steps_per_epoch = 20 if self.adapter.adapter == "vocab" else 300
+        if self.train.batch_tokens is None:
+            self.train.batch_tokens = 256 if self.adapter.adapter == "vocab" else 1024
         self.model.validate()
         self.data.validate()
         self.eval.validate()

@@ -27,7 +27,7 @@ from .metrics import bootstrap_ci
 from .models import cache_root, load_model
 from .report import metrics_table, write_report
 from .runio import JsonlLogger, NullLogger, read_jsonl, seed_everything, write_json, write_jsonl
-from .train import recon_metrics, train_phase1, train_phase2
+from .train import train_phase1, train_phase2, vocab_recon_metrics, vocab_sample
 
 
 def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:
@@ -486,13 +486,14 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
 
     # --- adapter: Phase 1 ---------------------------------------------------
     adapter = build_adapter(cfg.adapter, comp, table).to(work)
+    vocab_ids = vocab_sample(V, cfg.eval.vocab_metrics, cfg.data.seed)
     if cfg.adapter.adapter_path:
         load_adapter_state(adapter, cfg.adapter.adapter_path, fp | {"adapter": cfg.adapter.adapter})
         adapter.eval()
         summary = {"steps": 0, "loaded_from": cfg.adapter.adapter_path}
     else:
         summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
-                               quick_ids=inp.select, progress=cfg.progress, resume=resume)
+                               quick_ids=inp.select, progress=cfg.progress, resume=resume, vocab_ids=vocab_ids)
     sw = eval_switches(cfg)
     if cfg.train.phase2_steps and not cfg.adapter.adapter_path:
         b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none",
@@ -564,12 +565,13 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         # training measured once; Phase 2 changes it
         known = (summary.get("best") or {}).get("vocab_metrics") if not summary.get("phase2_steps") else None
         vocab_m = known if (mod is not None and known) else \
-            recon_metrics(mod if mod is not None else LinearAdapter(comp), z_table, table, torch.arange(V))
+            vocab_recon_metrics(mod if mod is not None else LinearAdapter(comp), z_table, table, vocab_ids)
         diag = diagnose(lm, prompts, fn.transform, sw, text_preds, preds, table, cfg.eval.diagnostics_k,
                         vocab_recovery=vocab_m["token_recovery"])
         write_json(out / f"diagnostics_{name}.json", diag)
         diags[name] = diag
-        entry |= {"token_recovery_vocab": vocab_m["token_recovery"],
+        entry |= {"token_recovery_vocab": vocab_m["token_recovery"], "token_recovery_vocab_ids": vocab_m["ids_measured"],
+                  "token_recovery_vocab_ci95": vocab_m["token_recovery_ci95"],
                   "token_recovery_prompts": diag["token_recovery_prompts"], "cos": diag["cos"],
                   "norm_ratio": diag["norm_ratio"], "norm_status": diag["norm_status"], "collapsed": diag["collapsed"]}
         metrics.setdefault("verdict", []).extend(findings(name, entry, diag))

@@ -67,6 +67,21 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_exact_adapter_skips_training_and_says_so(tmp_path):
+    table, _, _, pool = _setup()
+    full = PCA(table.shape[1]).fit(table)  # no compression: retrieval is exact
+    a = build_adapter(AdapterConfig(adapter="vocab"), full, table)
+    out = train_phase1(a, full.transform(table), table, pool, _cfg(), tmp_path, progress=False, quick_ids=pool[:100])
+    assert out["steps"] == 0 and out["skipped"] == "exact before training"
+    assert out["best"]["vocab_metrics"]["token_recovery"] == 1.0
+    rows = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert rows[0]["event"] == "skipped"
+    # a lossy code is not exact: it trains
+    one = PCA(1).fit(table)
+    b = build_adapter(AdapterConfig(adapter="vocab"), one, table)
+    assert train_phase1(b, one.transform(table), table, pool, _cfg(), tmp_path / "b", progress=False)["steps"] == 20
+
+
 def test_nan_loss_stops_with_step_and_term(tmp_path):
     table, pca, zt, pool = _setup()
     a = build_adapter(AdapterConfig(adapter="mlp"), pca, table)
@@ -130,6 +145,7 @@ def test_quantized_codes_on_the_wire(tmp_path):
     w = m["pipelines"]["latentwire"]["wire"]
     assert w["bits_per_token"] == pytest.approx(8 * 2, rel=0.02)  # 8 dims x 2 bits (+ padding to a byte)
     assert w["bits"] == 2 and w["dims"] == 8 and m["compressor"]["bits"] == 2
+    assert m["train"]["steps"] > 0  # 2-bit codes are not exact: the temperature is trained
 
 
 def test_cli_bad_flags_one_line_error(tmp_path):
