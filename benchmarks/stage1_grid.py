@@ -53,6 +53,8 @@ def row_from_metrics(name: str, ratio: float, m: dict, pipeline: str) -> dict:
             "norm_ratio": None if p.get("norm_ratio") is None else round(p["norm_ratio"], 2),
             "explained_variance": None if m["compressor"].get("explained_variance") is None else
             round(100 * m["compressor"]["explained_variance"], 1),
+            "bytes_per_context": round(p["wire"]["bytes_mean"]) if p.get("wire") else None,
+            "text_utf8_bytes": round(t["wire"]["bytes_mean"]) if t.get("wire") else None,
             "wall_s": round(m["wall_s"])}
 
 
@@ -86,8 +88,8 @@ def cell_rows(m: dict, adapter: str, ratio: float, preset: str) -> list[dict]:
     return rows
 
 
-COLS = ["pipeline", "ratio", "dim", "n", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "retention_ci95",
-        "agreement", "token_recovery_vocab", "cos", "norm_ratio"]
+COLS = ["pipeline", "ratio", "dim", "bytes_per_context", "n", "text_f1", "f1", "f1_ci95", "em", "f1_retention",
+        "retention_ci95", "agreement", "token_recovery_vocab", "cos", "norm_ratio"]
 
 
 def markdown_table(rows: list[dict], cols=COLS) -> str:

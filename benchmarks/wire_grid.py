@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, help="adapter:dims:bits, e.g. vocab:9:2")
     ap.add_argument("--ac-contexts", type=int, default=10,
                     help="contexts whose LLM arithmetic coding is run for real (encoded and decoded)")
+    ap.add_argument("--reuse-text", action="store_true",
+                    help="let the first cell read text answers from the answer cache too (same key: weights, "
+                         "settings, code); by default it generates them afresh")
     ap.add_argument("--out", default="runs/wire_grid")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
             ap.error(f"--cells {spec!r}: expected adapter:dims:bits")
     rows = []
     for i, (a, k, b) in enumerate(cells):
-        m = run_cell(cell_config(args, a, k, b), read_cache=i > 0)
+        m = run_cell(cell_config(args, a, k, b), read_cache=i > 0 or args.reuse_text)
         rows.append(row(a, m))
         with open(out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLS + ["wall_s"], extrasaction="ignore")

@@ -27,7 +27,8 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m"
-    """HF hub id, local model folder, .gguf file, or an alias: smollm2-135m (default), tiny-random."""
+    """HF hub id, local model folder, .gguf file, or an alias: smollm2-135m (default), gemma3-270m (after
+    `bash scripts/setup.sh --gemma`), tiny-random."""
     device: str = "auto"
     """auto (cuda -> mps -> cpu), or a torch device string."""
     dtype: str = "auto"

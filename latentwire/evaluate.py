@@ -14,6 +14,7 @@ Generation is a plain greedy loop with a KV cache rather than
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -225,16 +226,58 @@ def choose_tree(rows: Sequence[torch.Tensor], max_new_tokens: int, window: int |
     return None
 
 
+class RunPrefix:
+    """The KV cache of the prefix every prompt of a run starts with (the
+    few-shot shots and 'Context:'), computed once per run and copied into
+    each batch's tree instead of being prefilled once per batch. `length`:
+    positions shared by all prompts (from their ids); the stored segment is
+    compared bit for bit with each batch's, so a pipeline whose prefix
+    differs simply does not use it."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.seg: torch.Tensor | None = None
+        self.cache = None
+        self.hits = 0
+
+    def take(self, seg: torch.Tensor):
+        """(a copy of the cache, its length) when `seg` starts with the stored prefix; else (None, 0)."""
+        n = 0 if self.seg is None else len(self.seg)
+        if n and len(seg) >= n and torch.equal(seg[:n].to(self.seg.device), self.seg):
+            self.hits += 1
+            return copy.deepcopy(self.cache), n
+        return None, 0
+
+
 @torch.no_grad()
 def tree_generate(model, levels: Sequence[Level], *, use_ids: bool, pad_id: int = 0, max_new_tokens: int = 16,
-                  stop_ids: Sequence[int] = ()) -> list[list[int]]:
+                  stop_ids: Sequence[int] = (), run_prefix: RunPrefix | None = None) -> list[list[int]]:
     """Greedy decoding for the rows at the leaves of a prefix tree, each
     level prefilled once (see above); same results as greedy_generate on the
-    full rows, up to float rounding."""
+    full rows, up to float rounding. With `run_prefix`, the root's first
+    positions come from the run's cached prefix (computed by the first batch)."""
     emb_layer = model.get_input_embeddings()
     dev, dtype = emb_layer.weight.device, emb_layer.weight.dtype
     cache_name = _cache_kw(model)
     cache, mask, out, pos = None, None, None, None
+    levels = list(levels)
+    if run_prefix is not None and run_prefix.length > 0 and len(levels[0].segs) == 1:
+        root = levels[0].segs[0]
+        cache, n = run_prefix.take(root)
+        if cache is not None:
+            mask = torch.ones((1, n), dtype=torch.long, device=dev)
+            levels[0] = Level(levels[0].parent, [root[n:]])
+        elif run_prefix.seg is None and len(root) >= run_prefix.length:
+            # first batch: prefill the run's prefix alone, keep a copy, then go on
+            head = root[:run_prefix.length]
+            mask = torch.ones((1, len(head)), dtype=torch.long, device=dev)
+            x = head[None].to(dev) if use_ids else head[None].to(dev, dtype)
+            kw = {"attention_mask": mask, "position_ids": torch.arange(len(head), device=dev)[None],
+                  "use_cache": True, **_logits_kw(model)}
+            out = model(input_ids=x, **kw) if use_ids else model(inputs_embeds=x, **kw)
+            cache = _get_cache(out)
+            run_prefix.seg, run_prefix.cache = head.detach().clone(), copy.deepcopy(cache)
+            levels[0] = Level(levels[0].parent, [root[len(head):]])
     for k, lv in enumerate(levels):
         n = len(lv.segs)
         S = max(len(s) for s in lv.segs)
@@ -422,7 +465,8 @@ def pipeline_embeds(lm, prompts: Sequence[Prompt], transform, switches: EvalSwit
 def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | EmbedTransform | None = None,
                          switches: EvalSwitches | None = None, batch_size: int = 8, max_new_tokens: int = 16,
                          use_input_ids: bool = False, desc: str = "generate", progress: bool = True,
-                         shard: tuple[int, int] = (0, 1), share_prefix: bool = True) -> list[str | None]:
+                         shard: tuple[int, int] = (0, 1), share_prefix: bool = True,
+                         run_prefix_cache: bool = True) -> list[str | None]:
     """Answers for every prompt, batched (plan_batches), in order.
 
     `transform`: the pipeline (None: the text baseline; a per-token tensor
@@ -432,7 +476,8 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
 
     `share_prefix`: prefill a prefix shared by several rows of a batch once
     (tree_generate) when that computes fewer positions than prefilling every
-    row in full. `shard=(rank, n)`: generate only batches j with j % n == rank
+    row in full; with `run_prefix_cache`, the prefix shared by every prompt
+    of the run (the shots) is prefilled once per run, not once per batch. `shard=(rank, n)`: generate only batches j with j % n == rank
     and leave None elsewhere (dist.gather_filled merges the ranks); every
     question is generated in exactly the batch it would have had in a single
     process -- same padding, same numbers.
@@ -446,6 +491,10 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
     if use_input_ids and not pipe.reads_ids:
         raise ValueError("use_input_ids: only a text pipeline gives token ids")
     window = sliding_window(lm.model)
+    run_prefix = None
+    if share_prefix and run_prefix_cache and len(prompts) > 1:
+        first = torch.tensor(prompts[0].ids)
+        run_prefix = RunPrefix(min(common_prefix_len(first, torch.tensor(p.ids)) for p in prompts))
     preds: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, leave=False)
     for idx in batches:
@@ -458,7 +507,7 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
         if levels is not None:
             try:
                 gen = tree_generate(lm.model, levels, use_ids=use_input_ids, pad_id=tok.pad_token_id,
-                                    max_new_tokens=max_new_tokens, stop_ids=stops)
+                                    max_new_tokens=max_new_tokens, stop_ids=stops, run_prefix=run_prefix)
             except CacheNotCopyable as e:
                 warnings.warn(f"{e}: prefilling every row in full (as with --no-share-prefix)")
                 share_prefix = False

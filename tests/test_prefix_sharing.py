@@ -169,3 +169,23 @@ def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypa
     monkeypatch.setattr(ev, "tree_generate", no_copy)
     with pytest.warns(UserWarning, match="prefilling every row in full"):
         assert generate_predictions(tiny, prompts, max_new_tokens=6, progress=False) == ref
+
+
+def test_run_prefix_is_computed_once_and_answers_do_not_change(tiny, monkeypatch):
+    from latentwire import evaluate
+    prompts = _prompts(tiny)
+    seen = []
+    orig = evaluate.RunPrefix.take
+
+    def spy(self, seg):
+        got = orig(self, seg)
+        seen.append(got[1])
+        return got
+
+    monkeypatch.setattr(evaluate.RunPrefix, "take", spy)
+    with_run = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False)
+    without = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False,
+                                   run_prefix_cache=False)
+    assert with_run == without
+    shots = len(PromptBuilder(tiny.tokenizer, "fewshot", 512).prefix_ids)
+    assert seen[0] == 0 and len(seen) > 2 and all(n >= shots for n in seen[1:])  # batches 2.. reuse batch 1's
