@@ -63,10 +63,11 @@ def grid_cells(args) -> list[tuple[str, float, bool, str]]:
     return cells + [("mlp", r, False, "seed") for r in args.seed_preset_at]
 
 
-def run_cell(cfg: RunConfig) -> dict:
+def run_cell(cfg: RunConfig, use_cache: bool = True) -> dict:
     """Metrics of one cell. A finished cell is reused only when its resolved
     config (questions, epochs, every flag) equals this one; otherwise it is
-    rerun, and the output says which field differed."""
+    rerun, and the output says which field differed. `use_cache`: read text
+    answers from the answer cache (same key) instead of generating them."""
     m, why = finished_metrics(cfg)
     if m is not None:
         print(f"[reuse] {cfg.out}: finished with the same settings", file=sys.stderr)
@@ -75,7 +76,7 @@ def run_cell(cfg: RunConfig) -> dict:
         print(f"[rerun] {cfg.out}: {why}", file=sys.stderr)
     t0 = time.time()
     print(f"[run ] {cfg.out}", file=sys.stderr, flush=True)
-    m = run_experiment(cfg, overwrite=True, log=lambda *a: None)
+    m = run_experiment(cfg, use_cache=use_cache, overwrite=True, log=lambda *a: None)
     print(f"[done] {cfg.out} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return m
 

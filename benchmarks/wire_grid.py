@@ -28,9 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from stage1_grid import markdown_table, run_cell  # noqa: E402
+
 from latentwire.config import RunConfig  # noqa: E402
 from latentwire.report import REFERENCE_LABELS, plot_f1_vs_bytes  # noqa: E402
-from latentwire.run import finished_metrics, run_experiment  # noqa: E402
 from latentwire.runio import atomic_write_text, write_json  # noqa: E402
 
 # (adapter, dims, bits): what matters -- the vocab adapter from fp32 down to
@@ -56,20 +57,6 @@ def cell_config(args, adapter: str, dims: int, bits: int) -> RunConfig:
     return c
 
 
-def run_cell(cfg: RunConfig, read_cache: bool) -> dict:
-    m, why = finished_metrics(cfg)
-    if m is not None:
-        print(f"[reuse] {cfg.out}: finished with the same settings", file=sys.stderr, flush=True)
-        return m
-    if why != "not run yet":
-        print(f"[rerun] {cfg.out}: {why}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    print(f"[run  ] {cfg.out}", file=sys.stderr, flush=True)
-    m = run_experiment(cfg, use_cache=read_cache, overwrite=True, log=lambda *a: None)
-    print(f"[done ] {cfg.out} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    return m
-
-
 def row(adapter: str, m: dict) -> dict:
     p, t = m["pipelines"]["latentwire"], m["pipelines"]["text"]
     w, c = p["wire"], m["text_answer_cache"]
@@ -91,12 +78,6 @@ def row(adapter: str, m: dict) -> dict:
 COLS = ["adapter", "dims", "bits", "bytes_per_context", "bits_per_token", "n", "text_f1", "f1", "f1_ci95",
         "retention", "retention_ci95", "agreement", "token_recovery_prompts", "token_recovery_vocab",
         "token_recovery_vocab_ci95", "text_answers"]
-
-
-def markdown(rows: list[dict], cols=COLS) -> str:
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
-    return head + "\n" + "\n".join("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |"
-                                   for r in rows)
 
 
 def references(args, first_cfg: RunConfig) -> dict:
@@ -148,7 +129,7 @@ def main(argv=None) -> int:
             ap.error(f"--cells {spec!r}: expected adapter:dims:bits")
     rows = []
     for i, (a, k, b) in enumerate(cells):
-        m = run_cell(cell_config(args, a, k, b), read_cache=i > 0 or args.reuse_text)
+        m = run_cell(cell_config(args, a, k, b), use_cache=i > 0 or args.reuse_text)
         rows.append(row(a, m))
         with open(out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLS + ["wall_s"], extrasaction="ignore")
@@ -160,7 +141,7 @@ def main(argv=None) -> int:
                 for n, r in refs.items()]
     ok = [r for r in rows if r["_agree"] >= 0.99]
     best = min(ok, key=lambda r: r["bytes_per_context"]) if ok else None
-    lines = [markdown(rows), "", markdown(ref_rows, ["reference", "bytes_per_context", "bits_per_token", "contexts"]),
+    lines = [markdown_table(rows, COLS), "", markdown_table(ref_rows, ["reference", "bytes_per_context", "bits_per_token", "contexts"]),
              ""]
     if best:
         cmp = ", ".join(f"{REFERENCE_LABELS[n]} {refs[n]['bytes_mean']:.0f}"

@@ -56,3 +56,16 @@ def test_sigterm_stops_the_workers_and_their_runs(tmp_path):
         assert session() == []
     finally:
         os.killpg(p.pid, signal.SIGKILL) if session() or p.poll() is None else None
+
+
+def test_wire_grid_smoke(tmp_path):
+    """benchmarks/wire_grid.py on the tiny model: a cell, the references, the
+    table, the plot; a second call reuses the cell (same settings)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "wire_grid.py"), "--model", "tiny-random", "--max-eval", "6",
+           "--cells", "vocab:8:2", "--ac-contexts", "1", "--out", str(tmp_path / "wg")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| vocab | 8 | 2 |" in p.stdout and "LLM arithmetic coding" in p.stdout
+    assert (tmp_path / "wg" / "f1_vs_bytes.png").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and "[reuse] " in again.stderr
