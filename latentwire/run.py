@@ -254,10 +254,7 @@ def wire_report(lm, prompts, cfg: RunConfig, log=print) -> dict:
     arithmetic coding (actual, on --ac-contexts contexts, decoded and checked)."""
     from .data import context_token_ids
     from .wire import LMArithmeticCodec, LzmaCodec, TokenIdCodec, Utf8Codec, ZstdCodec, lm_code_length_bits
-    seen: dict[tuple, object] = {}
-    for p in prompts:
-        seen.setdefault(tuple(p.context_ids), p)
-    ctx = list(seen.values())
+    ctx = _distinct_contexts(prompts)
     ntok = [len(p.context_ids) for p in ctx]
     tokenize = lambda t: context_token_ids(lm.tokenizer, t)  # noqa: E731
     refs = {}

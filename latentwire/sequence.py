@@ -94,10 +94,9 @@ def mean_pool(x: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def meanpool_pipeline(lm, ratio: float, quantizer: Quantizer) -> EmbeddingPipeline:
-    p = EmbeddingPipeline(f"meanpool_r{ratio:g}", lambda ids: lm.embed(ids.to(lm.device)),
-                          lambda x: mean_pool(x.float(), ratio), lambda z: z.float().to(lm.device), quantizer,
-                          lm.d_model, {"kind": "meanpool", "ratio": ratio})
-    return p
+    return EmbeddingPipeline(f"meanpool_r{ratio:g}", lambda ids: lm.embed(ids.to(lm.device)),
+                             lambda x: mean_pool(x.float(), ratio), lambda z: z.float().to(lm.device), quantizer,
+                             lm.d_model, {"kind": "meanpool", "ratio": ratio})
 
 
 def sequence_pipelines(lm, kinds: Sequence[str], ratios: Sequence[float], head_ids: Sequence[int],
