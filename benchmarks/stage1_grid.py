@@ -99,14 +99,20 @@ def markdown_table(rows: list[dict], cols=COLS) -> str:
     return head + "\n" + body
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def grid_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every quality grid shares: model, data, question count, seed."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--squad-train", default=None)
     ap.add_argument("--squad-eval", default=None)
     ap.add_argument("--max-eval", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0, help="data seed (questions, training split)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = grid_parser(__doc__)
     ap.add_argument("--template", default="fewshot")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8, 16, 32, 64])
     ap.add_argument("--adapters", nargs="+", default=["vocab", "mlp"])
     ap.add_argument("--controls-at", type=float, nargs="*", default=[4, 16, 64],

@@ -19,7 +19,6 @@ and prints the tables.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stage1_grid import markdown_table, run_cell  # noqa: E402
+from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 
 from latentwire.config import RunConfig  # noqa: E402
 from latentwire.report import REFERENCE_LABELS, plot_f1_vs_bytes  # noqa: E402
@@ -104,12 +103,7 @@ def references(args, first_cfg: RunConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--squad-train", default=None)
-    ap.add_argument("--squad-eval", default=None)
-    ap.add_argument("--max-eval", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = grid_parser(__doc__)
     ap.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, help="adapter:dims:bits, e.g. vocab:9:2")
     ap.add_argument("--ac-contexts", type=int, default=10,
                     help="contexts whose LLM arithmetic coding is run for real (encoded and decoded)")

@@ -102,11 +102,14 @@ class EvalConfig:
     """Contexts whose LLM arithmetic coding is run for real (encode + decode, one LLM step a token each way)
     to report its actual bytes beside the bound; 0 = the bound only."""
     sequence: str = ""
-    """Training-free sequence compressors to evaluate beside Stage 1, comma-separated: truncate (first M
-    context tokens), surprisal (the M most surprising tokens, in order), meanpool (mean of r embeddings);
-    M = ceil(context tokens / r)."""
+    """Sequence compressors to evaluate beside Stage 1, comma-separated: truncate (first M context tokens),
+    surprisal (the M most surprising tokens, in order), meanpool (mean of r embeddings), learned (the trained
+    compressor, --seq-* flags; trained in the run unless --seq-path is given); M = ceil(context tokens / r)."""
     sequence_ratios: str = "4"
     """Comma-separated ratios r for --sequence (e.g. 2,4,8,16)."""
+    stage1: bool = True
+    """Fit, train and evaluate the Stage 1 pipelines (PCA + adapter, and the linear control). --no-stage1:
+    only the text baseline and the --sequence pipelines (nothing is fitted or trained for Stage 1)."""
     share_prefix: bool = True
     """Prefill a prompt prefix shared by several questions of a batch (few-shot shots, one paragraph's
     questions) once and copy its key/value cache; same answers up to float rounding, several times
@@ -141,8 +144,10 @@ class EvalConfig:
         _choice("vocab_metrics", self.vocab_metrics, ("auto", "full", "sample"))
         _positive("keep_prefix", self.keep_prefix, allow_zero=True)
         _positive("ac_contexts", self.ac_contexts, allow_zero=True)
+        if not self.stage1 and not self.sequence_kinds():
+            raise LatentWireError("--no-stage1 leaves nothing to evaluate but the text: add --sequence")
         for k in self.sequence_kinds():
-            _choice("sequence", k, ("truncate", "surprisal", "meanpool"))
+            _choice("sequence", k, ("truncate", "surprisal", "meanpool", "learned"))
         for r in self.sequence_ratio_list():
             if not r >= 1:
                 raise LatentWireError(f"--sequence-ratios: each ratio must be >= 1 (got {r:g})")
@@ -315,6 +320,88 @@ class TrainConfig:
 
 
 @dataclass
+class SeqConfig:
+    """The learned sequence compressor (`--sequence learned`, latentwire/seqcomp.py)."""
+    seq_ratio: int = 4
+    """Context tokens per latent: the receiver reads M = ceil(L / r) vectors for a context of L tokens."""
+    seq_layer: int | None = None
+    """Hidden-state layer of the frozen LLM the sender reads (0 = embeddings, -1 = last); default: the middle."""
+    seq_width: int = 256
+    """Width of the trainable compressor (sender encoder and receiver MLP)."""
+    seq_layers: int = 1
+    """Transformer layers over the context's hidden states before window pooling (0 = none)."""
+    seq_dim: int = 32
+    """Code dimensions per latent: what crosses the wire is M x seq-dim values."""
+    seq_bits: int = 2
+    """Bits per code value (1..8: uniform levels on [-1, 1] after tanh, trained through the quantizer with
+    straight-through gradients; 16/32: floats). Bytes per context = ceil(M * dim * bits / 8)."""
+    seq_steps: int = 300
+    """Optimizer steps (one step = seq-batch questions through the frozen LLM, forward and backward)."""
+    seq_batch: int = 8
+    """Training questions per step."""
+    seq_pretrain_steps: int = 0
+    """Self-supervised steps before the QA steps (ICAE-style autoencoding): the receiver reads
+    [head][latents] and is trained to write the context's own tokens back (teacher-forced CE), on the
+    training paragraphs; 0 = off."""
+    seq_lr: float = 2e-3
+    """Peak AdamW learning rate (warm-up then cosine)."""
+    seq_warmup: int = 20
+    """Warm-up steps."""
+    seq_w_kl: float = 1.0
+    """Weight of KL(teacher with the full text || student with the latents) on the answer positions."""
+    seq_w_ce: float = 1.0
+    """Weight of teacher-forced cross-entropy on the gold answer tokens."""
+    seq_teacher_topk: int = 64
+    """Teacher next-token log-probabilities kept per answer position (the KL is taken on these ids)."""
+    seq_max_questions: int = 2000
+    """Training questions (the first N of the training split) whose teacher outputs and context states are
+    computed once and cached (seq_cache.pt in the run folder)."""
+    seq_max_tokens: int = 256
+    """Token budget of a training prompt (its context shortened to fit)."""
+    seq_seed: int = 0
+    """Seed of the compressor's initialisation and batch order (the data and evaluation questions keep --seed,
+    so runs that differ only in --seq-seed are paired on the same questions)."""
+    seq_ckpt_every: int = 25
+    """Checkpoint every N steps (atomic; also on SIGINT/SIGTERM)."""
+    seq_preset: str | None = None
+    """quick (a first look: 60 steps on 400 questions, ~6 min of training here) | default (300 steps on 2,000
+    questions, ~35 min). Explicit --seq-* flags win over the preset."""
+    seq_path: str | None = None
+    """Load a trained compressor (seq_compressor.pt of an earlier run) instead of training one."""
+
+    def validate(self) -> None:
+        for n in ("seq_ratio", "seq_width", "seq_dim", "seq_steps", "seq_batch", "seq_lr", "seq_teacher_topk",
+                  "seq_max_questions", "seq_ckpt_every"):
+            _positive(n, getattr(self, n))
+        for n in ("seq_layers", "seq_warmup", "seq_w_kl", "seq_w_ce", "seq_pretrain_steps"):
+            _positive(n, getattr(self, n), allow_zero=True)
+        if self.seq_w_kl == 0 and self.seq_w_ce == 0:
+            raise LatentWireError("--seq-w-kl and --seq-w-ce are both 0: there is nothing to train")
+        if not (1 <= self.seq_bits <= 8 or self.seq_bits in (16, 32)):
+            raise LatentWireError(f"--seq-bits {self.seq_bits}: choose 1..8, 16 or 32")
+        if self.seq_width % 4:
+            raise LatentWireError(f"--seq-width {self.seq_width}: must be a multiple of 4 (4 attention heads)")
+        if self.seq_max_tokens < 16:
+            raise LatentWireError(f"--seq-max-tokens must be >= 16 (got {self.seq_max_tokens})")
+        if self.seq_preset is not None:
+            _choice("seq_preset", self.seq_preset, tuple(SEQ_PRESETS))
+        if self.seq_path is not None and not Path(self.seq_path).is_file():
+            raise LatentWireError(f"--seq-path {self.seq_path}: no such file")
+
+
+SEQ_PRESETS = {"quick": {"seq_steps": 60, "seq_max_questions": 400},
+               "default": {"seq_steps": 300, "seq_max_questions": 2000}}
+"""Training sizes of the learned sequence compressor (times measured on 2 CPU cores, SmolLM2-135M)."""
+
+
+def apply_seq_preset(cfg: "RunConfig", keep=()) -> None:
+    """Set --seq-preset's fields, except those the user gave explicitly."""
+    for name, value in SEQ_PRESETS.get(cfg.seq.seq_preset or "", {}).items():
+        if name not in keep:
+            setattr(cfg.seq, name, value)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -322,6 +409,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    seq: SeqConfig = field(default_factory=SeqConfig)
     out: str = "runs/latest"
     """Run folder: config.json, logs, checkpoints, predictions, metrics, report."""
     controls: bool = True
@@ -340,11 +428,12 @@ class RunConfig:
         self.compress.validate()
         self.adapter.validate()
         self.train.validate()
+        self.seq.validate()
 
 
 # The RunConfig sub-configs, in CLI order: one list for the CLI and the sweeps.
 GROUPS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "compress": CompressConfig,
-          "adapter": AdapterConfig, "train": TrainConfig}
+          "adapter": AdapterConfig, "train": TrainConfig, "seq": SeqConfig}
 
 
 SEED_PRESET = {"adapter": "mlp", "hidden_mult": 4, "dropout": 0.1, "residual": False, "init_pca": False,
@@ -355,8 +444,10 @@ LayerNorm, 0.1*MSE + cosine, the whole prompt (answer cue included) reconstructe
 
 
 def apply_preset(cfg: RunConfig, keep=()) -> None:
-    """Set the preset's fields, except those in `keep` (field names the user
-    gave explicitly: a flag or a sweep entry wins over the preset)."""
+    """Set the presets' fields (--preset seed, --seq-preset), except those in
+    `keep` (field names the user gave explicitly: a flag or a sweep entry
+    wins over a preset)."""
+    apply_seq_preset(cfg, keep)
     if cfg.adapter.preset != "seed":
         return
     where = {f.name: g for g, cls in GROUPS.items() for f in fields(cls)}
@@ -381,4 +472,4 @@ def field_docs(cls) -> dict[str, str]:
 
 
 __all__ = ["GROUPS", "SEED_PRESET", "ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
-           "RunConfig", "apply_preset", "field_docs", "fields"]
+           "SeqConfig", "SEQ_PRESETS", "RunConfig", "apply_preset", "apply_seq_preset", "field_docs", "fields"]

@@ -40,6 +40,50 @@ def plot_training(run_dir: Path) -> str | None:
     return "training.png"
 
 
+def plot_seq_training(run_dir: Path) -> str | None:
+    """Loss terms of the learned sequence compressor against steps (seq_train_log.jsonl)."""
+    log = run_dir / "seq_train_log.jsonl"
+    rows = [r for r in read_jsonl(log, skip_bad=True) if r.get("event") == "step"] if log.exists() else []
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in rows]
+    for key in ("loss", "kl", "ce"):
+        ax.plot(steps, [r[key] for r in rows], label=key, alpha=1.0 if key == "loss" else 0.7)
+    ax.set_xlabel("step"); ax.set_ylabel("nats per answer token"); ax.legend()
+    ax.set_title("learned sequence compressor: training loss")
+    fig.tight_layout()
+    fig.savefig(run_dir / "seq_training.png", dpi=110)
+    plt.close(fig)
+    return "seq_training.png"
+
+
+def _compressor_line(metrics: dict) -> str:
+    c = metrics.get("compressor")
+    if c is None:
+        return "- Stage 1: not run (--no-stage1)"
+    if c.get("explained_variance") is not None:
+        return (f"- compressor: {c['kind']} {metrics['d_model']} -> {c['dim']} (ratio {c['ratio']:.1f}x), "
+                f"explained variance (of total) {100 * c['explained_variance']:.1f}%")
+    return f"- compressor: {c['kind']} -> {c['dim']}"
+
+
+def _seq_line(metrics: dict) -> list[str]:
+    s = metrics.get("seq_train")
+    if not s:
+        return []
+    if s.get("loaded_from"):
+        return [f"- learned sequence compressor: loaded from `{s['loaded_from']}`"]
+    first, last = s.get("first") or {}, s.get("last") or {}
+    cache = "reused" if s.get("cache_reused") else f"{s.get('cache_s', 0):.0f} s"
+    return [f"- learned sequence compressor: {s.get('steps')} steps on {s.get('questions')} training questions "
+            f"(layer {s.get('layer')}, {s.get('params')} parameters), loss {first.get('loss', float('nan')):.3f} -> "
+            f"{last.get('loss', float('nan')):.3f} (KL {last.get('kl', float('nan')):.3f}, CE "
+            f"{last.get('ce', float('nan')):.3f}), training {s.get('train_s', 0):.0f} s, teacher cache "
+            f"{cache}"]
+
+
 def plot_norms(run_dir: Path, diags: dict) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -161,16 +205,13 @@ def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) 
                "agreement": m.get("agreement", 1.0 if n == "text" else None)}
               for n, m in metrics["pipelines"].items() if (m.get("wire") or {}).get("contexts")]
     refs = metrics.get("wire_references") or {}
-    figs = [plot_training(run_dir), plot_norms(run_dir, diags), plot_f1(run_dir, metrics),
+    figs = [plot_training(run_dir), plot_seq_training(run_dir), plot_norms(run_dir, diags), plot_f1(run_dir, metrics),
             plot_f1_vs_bytes(run_dir / "f1_vs_bytes.png", points, refs) if points else None]
     md = [f"# LatentWire run report\n",
           f"- model: `{metrics['model']}` (d_model={metrics['d_model']}, vocab={metrics['vocab_size']})",
           f"- data: train `{metrics['data']['train']}`, eval `{metrics['data']['eval']}` "
           f"({metrics['n_eval']} questions, {metrics['data']['eval_articles']} articles, none used for fitting/training)",
-          f"- compressor: {metrics['compressor']['kind']} {metrics['d_model']} -> {metrics['compressor']['dim']} "
-          f"(ratio {metrics['compressor']['ratio']:.1f}x), explained variance (of total) "
-          f"{100 * metrics['compressor']['explained_variance']:.1f}%" if metrics['compressor'].get('explained_variance') is not None
-          else f"- compressor: {metrics['compressor']['kind']} -> {metrics['compressor']['dim']}",
+          _compressor_line(metrics), *_seq_line(metrics),
           f"- adapter: {metrics['adapter']}, template: {config['data']['template']}, seed: {config['data']['seed']}",
           f"- wall time: {metrics['wall_s']:.0f} s\n",
           "## Metrics\n", metrics_table(metrics), "",

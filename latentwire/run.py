@@ -22,7 +22,7 @@ from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, l
 from .diagnose import diagnose, findings, summary_lines
 from .errors import LatentWireError
 from .evaluate import EvalSwitches, generate_predictions, score_predictions, span_payloads, text_pipeline
-from .wire import EmbeddingPipeline, make_quantizer, wire_stats
+from .wire import EmbeddingPipeline, FloatQuantizer, make_quantizer, wire_stats
 from .metrics import bootstrap_ci
 from .models import cache_root, load_model
 from .report import metrics_table, write_report
@@ -434,9 +434,54 @@ def _quiet(*_a, **_k) -> None:
     pass
 
 
+def _stage1(cfg: RunConfig, lm, inp: Inputs, fp: dict, k: int, table: torch.Tensor, work, sw: EvalSwitches,
+            out: Path, events, resume: bool, log):
+    """Stage 1: fit the compressor and the quantizer on training text, train
+    the adapter (Phase 1, then Phase 2 when asked), save both."""
+    d = dist.current()
+    pool, train = inp.pool, inp.train
+    # --- compress: fit on training text only (streamed in chunks) -----------
+    tc = time.time()
+    comp = fit_compressor(cfg, lm, pool, fp)
+    if d.is_main:
+        comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})
+    evr = float(comp.explained_variance_ratio_.sum()) if hasattr(comp, "explained_variance_ratio_") else None
+    events.log(event="compressor", kind=comp.kind, dim=k, fit_tokens=int(pool.numel()), wall_s=time.time() - tc,
+               explained_variance_of_total=evr)
+    log(f"compressor: {comp.kind} {lm.d_model} -> {k}" + (f", explained variance {100 * evr:.1f}% of total" if evr else ""))
+
+    quant = fit_quantizer(cfg, lm, comp, pool)
+    # the adapter learns from what the receiver will get: quantized codes
+    z_table = quant.roundtrip(comp.transform(table)).detach() if cfg.compress.bits != 32 else comp.transform(table)
+
+    # --- adapter: Phase 1 ---------------------------------------------------
+    adapter = build_adapter(cfg.adapter, comp, table).to(work)
+    vocab_ids = vocab_sample(lm.vocab_size, cfg.eval.vocab_metrics, cfg.data.seed)
+    if cfg.adapter.adapter_path:
+        load_adapter_state(adapter, cfg.adapter.adapter_path, fp | {"adapter": cfg.adapter.adapter})
+        adapter.eval()
+        summary = {"steps": 0, "loaded_from": cfg.adapter.adapter_path}
+    else:
+        summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
+                               quick_ids=inp.select, progress=cfg.progress, resume=resume, vocab_ids=vocab_ids)
+    if cfg.train.phase2_steps and not cfg.adapter.adapter_path:
+        b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none",
+                           flag="--phase2-max-tokens")
+        train_prompts = [b2.build(e) for e in train]
+        summary |= train_phase2(lm, adapter, lambda x: quant.roundtrip(comp.transform(x)), train_prompts, sw,
+                                cfg.train, out, seed=cfg.data.seed,
+                                progress=cfg.progress, resume=resume)
+    if d.is_main:
+        save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
+    events.log(event="trained", **summary)
+    return comp, quant, adapter, z_table, vocab_ids, summary, evr
+
+
 def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False, overwrite: bool = False,
                    log=print) -> dict:
-    """`latentwire run`: the whole Stage 1 Phase 1 pipeline into cfg.out."""
+    """`latentwire run` into cfg.out: the text baseline, Stage 1 (fit, train,
+    evaluate; unless --no-stage1) and the --sequence pipelines (the learned
+    one trained here), all scored on the same questions through the wire."""
     t0 = time.time()
     cfg.validate()
     out = Path(cfg.out)
@@ -476,43 +521,26 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     # the adapter trains where the LLM runs when that is a GPU (Phase 2 and
     # DDP over NCCL need it there); the compressor's fit stays on the CPU
     work = lm.device if lm.device.type == "cuda" else torch.device("cpu")
-    table = lm.embedding_table().float().to(work)
+    table = lm.embedding_table().float().to(work) if cfg.eval.stage1 else None
 
-    # --- compress: fit on training text only (streamed in chunks) -----------
-    tc = time.time()
-    comp = fit_compressor(cfg, lm, pool, fp)
-    if d.is_main:
-        comp.save(out / "compressor.pt", meta=fp | {"kind": comp.kind})
-    evr = float(comp.explained_variance_ratio_.sum()) if hasattr(comp, "explained_variance_ratio_") else None
-    events.log(event="compressor", kind=comp.kind, dim=k, fit_tokens=int(pool.numel()), wall_s=time.time() - tc,
-               explained_variance_of_total=evr)
-    log(f"compressor: {comp.kind} {d_model} -> {k}" + (f", explained variance {100 * evr:.1f}% of total" if evr else ""))
-
-    quant = fit_quantizer(cfg, lm, comp, pool)
-    # the adapter learns from what the receiver will get: quantized codes
-    z_table = quant.roundtrip(comp.transform(table)).detach() if cfg.compress.bits != 32 else comp.transform(table)
-
-    # --- adapter: Phase 1 ---------------------------------------------------
-    adapter = build_adapter(cfg.adapter, comp, table).to(work)
-    vocab_ids = vocab_sample(V, cfg.eval.vocab_metrics, cfg.data.seed)
-    if cfg.adapter.adapter_path:
-        load_adapter_state(adapter, cfg.adapter.adapter_path, fp | {"adapter": cfg.adapter.adapter})
-        adapter.eval()
-        summary = {"steps": 0, "loaded_from": cfg.adapter.adapter_path}
-    else:
-        summary = train_phase1(adapter, z_table, table, pool, cfg.train, out, seed=cfg.data.seed,
-                               quick_ids=inp.select, progress=cfg.progress, resume=resume, vocab_ids=vocab_ids)
     sw = eval_switches(cfg)
-    if cfg.train.phase2_steps and not cfg.adapter.adapter_path:
-        b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.train.phase2_max_tokens, cfg.data.bos != "none",
-                           flag="--phase2-max-tokens")
-        train_prompts = [b2.build(e) for e in train]
-        summary |= train_phase2(lm, adapter, lambda x: quant.roundtrip(comp.transform(x)), train_prompts, sw,
-                                cfg.train, out, seed=cfg.data.seed,
-                                progress=cfg.progress, resume=resume)
-    if d.is_main:
-        save_adapter(adapter, out / "adapter.pt", fp | {"adapter": cfg.adapter.adapter})
-    events.log(event="trained", **summary)
+    comp = quant = adapter = z_table = vocab_ids = None
+    summary: dict = {}
+    k_bits = cfg.compress.bits
+    evr = None
+    if cfg.eval.stage1:
+        comp, quant, adapter, z_table, vocab_ids, summary, evr = _stage1(cfg, lm, inp, fp, k, table, work, sw, out,
+                                                                         events, resume, log)
+    seq_summary = None
+    if "learned" in cfg.eval.sequence_kinds():
+        from .seqcomp import prepare_learned
+        b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.seq.seq_max_tokens, cfg.data.bos != "none",
+                           flag="--seq-max-tokens")
+        # articles round-robin, so that the first --seq-max-questions span every training article
+        learned, seq_summary = prepare_learned(lm, cfg.seq, [b2.build(e) for e in interleave_by_title(train)],
+                                               prompts[0].head_ids, out,
+                                               cfg.seq.seq_seed, cfg.progress, resume, log)
+        events.log(event="seq_trained", **{k2: v for k2, v in seq_summary.items() if k2 not in ("first", "last")})
 
     # --- evaluate -------------------------------------------------------------
     cache_stats: dict = {}
@@ -525,29 +553,37 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     log(f"text baseline: F1 {text_agg['f1']:.2f} EM {text_agg['exact_match']:.2f} on {len(prompts)} questions "
         f"({cache_stats['misses']} generated, {cache_stats['hits']} read from the answer cache)")
 
-    info = {"compressor": comp.kind}
-    linear = stage1_pipeline("linear_inverse", lm, comp, quant, comp.inverse_transform, work, info)
-    recon = stage1_pipeline("latentwire", lm, comp, quant, adapter, work, info | {"adapter": cfg.adapter.adapter})
-    pipelines = {"linear_inverse": linear, "latentwire": recon} if cfg.controls else {"latentwire": recon}
-    if cfg.adapter.adapter == "linear":
-        pipelines = {"latentwire": linear}
+    pipelines: dict = {}
+    if comp is not None:
+        info = {"compressor": comp.kind}
+        linear = stage1_pipeline("linear_inverse", lm, comp, quant, comp.inverse_transform, work, info)
+        recon = stage1_pipeline("latentwire", lm, comp, quant, adapter, work, info | {"adapter": cfg.adapter.adapter})
+        pipelines = {"linear_inverse": linear, "latentwire": recon} if cfg.controls else {"latentwire": recon}
+        if cfg.adapter.adapter == "linear":
+            pipelines = {"latentwire": linear}
     nb, seed = cfg.eval.n_boot, cfg.data.seed
     text_pipe = text_pipeline(lm.tokenizer)
     refs = wire_report(lm, prompts, cfg, log) if d.is_main else {}
     metrics = {"model": lm.source, "d_model": d_model, "vocab_size": V, "n_eval": len(prompts), "data": desc,
-               "compressor": {"kind": comp.kind, "dim": k, "ratio": d_model / k, "explained_variance": evr,
-                              "bits": cfg.compress.bits, "quantizer": quant.scheme},
-               "adapter": cfg.adapter.adapter + (" (seed preset)" if cfg.adapter.preset == "seed" else ""),
-               "train": summary, "truncated_prompts": sum(p.truncated for p in prompts),
+               "compressor": None if comp is None else
+               {"kind": comp.kind, "dim": k, "ratio": d_model / k, "explained_variance": evr,
+                "bits": cfg.compress.bits, "quantizer": quant.scheme},
+               "adapter": None if comp is None else
+               cfg.adapter.adapter + (" (seed preset)" if cfg.adapter.preset == "seed" else ""),
+               "train": summary, "seq_train": seq_summary, "truncated_prompts": sum(p.truncated for p in prompts),
                "wire_scope": cfg.eval.wire_scope, "wire_references": refs, "text_answer_cache": cache_stats,
                "pipelines": {"text": _pipeline_metrics(text_rows, text_agg, nb, seed)
                              | {"wire": _wire(text_pipe, prompts, sw),
                                 # only meaningful when every answer was generated here
                                 "s_per_question": text_gen_s / len(prompts) if not cache_stats["hits"] else None}}}
-    if cfg.eval.sequence:
+    baselines = [k2 for k2 in cfg.eval.sequence_kinds() if k2 != "learned"]
+    if baselines:
         from .sequence import sequence_pipelines
-        pipelines |= sequence_pipelines(lm, cfg.eval.sequence_kinds(), cfg.eval.sequence_ratio_list(),
-                                        prompts[0].head_ids, quant)
+        # pooled embeddings are sent as floats (16 bits with --bits 16, else 32)
+        pipelines |= sequence_pipelines(lm, baselines, cfg.eval.sequence_ratio_list(), prompts[0].head_ids,
+                                        FloatQuantizer(16 if k_bits == 16 else 32))
+    if seq_summary is not None:
+        pipelines[learned.name] = learned
     diags = {}
     stage1 = {"linear_inverse", "latentwire"}
     for name, fn in pipelines.items():  # fn: the pipeline (sender + receiver)

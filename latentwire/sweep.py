@@ -30,7 +30,7 @@ from .errors import LatentWireError
 from .metrics import bootstrap_ci
 from .runio import atomic_write_text, read_jsonl
 
-RESULT_COLUMNS = ["name", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
+RESULT_COLUMNS = ["name", "pipeline", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
                   "token_recovery_vocab", "cos", "norm_ratio", "norm_status", "collapsed", "wire_bytes",
                   "bits_per_token", "text_utf8_bytes", "wall_s", "run_dir"]
 
@@ -116,18 +116,28 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=-_." else "_" for c in name)
 
 
-def result_row(name: str, overrides: dict, m: dict, run_dir: Path) -> dict:
-    p, t = m["pipelines"]["latentwire"], m["pipelines"]["text"]
-    return {"name": name, "overrides": json.dumps({k: v for k, v in overrides.items() if k != "name"}),
-            "text_f1": round(t["f1"], 3), "f1": round(p["f1"], 3),
-            "f1_ci95": f"{p['f1_ci95'][0]:.2f}-{p['f1_ci95'][1]:.2f}", "em": round(p["exact_match"], 3),
-            "f1_retention": "" if p.get("f1_retention") is None else round(p["f1_retention"], 4),
-            "agreement": round(p["agreement"], 4), "token_recovery_vocab": round(p["token_recovery_vocab"], 5),
-            "cos": round(p["cos"], 4), "norm_ratio": round(p["norm_ratio"], 4), "norm_status": p["norm_status"],
-            "collapsed": p["collapsed"], "wire_bytes": round(p["wire"]["bytes_mean"], 1),
-            "bits_per_token": round(p["wire"]["bits_per_token"], 3),
-            "text_utf8_bytes": round(t["wire"]["bytes_mean"], 1), "wall_s": round(m["wall_s"], 1),
-            "run_dir": str(run_dir)}
+def result_rows(name: str, overrides: dict, m: dict, run_dir: Path) -> list[dict]:
+    """One row per pipeline of a run but the text baseline: the Stage 1
+    pipeline first (`latentwire`), then the --sequence ones; Stage 1's
+    per-token columns (token recovery, cosine, norms) are blank for others."""
+    t = m["pipelines"]["text"]
+    names = [n for n in m["pipelines"] if n not in ("text", "linear_inverse")]
+    rows = []
+    for pipe in sorted(names, key=lambda n: n != "latentwire"):
+        p = m["pipelines"][pipe]
+        get = lambda k, nd: "" if p.get(k) is None else round(p[k], nd)  # noqa: E731
+        rows.append({"name": name, "pipeline": pipe,
+                     "overrides": json.dumps({k: v for k, v in overrides.items() if k != "name"}),
+                     "text_f1": round(t["f1"], 3), "f1": round(p["f1"], 3),
+                     "f1_ci95": f"{p['f1_ci95'][0]:.2f}-{p['f1_ci95'][1]:.2f}", "em": round(p["exact_match"], 3),
+                     "f1_retention": get("f1_retention", 4), "agreement": round(p["agreement"], 4),
+                     "token_recovery_vocab": get("token_recovery_vocab", 5), "cos": get("cos", 4),
+                     "norm_ratio": get("norm_ratio", 4), "norm_status": p.get("norm_status", ""),
+                     "collapsed": p.get("collapsed", ""), "wire_bytes": round(p["wire"]["bytes_mean"], 1),
+                     "bits_per_token": round(p["wire"]["bits_per_token"], 3),
+                     "text_utf8_bytes": round(t["wire"]["bytes_mean"], 1), "wall_s": round(m["wall_s"], 1),
+                     "run_dir": str(run_dir)})
+    return rows
 
 
 def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use_cache: bool = True) -> list[dict]:
@@ -156,7 +166,7 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS)
         w.writeheader()
-        w.writerows(rows[r["name"]] for r in runs if r["name"] in rows)
+        w.writerows(row for r in runs if r["name"] in rows for row in rows[r["name"]])
         atomic_write_text(csv_path, buf.getvalue())
 
     for r, c in zip(runs, cfgs):
@@ -164,7 +174,7 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
         m, why = finished_metrics(c)
         if m is not None:
             log(f"[reuse] {r['name']}: finished with the same settings ({run_dir}/metrics.json)")
-            rows[r["name"]] = result_row(r["name"], r, m, run_dir)
+            rows[r["name"]] = result_rows(r["name"], r, m, run_dir)
             continue
         if (run_dir / "metrics.json").exists():
             log(f"[rerun] {r['name']}: the finished run in {run_dir} was made with other settings ({why})")
@@ -179,9 +189,10 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
             resume = False
         log(f"[run ] {r['name']} -> {c.out}")
         m = run_experiment(c, use_cache=use_cache, resume=resume, overwrite=True, log=lambda *a: None)
-        rows[r["name"]] = row = result_row(r["name"], r, m, run_dir)
+        rows[r["name"]] = result_rows(r["name"], r, m, run_dir)
         write_csv()
-        log(f"[done] {r['name']}: F1 {row['f1']:.2f} (text {row['text_f1']:.2f}), agreement "
+        row = rows[r["name"]][0]
+        log(f"[done] {r['name']}: {row['pipeline']} F1 {row['f1']:.2f} (text {row['text_f1']:.2f}), agreement "
             f"{100 * row['agreement']:.1f}% in {time.time() - t0:.0f} s")
     write_csv()
     with open(csv_path, newline="") as f:
@@ -199,7 +210,7 @@ def compare_runs(rows: list[dict], pairs: list[list[str]], out: Path, n_boot: in
     """`compare: [[before, after], ...]` in a sweep file: paired differences
     over the same questions (ΔF1, Δagreement, 95% bootstrap intervals) and a
     verdict per pair, written to compare.md."""
-    by = {r["name"]: r for r in rows}
+    by = {r["name"]: r for r in rows if r["pipeline"] == "latentwire"}
     lines = ["| before | after | F1 before | F1 after | ΔF1 [95% CI] | agreement before % | agreement after % | "
              "Δagreement [95% CI] | change (95% interval excludes 0) |", "|---|---|---|---|---|---|---|---|---|"]
     for a, b in pairs:
@@ -224,7 +235,7 @@ def plot_sweep(rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     made = []
     ratio_rows = [(json.loads(r["overrides"]), r) for r in rows]
-    ratio_rows = [(o, r) for o, r in ratio_rows if "ratio" in o]
+    ratio_rows = [(o, r) for o, r in ratio_rows if "ratio" in o and r["pipeline"] == "latentwire"]
     if ratio_rows:
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         series: dict[str, list] = {}
@@ -244,10 +255,14 @@ def plot_sweep(rows: list[dict], out: Path) -> list[str]:
     if rows and rows[0].get("wire_bytes"):
         from .report import plot_f1_vs_bytes
         first = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())
-        pts = [{"label": r["name"][:24], "bytes": float(r["wire_bytes"]), "f1": float(r["f1"]),
+        pts = [{"label": (r["name"] if r["pipeline"] == "latentwire" else f"{r['name']}: {r['pipeline']}")[:32],
+                "bytes": float(r["wire_bytes"]), "f1": float(r["f1"]),
                 "f1_ci95": [float(x) for x in r["f1_ci95"].split("-")[:2]] if r["f1_ci95"].count("-") == 1 else None,
                 "agreement": float(r["agreement"])} for r in rows]
         made.append(plot_f1_vs_bytes(out / "f1_vs_bytes.png", pts, first.get("wire_references") or {}))
+    rows = [r for r in rows if r["cos"] not in ("", None)]  # per-token (Stage 1) rows only
+    if not rows:
+        return made
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.scatter([float(r["cos"]) for r in rows], [float(r["f1"]) for r in rows])
     for r in rows:
@@ -322,7 +337,7 @@ def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int 
     runs = [{"name": "baseline"}] + [{"name": f"h{i + 1}", "controls": False, **ov} for i, (_, _, ov) in enumerate(hyps)]
     t0 = time.time()
     rows = run_sweep(base, runs, out, log=log)
-    by = {r["name"]: r for r in rows}
+    by = {r["name"]: r for r in rows if r["pipeline"] == "latentwire"}
     pred = {n: read_jsonl(Path(by[n]["run_dir"]) / "predictions_latentwire.jsonl") for n in by}
     nb, seed = base.eval.n_boot, base.data.seed
     results = []

@@ -102,6 +102,23 @@ class _Checkpoint:
                                     f"checkpoint saved to {self.path}")
 
 
+def checked_step(terms: dict, row: dict, params, opt, sched, clip: float, what: str, step: int,
+                 ckpt_path: Path) -> float:
+    """One optimizer step of a loop through the frozen LLM: refuse a
+    non-finite loss term (nothing is saved, so the last good checkpoint on
+    disk stays), then backward, clip, step. Returns the gradient norm."""
+    for name, v in row.items():
+        if not math.isfinite(v):
+            raise LatentWireError(f"{what} stopped at step {step + 1}: loss term {name!r} is {v} "
+                                  f"(last good checkpoint: {ckpt_path})")
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    opt.step()
+    sched.step()
+    return float(gn)
+
+
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -399,15 +416,7 @@ def train_phase2(lm, adapter, encode: Callable, prompts, switches, cfg: TrainCon
             batch = phase2_batch(lm, [prompts[i] for i in pick], switches, lm.tokenizer.pad_token_id)
             terms = phase2_loss(lm, model, encode, batch, cfg)
             row = dist.mean_terms(terms, d)
-            for name, v in row.items():
-                if not math.isfinite(v):  # no save: the last good checkpoint stays as it is
-                    raise LatentWireError(f"phase 2 stopped at step {step + 1}: loss term {name!r} is {v} "
-                                          f"(last good checkpoint: {ckpt_path})")
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            opt.step()
-            sched.step()
+            gn = checked_step(terms, row, params, opt, sched, cfg.grad_clip, "phase 2", step, ckpt_path)
             step += 1
             first = first or row
             last = row

@@ -69,3 +69,18 @@ def test_wire_grid_smoke(tmp_path):
     assert (tmp_path / "wg" / "f1_vs_bytes.png").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0 and "[reuse] " in again.stderr
+
+
+def test_seq_grid_smoke(tmp_path):
+    """benchmarks/seq_grid.py on the tiny model: baselines, two learned seeds,
+    the paired table (same questions) and the plot."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "seq_grid.py"), "--model", "tiny-random", "--max-eval", "6",
+           "--ratios", "2", "4", "--seeds", "0", "1", "--learned-ratios", "2", "--seq-steps", "2",
+           "--seq-max-questions", "8",
+           "--out", str(tmp_path / "sg")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| learned_r4 | learned_r4_s1 |" in p.stdout and "| truncate_r2 | baselines |" in p.stdout
+    assert "| learned_r2 | learned_r2_s0 |" in p.stdout
+    assert "mean ± sd over 2 seeds | surprisal_r4" in p.stdout
+    assert (tmp_path / "sg" / "f1_vs_bytes.png").exists()

@@ -68,6 +68,17 @@ def test_sweep_appends_rows_and_resumes(tmp_path):
         compare_runs(rows, [["ratio=2", "nope"]], out)
 
 
+def test_sweep_of_sequence_runs_has_a_row_per_pipeline(tmp_path):
+    """--no-stage1 runs (sequence pipelines only) give one results.csv row per
+    pipeline, with the wire columns and blank per-token columns."""
+    base = _base(tmp_path)
+    base.eval.stage1, base.eval.sequence, base.eval.sequence_ratios = False, "truncate,meanpool", "2,4"
+    rows = run_sweep(base, expand({"runs": [{"name": "b"}]}), tmp_path / "sw", log=lambda *a: None)
+    assert [r["pipeline"] for r in rows] == ["truncate_r2", "meanpool_r2", "truncate_r4", "meanpool_r4"]
+    assert all(r["cos"] == "" and float(r["wire_bytes"]) > 0 for r in rows)
+    assert (tmp_path / "sw" / "f1_vs_bytes.png").exists() and not (tmp_path / "sw" / "cos_vs_f1.png").exists()
+
+
 def test_sweep_cli_from_toml(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(f'out = "{tmp_path / "o"}"\n[base]\nmodel = "tiny-random"\nsynthetic_articles = 6\nmax_eval = 4\n'

@@ -1,0 +1,469 @@
+"""The learned sequence compressor: a paragraph -> M = ceil(L / r) latents
+that the frozen LLM reads in the paragraph's place.
+
+Sender (sees the context only, never the question, nor the receiver's
+prompt template): the frozen LLM's hidden states of the context's tokens at
+one layer (one no-grad forward of the context alone) -> a linear map to
+`width` -> 0..n transformer layers over the whole context -> window
+attention pooling (each window of r consecutive positions is pooled by one
+learned query; a learned slot embedding tells the pool where in its window
+a position sits) -> a `dim`-dimensional code per latent -> tanh -> a
+`bits`-bit uniform quantizer on [-1, 1]. What crosses the wire is those
+M x dim x bits bits (exact bytes: `wire.pack_rows`).
+
+Receiver: code -> MLP -> RMS-normalised and multiplied by a gain
+initialised to the RMS of the LLM's embedding table (the vectors arrive at
+the scale the LLM reads its own tokens at; Gemma's sqrt(d) factor is in
+the table) -> [M, d] in the context's place.
+
+Training (`train_seq`, a plain loop like Phase 2): the teacher is the
+frozen LLM reading the full text [head][context][question][cue][answer];
+the student reads [head][latents][question][cue][answer]. Losses on the
+answer positions: KL(teacher || student) over the teacher's top-k tokens
+and teacher-forced CE on the gold answer. The head's KV cache (few-shot
+shots and 'Context:', identical for every prompt) is computed once and
+shared by every row, so a step runs the LLM over M + question + answer
+positions only; the teacher's outputs and the sender's hidden states are
+computed once per question / paragraph and cached (`seq_cache.pt`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import dist
+from .config import SeqConfig
+from .errors import LatentWireError
+from .evaluate import _logits_kw
+from .models import cache_kwarg, get_cache
+from .runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
+from .sequence import budget
+from .wire import FloatQuantizer, Payload, Pipeline, Quantizer, ScalarQuantizer
+
+FORMAT = 1  # of seq_compressor.pt
+
+
+# ------------------------------------------------------------- the module
+
+def bounded_quantizer(bits: int, dim: int) -> Quantizer:
+    """The wire's quantizer for tanh-bounded codes: 2**bits uniform levels on
+    [-1, 1] (cell midpoints) per dimension; nothing to fit, so both ends
+    know it from `bits` alone. 16/32 bits: floats."""
+    if bits in (16, 32):
+        return FloatQuantizer(bits)
+    q = ScalarQuantizer(bits, "uniform")
+    n = 1 << bits
+    q.levels_ = (-1 + (2 * torch.arange(n, dtype=torch.float32) + 1) / n).repeat(dim, 1).contiguous()
+    return q
+
+
+class SeqCompressor(torch.nn.Module):
+    """Sender (`encode`: hidden states [B, L, d_in] -> codes [B, M, dim]) and
+    receiver (`decode`: codes -> [.., d_model]); `forward` is the pair with
+    the quantizer between them (straight-through gradients)."""
+
+    def __init__(self, d_in: int, d_model: int, ratio: int, width: int = 256, layers: int = 1, dim: int = 32,
+                 bits: int = 2, emb_rms: float = 1.0):
+        super().__init__()
+        self.ratio, self.dim, self.bits = int(ratio), dim, bits
+        self.inp = torch.nn.Linear(d_in, width)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers))
+        self.slot = torch.nn.Parameter(torch.zeros(self.ratio, width))
+        self.query = torch.nn.Parameter(torch.zeros(width))
+        self.code = torch.nn.Linear(width, dim)
+        self.dec = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.GELU(), torch.nn.Linear(width, d_model))
+        self.gain = torch.nn.Parameter(torch.tensor(float(emb_rms)))
+        self.quantizer = bounded_quantizer(bits, dim)
+
+    def encode(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, L, d_in] (right-padded), mask [B, L] bool -> codes [B, M, dim]
+        in [-1, 1] and their mask [B, M]; row b has ceil(L_b / r) latents."""
+        x = self.inp(h.float())
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=~mask)
+        B, L, w = x.shape
+        r = self.ratio
+        M = math.ceil(L / r)
+        pad = M * r - L
+        x = F.pad(x, (0, 0, 0, pad)).view(B, M, r, w) + self.slot
+        m = F.pad(mask, (0, pad)).view(B, M, r)
+        s = (x @ self.query) / math.sqrt(w)
+        a = torch.softmax(s.masked_fill(~m, float("-inf")), -1).nan_to_num(0.0)  # an empty window pools to 0
+        z = torch.tanh(self.code((a[..., None] * x).sum(2)))
+        return z, m.any(-1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.dec(z.float())
+        return self.gain * y / y.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, m = self.encode(h, mask)
+        zq = self.quantizer.roundtrip(z.reshape(-1, self.dim)).view(z.shape)  # the quantizer takes [N, dim]
+        return self.decode(zq), m
+
+
+def build_compressor(lm, cfg: SeqConfig) -> SeqCompressor:
+    table = lm.embedding_table().float()
+    emb_rms = float(table.pow(2).mean(-1).sqrt().mean())
+    return SeqCompressor(lm.d_model, lm.d_model, cfg.seq_ratio, cfg.seq_width, cfg.seq_layers, cfg.seq_dim,
+                         cfg.seq_bits, emb_rms)
+
+
+def resolve_layer(lm, layer: int | None) -> int:
+    """Index into the LLM's hidden_states tuple (0 = embeddings .. n = last)."""
+    n = int(lm.model.config.get_text_config().num_hidden_layers)
+    if layer is None:
+        return n // 2
+    if not -(n + 1) <= layer <= n:
+        raise LatentWireError(f"--seq-layer {layer}: this model has layers 0..{n} (or -1 for the last)")
+    return layer % (n + 1)
+
+
+@torch.no_grad()
+def context_states(lm, ids: Sequence[int], layer: int) -> torch.Tensor:
+    """The sender's input: hidden states [L, d] of the context read alone."""
+    if not len(ids):
+        return torch.zeros((0, lm.d_model))
+    x = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
+    out = lm.model(input_ids=x, output_hidden_states=True, use_cache=False, **_logits_kw(lm.model))
+    return out.hidden_states[layer][0].float().cpu()
+
+
+def save_compressor(comp: SeqCompressor, path: Path, meta: dict) -> None:
+    """State dict plus JSON-able metadata (read back with weights_only=True)."""
+    atomic_torch_save({"format": FORMAT, "state": comp.state_dict(), "meta": json.dumps(meta)}, path)
+
+
+def load_compressor(lm, path: str | Path, cfg: SeqConfig) -> tuple[SeqCompressor, dict]:
+    """A compressor saved by an earlier run; refuses one made for another model or shape (naming --seq-path)."""
+    blob = safe_torch_load(path, "--seq-path")
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise LatentWireError(f"--seq-path {path}: not a LatentWire sequence compressor (seq_compressor.pt)")
+    meta = json.loads(blob["meta"])
+    fp = lm.fingerprint()
+    for k in ("model", "d_model", "vocab_size"):
+        if meta.get("model", {}).get(k) != fp[k]:
+            raise LatentWireError(f"--seq-path {path}: made for {k}={meta.get('model', {}).get(k)!r}, "
+                                  f"this model has {fp[k]!r}")
+    shape = meta["shape"]
+    comp = SeqCompressor(lm.d_model, lm.d_model, shape["ratio"], shape["width"], shape["layers"], shape["dim"],
+                         shape["bits"])
+    comp.load_state_dict(blob["state"])
+    return comp.eval(), meta
+
+
+# ------------------------------------------------------------- the pipeline
+
+class LearnedSeqPipeline(Pipeline):
+    """The learned compressor as a sender/receiver pair on the wire."""
+
+    def __init__(self, lm, comp: SeqCompressor, layer: int, name: str | None = None):
+        super().__init__()
+        self.lm, self.comp, self.layer = lm, comp, layer
+        self.name = name or f"learned_r{comp.ratio}"
+
+    @torch.no_grad()
+    def send(self, ids, text):
+        h = context_states(self.lm, ids, self.layer)
+        if not len(h):
+            return Payload(b"", 0)
+        z, _ = self.comp.encode(h[None].to(self._dev()), torch.ones((1, len(h)), dtype=torch.bool,
+                                                                      device=self._dev()))
+        z = z[0]
+        assert z.shape[0] == budget(len(ids), self.comp.ratio)
+        return Payload(self.comp.quantizer.to_bytes(z.cpu()), positions=int(z.shape[0]))
+
+    @torch.no_grad()
+    def receive(self, payload):
+        if not payload.positions:
+            return torch.zeros((0, self.lm.d_model))
+        z = self.comp.quantizer.from_bytes(payload.data, self.comp.dim)
+        return self.comp.decode(z.to(self._dev())).float()
+
+    def _dev(self):
+        return next(self.comp.parameters()).device
+
+    def describe(self):
+        c = self.comp
+        return {"name": self.name, "kind": "learned", "ratio": c.ratio, "dims": c.dim, "bits": c.bits,
+                "layer": self.layer}
+
+
+# ------------------------------------------------------------- training data
+
+def _cache_copy(cache, n: int):
+    """n rows that each continue from a one-row KV cache."""
+    c = copy.deepcopy(cache)
+    if n != 1:
+        c.batch_repeat_interleave(n)
+    return c
+
+
+@torch.no_grad()
+def head_cache(lm, head_ids: Sequence[int]):
+    """KV cache of the prefix every prompt shares (shots, 'Context:'), one row."""
+    x = torch.tensor([list(head_ids)], dtype=torch.long, device=lm.device)
+    return get_cache(lm.model(input_ids=x, use_cache=True, **_logits_kw(lm.model)))
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The gold answer as the model would write it after the cue: ' answer' and the newline that ends it."""
+    return tokenizer(" " + answer + "\n", add_special_tokens=False)["input_ids"]
+
+
+def _right_pad(segs: Sequence[torch.Tensor], width: int | None = None):
+    """Right-pad [n_i, ...] tensors into [B, S, ...] and a bool mask [B, S]."""
+    S = max(len(s) for s in segs) if width is None else width
+    x = torch.zeros((len(segs), S) + tuple(segs[0].shape[1:]), dtype=segs[0].dtype, device=segs[0].device)
+    m = torch.zeros((len(segs), S), dtype=torch.bool, device=segs[0].device)
+    for i, s in enumerate(segs):
+        x[i, :len(s)] = s
+        m[i, :len(s)] = True
+    return x, m
+
+
+def _forward_after(lm, cache, n_past: int, x: torch.Tensor, mask: torch.Tensor, ids: bool):
+    """Run rows [B, S] (right-padded ids or embeddings) after a B-row cache of n_past positions."""
+    B, S = mask.shape
+    attn = torch.cat([torch.ones((B, n_past), dtype=torch.long, device=mask.device), mask.long()], 1)
+    pos = (n_past + torch.arange(S, device=mask.device))[None].expand(B, S)
+    kw = {"attention_mask": attn, "position_ids": pos, "use_cache": True, cache_kwarg(lm.model): cache}
+    return lm.model(input_ids=x, **kw) if ids else lm.model(inputs_embeds=x.to(lm.dtype), **kw)
+
+
+@torch.no_grad()
+def teacher_topk(lm, hc, n_head: int, ctx: Sequence[int], rows: Sequence[tuple[list[int], list[int]]],
+                 k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each (tail, answer) row about one context: the teacher's top-k
+    log-probabilities and ids [A, k] at the positions that predict the
+    answer's tokens, reading [head][context][tail][answer] as text."""
+    dev = lm.device
+    cache = _cache_copy(hc, 1)
+    n = n_head
+    if len(ctx):
+        x = torch.tensor([list(ctx)], dtype=torch.long, device=dev)
+        cache = get_cache(_forward_after(lm, cache, n, x, torch.ones_like(x, dtype=torch.bool), True))
+        n += len(ctx)
+    cache.batch_repeat_interleave(len(rows))
+    segs = [torch.tensor(t + a, dtype=torch.long, device=dev) for t, a in rows]
+    x, m = _right_pad(segs)
+    logits = _forward_after(lm, cache, n, x, m, True).logits
+    out = []
+    for i, (t, a) in enumerate(rows):
+        lp = torch.log_softmax(logits[i, len(t) - 1:len(t) - 1 + len(a)].float(), -1)
+        v, ix = lp.topk(min(k, lp.shape[-1]), -1)
+        out.append((v.cpu(), ix.cpu()))
+    return out
+
+
+def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: bool = True) -> list[dict]:
+    """One training item per question: the sender's input (its context's
+    hidden states, shared by the paragraph's questions), the tail (question
+    and cue), the gold answer ids and the teacher's top-k at the answer."""
+    groups: dict[tuple, list] = {}
+    for p in prompts:
+        groups.setdefault(tuple(p.context_ids), []).append(p)
+    items = []
+    for ctx, ps in tqdm(groups.items(), desc="seq: teacher + context states", disable=not progress, leave=False):
+        h = context_states(lm, ctx, layer).half()
+        rows = [(list(p.ids[p.ctx_end:]), answer_ids(lm.tokenizer, p.example.answers[0])) for p in ps]
+        for p, (t, a), (v, ix) in zip(ps, rows, teacher_topk(lm, hc, n_head, ctx, rows, topk)):
+            items.append({"qid": p.example.id, "h": h, "ctx": list(ctx), "tail": t, "ans": a, "t_logp": v.half(),
+                          "t_ids": ix.int()})
+    return items
+
+
+def items_key(lm, prompts, layer: int, topk: int) -> str:
+    """What the cached items depend on: model weights, layer, top-k, every prompt's ids and answer."""
+    h = hashlib.sha256(json.dumps({"model": lm.fingerprint(), "weights": lm.weights_digest(), "layer": layer,
+                                   "topk": topk}, sort_keys=True, default=str).encode())
+    for p in prompts:
+        h.update(json.dumps([p.ids, p.ctx_start, p.ctx_end, p.example.answers[0]]).encode())
+    return h.hexdigest()
+
+
+def cached_items(lm, prompts, layer: int, topk: int, hc, n_head: int, path: Path | None,
+                 progress: bool = True) -> tuple[list[dict], bool]:
+    """build_items, read from / written to `path` when its key matches (so a
+    resumed run does not recompute the teacher). Returns (items, reused)."""
+    key = items_key(lm, prompts, layer, topk)
+    if path is not None and path.exists():
+        blob = safe_torch_load(path, "seq cache")
+        if isinstance(blob, dict) and blob.get("key") == key:
+            return blob["items"], True
+    items = build_items(lm, prompts, layer, topk, hc, n_head, progress)
+    if path is not None and dist.current().is_main:
+        atomic_torch_save({"key": key, "items": items}, path)
+    return items, False
+
+
+# ------------------------------------------------------------- the loss
+
+def collate(items: Sequence[dict]) -> dict:
+    h, hm = _right_pad([it["h"].float() for it in items])
+    return {"h": h, "h_mask": hm, "items": list(items)}
+
+
+def autoencode_items(items: Sequence[dict], max_tokens: int = 128) -> list[dict]:
+    """Pretraining items, one per distinct paragraph: no tail, and the
+    'answer' is the context itself (its first max_tokens tokens), no teacher."""
+    seen, out = set(), []
+    for it in items:
+        key = tuple(it["ctx"])
+        if key not in seen and key:
+            seen.add(key)
+            out.append({"h": it["h"], "ctx": it["ctx"], "tail": [], "ans": it["ctx"][:max_tokens]})
+    return out
+
+
+def seq_loss(lm, comp, batch: dict, hc, n_head: int, cfg: SeqConfig) -> dict[str, torch.Tensor]:
+    """One loss step, each term returned: the student reads [head][latents]
+    [tail][answer]; KL(teacher || student) over the teacher's top-k ids and
+    CE on the gold answer, both at the positions that predict the answer.
+    Pretraining items (no teacher) give CE only: reconstructing the context."""
+    dev = lm.device
+    items = batch["items"]
+    y, ym = comp(batch["h"].to(dev), batch["h_mask"].to(dev))  # [B, M, d], [B, M]
+    emb = lm.model.get_input_embeddings()
+    segs, where = [], []
+    for i, it in enumerate(items):
+        M = int(ym[i].sum())
+        ta = torch.tensor(it["tail"] + it["ans"], dtype=torch.long, device=dev)
+        with torch.no_grad():
+            e = emb(ta).float()
+        segs.append(torch.cat([y[i, :M].float(), e]))
+        start = M + len(it["tail"]) - 1
+        where.append((start, len(it["ans"])))
+    x, m = _right_pad(segs)
+    logits = _forward_after(lm, _cache_copy(hc, len(items)), n_head, x, m, False).logits.float()
+    ce, kl, n = logits.new_zeros(()), logits.new_zeros(()), 0
+    for i, (it, (s, A)) in enumerate(zip(items, where)):
+        lp = torch.log_softmax(logits[i, s:s + A], -1)  # [A, V]
+        gold = torch.tensor(it["ans"], dtype=torch.long, device=dev)
+        ce = ce - lp.gather(-1, gold[:, None]).sum()
+        n += A
+        if "t_logp" not in it:
+            continue
+        t_lp = it["t_logp"].float().to(dev)
+        p = torch.softmax(t_lp, -1)  # the teacher's top-k, renormalised
+        kl = kl + (p * (torch.log(p.clamp_min(1e-12)) - lp.gather(-1, it["t_ids"].long().to(dev)))).sum()
+    terms = {"ce": ce / n, "kl": kl / n}
+    pre = "t_logp" not in items[0]
+    terms["loss"] = terms["ce"] if pre else cfg.seq_w_ce * terms["ce"] + cfg.seq_w_kl * terms["kl"]
+    return terms
+
+
+# ------------------------------------------------------------- training
+
+def train_seq(lm, comp: SeqCompressor, items: Sequence[dict], hc, n_head: int, cfg: SeqConfig, out_dir: str | Path,
+              seed: int = 0, progress: bool = True, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Plain loop: sample questions -> loss terms -> clip -> step -> log.
+    Checkpoints (`ckpt_seq.pt`: compressor, optimizer, scheduler, RNGs,
+    step) every --seq-ckpt-every steps and on SIGINT/SIGTERM; `resume=True`
+    continues exactly where the last one left off. Under torchrun each rank
+    takes its share of every step's questions (DDP averages gradients)."""
+    from .train import _Checkpoint, _drop_rows_after, _StopFlag, checked_step, warmup_cosine
+    out_dir = Path(out_dir)
+    d = dist.current()
+    if not items:
+        raise LatentWireError("--sequence learned: no training questions to train on")
+    pre_items = autoencode_items(items) if cfg.seq_pretrain_steps else []
+    total = cfg.seq_pretrain_steps + cfg.seq_steps
+    log = JsonlLogger(out_dir / "seq_train_log.jsonl") if d.is_main else NullLogger()
+    mine = dist.slice_for_rank(cfg.seq_batch, d, "--seq-batch")
+    g = torch.Generator().manual_seed(seed + 3)
+    params = [p for p in comp.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.seq_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, cfg.seq_warmup))
+    step, first, last = 0, None, None
+    ckpt_path = out_dir / "ckpt_seq.pt"
+    ckpt = _Checkpoint(ckpt_path, comp, opt, sched, g, cfg, lambda: {"step": step, "first": first, "last": last},
+                       d.is_main)
+    if resume:
+        if ckpt_path.exists():
+            ck = ckpt.load()
+            step, first, last = ck["step"], ck["first"], ck["last"]
+        if log.path is not None and log.path.exists():
+            _drop_rows_after(log, step, phase2=False)
+        log.log(event="resume", step=step)
+    model = dist.wrap(comp, d)
+    comp.train()
+    t0 = time.time()
+    bar = tqdm(total=total, initial=step, desc="train seq compressor", disable=not (progress and d.is_main),
+               leave=False)
+    with _StopFlag() as stop:
+        while step < total:
+            pool = pre_items if step < cfg.seq_pretrain_steps else items  # autoencoding first, then QA
+            pick = torch.randint(0, len(pool), (cfg.seq_batch,), generator=g).tolist()[mine]
+            terms = seq_loss(lm, model, collate([pool[i] for i in pick]), hc, n_head, cfg)
+            row = dist.mean_terms(terms, d)
+            gn = checked_step(terms, row, params, opt, sched, 1.0, "seq training", step, ckpt_path)
+            step += 1
+            if step > cfg.seq_pretrain_steps:  # the summary's first/last are QA losses
+                first = first or row
+                last = row
+            log.log(event="step", step=step, stage="pretrain" if step <= cfg.seq_pretrain_steps else "qa",
+                    lr=sched.get_last_lr()[0], grad_norm=float(gn), wall_s=time.time() - t0, **row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if step % cfg.seq_ckpt_every == 0 or step == total:
+                ckpt.save()
+            ckpt.stop_if_signalled(stop, d, bar, log, "interrupted", step, " during seq training")
+            if stop_after is not None and step >= stop_after:
+                bar.close()
+                return {"steps": step, "stopped_early": True}
+    bar.close()
+    comp.eval()
+    return {"steps": total, "pretrain_steps": cfg.seq_pretrain_steps, "first": first, "last": last,
+            "train_s": time.time() - t0}
+
+
+def shape_meta(comp: SeqCompressor, cfg: SeqConfig, layer: int) -> dict:
+    return {"ratio": comp.ratio, "width": cfg.seq_width, "layers": cfg.seq_layers, "dim": comp.dim,
+            "bits": comp.bits, "layer": layer}
+
+
+def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], out_dir: Path, seed: int,
+                    progress: bool, resume: bool, log=print) -> tuple[LearnedSeqPipeline, dict]:
+    """Train (or load, --seq-path) the compressor and return its pipeline and a summary."""
+    layer = resolve_layer(lm, cfg.seq_layer)
+    if cfg.seq_path:
+        comp, meta = load_compressor(lm, cfg.seq_path, cfg)
+        comp.to(lm.device if lm.device.type == "cuda" else "cpu")
+        return LearnedSeqPipeline(lm, comp, meta["shape"]["layer"]), {"loaded_from": cfg.seq_path}
+    torch.manual_seed(seed)
+    comp = build_compressor(lm, cfg).to(lm.device if lm.device.type == "cuda" else "cpu")
+    hc = head_cache(lm, head_ids)
+    t0 = time.time()
+    items, reused = cached_items(lm, train_prompts[:cfg.seq_max_questions], layer, cfg.seq_teacher_topk, hc,
+                                 len(head_ids), out_dir / "seq_cache.pt", progress)
+    cache_s = time.time() - t0
+    log(f"seq compressor: {len(items)} training questions, teacher + context states "
+        f"{'read from seq_cache.pt' if reused else f'computed in {cache_s:.0f} s'}; "
+        f"r={comp.ratio}, {comp.dim} dims x {comp.bits} bits, layer {layer}")
+    summary = train_seq(lm, comp, items, hc, len(head_ids), cfg, out_dir, seed, progress, resume)
+    summary |= {"questions": len(items), "cache_reused": reused, "cache_s": cache_s, "layer": layer,
+                "params": sum(p.numel() for p in comp.parameters())}
+    if dist.current().is_main:
+        save_compressor(comp, out_dir / "seq_compressor.pt",
+                        {"model": lm.fingerprint(), "shape": shape_meta(comp, cfg, layer), "config": asdict(cfg),
+                         "summary": {k: v for k, v in summary.items() if k not in ("first", "last")}})
+    return LearnedSeqPipeline(lm, comp, layer), summary
+
+
+__all__ = ["LearnedSeqPipeline", "SeqCompressor", "autoencode_items", "bounded_quantizer", "build_compressor", "build_items",
+           "cached_items", "collate",
+           "context_states", "head_cache", "load_compressor", "prepare_learned", "resolve_layer", "save_compressor",
+           "seq_loss", "teacher_topk", "train_seq"]

@@ -1,0 +1,231 @@
+"""The learned sequence compressor on the tiny random model: shapes and masks
+(M = ceil(L / r) latents, padding), exact bytes, the teacher's cached
+outputs, the loss against a direct computation, resume, and equal answers
+batched and one at a time."""
+import math
+
+import pytest
+import torch
+
+from latentwire.config import SeqConfig
+from latentwire.data import PromptBuilder, synthetic_squad
+from latentwire.evaluate import EvalSwitches, generate_predictions, span_payloads
+from latentwire.sequence import budget
+from latentwire.seqcomp import (LearnedSeqPipeline, SeqCompressor, answer_ids, bounded_quantizer, build_compressor,
+                                cached_items, collate, context_states, head_cache, load_compressor,
+                                prepare_learned, resolve_layer, save_compressor, seq_loss, teacher_topk, train_seq)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    b = PromptBuilder(tiny.tokenizer, "fewshot", 512)
+    return [b.build(e) for e in synthetic_squad(6, seed=7)][:12]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, prompts):
+    torch.manual_seed(0)
+    cfg = SeqConfig(seq_ratio=4, seq_width=32, seq_dim=8, seq_bits=2, seq_steps=4, seq_batch=3, seq_teacher_topk=16,
+                    seq_ckpt_every=2, seq_warmup=1)
+    layer = resolve_layer(tiny, None)
+    hc = head_cache(tiny, prompts[0].head_ids)
+    return cfg, layer, hc
+
+
+def test_encode_shapes_and_masks(gen):
+    comp = SeqCompressor(12, 10, ratio=4, width=16, layers=1, dim=6, bits=3)
+    h = torch.randn(3, 9, 12, generator=gen)
+    lens = [9, 5, 1]
+    mask = torch.arange(9)[None] < torch.tensor(lens)[:, None]
+    z, m = comp.encode(h, mask)
+    assert z.shape == (3, 3, 6) and z.abs().max() <= 1
+    assert m.sum(1).tolist() == [budget(n, 4) for n in lens]
+    # a row's latents do not depend on the padding beside it, nor on other rows
+    z1, _ = comp.encode(h[1:2, :5], mask[1:2, :5])
+    assert torch.allclose(z1[0], z[1, :2], atol=1e-5)
+    y, ym = comp(h, mask)
+    assert y.shape == (3, 3, 10) and torch.equal(ym, m)
+    # the receiver's output sits at the gain's RMS (the embedding table's scale)
+    assert torch.allclose(y.pow(2).mean(-1).sqrt(), comp.gain.detach().expand(3, 3), rtol=1e-3)
+
+
+def test_bounded_quantizer_is_exact_on_its_levels():
+    q = bounded_quantizer(2, 3)
+    lv = torch.tensor([-0.75, -0.25, 0.25, 0.75])
+    z = lv[torch.tensor([[0, 1, 2], [3, 3, 0]])]
+    assert torch.equal(q.from_bytes(q.to_bytes(z), 3), z)
+    # rows of >= 8 bits: exactly M x dim x bits; narrower rows carry a 1-byte varint count
+    assert len(bounded_quantizer(2, 4).to_bytes(torch.zeros(5, 4))) == 5
+    assert len(q.to_bytes(torch.zeros(5, 3))) == 1 + math.ceil(5 * 3 * 2 / 8)
+
+
+def test_payload_bytes_positions_and_receive(tiny, prompts, setup):
+    cfg, layer, _ = setup
+    comp = build_compressor(tiny, cfg).eval()
+    pipe = LearnedSeqPipeline(tiny, comp, layer)
+    payloads, ntok = span_payloads(pipe, prompts, EvalSwitches())
+    for pl, n in zip(payloads, ntok):
+        m = budget(n, 4)
+        assert pl.positions == m and pl.nbytes == math.ceil(m * cfg.seq_dim * cfg.seq_bits / 8)
+    p = prompts[0]
+    got = pipe.receive(pipe.payload(p.context_ids, p.context_text))
+    h = context_states(tiny, p.context_ids, layer)
+    with torch.no_grad():
+        want = comp.decode(comp.quantizer.roundtrip(comp.encode(h[None], torch.ones(1, len(h), dtype=torch.bool))[0][0]))
+    assert got.shape == (budget(len(p.context_ids), 4), tiny.d_model) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_teacher_topk_equals_a_full_forward(tiny, prompts, setup):
+    cfg, layer, hc = setup
+    ps = [p for p in prompts if p.context_ids == prompts[0].context_ids]
+    rows = [(list(p.ids[p.ctx_end:]), answer_ids(tiny.tokenizer, p.example.answers[0])) for p in ps]
+    got = teacher_topk(tiny, hc, len(ps[0].head_ids), ps[0].context_ids, rows, 8)
+    for p, (t, a), (v, ix) in zip(ps, rows, got):
+        full = torch.tensor([p.ids + a])
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny.model(input_ids=full).logits[0].float(), -1)
+        want = lp[len(p.ids) - 1:len(p.ids) - 1 + len(a)]
+        wv, wi = want.topk(8, -1)
+        assert torch.allclose(v, wv, atol=1e-4) and torch.equal(ix, wi)
+
+
+def test_items_are_cached_by_key(tiny, prompts, setup, tmp_path):
+    cfg, layer, hc = setup
+    path = tmp_path / "seq_cache.pt"
+    a, reused_a = cached_items(tiny, prompts, layer, 16, hc, len(prompts[0].head_ids), path, progress=False)
+    b, reused_b = cached_items(tiny, prompts, layer, 16, hc, len(prompts[0].head_ids), path, progress=False)
+    assert (reused_a, reused_b) == (False, True) and len(a) == len(prompts)
+    assert all(torch.equal(x["t_logp"], y["t_logp"]) and x["ans"] == y["ans"] for x, y in zip(a, b))
+    # a different top-k (or model, layer, prompts) is not read from the cache
+    _, reused_c = cached_items(tiny, prompts, layer, 8, hc, len(prompts[0].head_ids), path, progress=False)
+    assert not reused_c
+
+
+def test_loss_matches_a_direct_computation(tiny, prompts, setup):
+    """The student's CE through the head cache equals the CE of one plain
+    forward over [head][latents][tail][answer] embeddings."""
+    cfg, layer, hc = setup
+    items, _ = cached_items(tiny, prompts[:2], layer, 16, hc, len(prompts[0].head_ids), None, progress=False)
+    comp = build_compressor(tiny, cfg).eval()
+    batch = collate(items)
+    terms = seq_loss(tiny, comp, batch, hc, len(prompts[0].head_ids), cfg)
+    ce, n = 0.0, 0
+    for i, (it, p) in enumerate(zip(items, prompts[:2])):
+        with torch.no_grad():
+            y, _ = comp(it["h"][None].float(), torch.ones(1, len(it["h"]), dtype=torch.bool))
+            e = torch.cat([tiny.embed(torch.tensor(p.head_ids)).float(), y[0],
+                           tiny.embed(torch.tensor(it["tail"] + it["ans"])).float()])
+            lp = torch.log_softmax(tiny.model(inputs_embeds=e[None]).logits[0].float(), -1)
+        s = len(p.head_ids) + y.shape[1] + len(it["tail"]) - 1
+        ce -= float(lp[s:s + len(it["ans"])].gather(-1, torch.tensor(it["ans"])[:, None]).sum())
+        n += len(it["ans"])
+    assert abs(float(terms["ce"].detach()) - ce / n) < 1e-3
+    assert float(terms["kl"]) >= -1e-5 and set(terms) == {"ce", "kl", "loss"}
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(tiny, prompts, setup, tmp_path):
+    cfg, layer, hc = setup
+    n_head = len(prompts[0].head_ids)
+    items, _ = cached_items(tiny, prompts, layer, 16, hc, n_head, None, progress=False)
+    torch.manual_seed(0)
+    full = build_compressor(tiny, cfg)
+    init = {k: v.clone() for k, v in full.state_dict().items()}
+    s = train_seq(tiny, full, items, hc, n_head, cfg, tmp_path / "a", seed=1, progress=False)
+    assert s["steps"] == 4 and all(not torch.equal(init[k], v) for k, v in full.state_dict().items()
+                                   if k in ("query", "code.weight"))
+    # stop after 2 steps, resume to 4: the same weights as 4 steps straight
+    part = build_compressor(tiny, cfg)
+    part.load_state_dict(init)
+    train_seq(tiny, part, items, hc, n_head, cfg, tmp_path / "b", seed=1, progress=False, stop_after=2)
+    again = build_compressor(tiny, cfg)
+    train_seq(tiny, again, items, hc, n_head, cfg, tmp_path / "b", seed=1, progress=False, resume=True)
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, again.state_dict()[k], atol=1e-6), k
+    # more steps lower the training loss (a fixed batch, plain overfitting check)
+    comp = build_compressor(tiny, cfg)
+    opt = torch.optim.Adam(comp.parameters(), lr=1e-2)
+    batch = collate(items[:3])
+    losses = []
+    for _ in range(15):
+        t = seq_loss(tiny, comp, batch, hc, n_head, cfg)
+        opt.zero_grad()
+        t["loss"].backward()
+        opt.step()
+        losses.append(float(t["loss"]))
+    assert losses[-1] < losses[0]
+
+
+def test_save_load_and_batched_answers(tiny, prompts, setup, tmp_path):
+    cfg, layer, _ = setup
+    comp = build_compressor(tiny, cfg).eval()
+    save_compressor(comp, tmp_path / "seq_compressor.pt", {"model": tiny.fingerprint(), "shape": {
+        "ratio": 4, "width": cfg.seq_width, "layers": cfg.seq_layers, "dim": cfg.seq_dim, "bits": cfg.seq_bits,
+        "layer": layer}})
+    back, meta = load_compressor(tiny, tmp_path / "seq_compressor.pt", cfg)
+    for k, v in comp.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
+    pipe = LearnedSeqPipeline(tiny, back, meta["shape"]["layer"])
+    sw = EvalSwitches()
+    batched = generate_predictions(tiny, prompts, pipe, sw, batch_size=5, max_new_tokens=6, progress=False)
+    one = generate_predictions(tiny, prompts, pipe, sw, batch_size=1, max_new_tokens=6, progress=False,
+                               share_prefix=False)
+    assert batched == one
+
+
+def test_prepare_learned_trains_saves_and_loads(tiny, prompts, tmp_path):
+    cfg = SeqConfig(seq_ratio=2, seq_width=16, seq_dim=4, seq_bits=1, seq_steps=2, seq_batch=2, seq_teacher_topk=4,
+                    seq_layers=0)
+    pipe, summary = prepare_learned(tiny, cfg, prompts[:4], prompts[0].head_ids, tmp_path, 0, False, False,
+                                    log=lambda *a: None)
+    assert summary["steps"] == 2 and summary["questions"] == 4 and (tmp_path / "seq_compressor.pt").exists()
+    assert (tmp_path / "seq_train_log.jsonl").exists() and (tmp_path / "seq_cache.pt").exists()
+    cfg2 = SeqConfig(seq_path=str(tmp_path / "seq_compressor.pt"))
+    pipe2, s2 = prepare_learned(tiny, cfg2, [], [], tmp_path, 0, False, False)
+    p = prompts[0]
+    assert pipe2.payload(p.context_ids, "").data == pipe.payload(p.context_ids, "").data
+    assert pipe2.comp.ratio == 2 and s2["loaded_from"]
+
+
+def test_run_with_the_learned_compressor_only(tmp_path):
+    """`latentwire run --sequence learned,truncate --no-stage1`: trains, saves,
+    evaluates on the wire beside the baseline; nothing of Stage 1 is made."""
+    from latentwire.config import RunConfig
+    from latentwire.run import run_experiment
+    c = RunConfig()
+    c.model.model = "tiny-random"
+    c.data.synthetic_articles, c.data.max_eval = 6, 8
+    c.eval.max_new_tokens, c.eval.n_boot, c.eval.ac_contexts = 4, 20, 0
+    c.eval.sequence, c.eval.sequence_ratios, c.eval.stage1 = "learned,truncate", "4", False
+    c.seq.seq_steps, c.seq.seq_batch, c.seq.seq_width, c.seq.seq_dim, c.seq.seq_max_questions = 2, 2, 16, 4, 6
+    c.out, c.progress = str(tmp_path / "run"), False
+    m = run_experiment(c, use_cache=False, log=lambda *a: None)
+    assert set(m["pipelines"]) == {"text", "learned_r4", "truncate_r4"}
+    e, t = m["pipelines"]["learned_r4"], m["pipelines"]["truncate_r4"]
+    assert e["wire"]["positions_mean"] == t["wire"]["positions_mean"]  # equal positions: M = ceil(L / 4) both
+    assert e["wire"]["bits_per_token"] == pytest.approx(4 * 2 / 4, rel=0.3)  # 4 dims x 2 bits per 4 tokens
+    assert m["compressor"] is None and m["seq_train"]["steps"] == 2
+    run = tmp_path / "run"
+    assert (run / "seq_compressor.pt").exists() and not (run / "compressor.pt").exists()
+    assert "learned sequence compressor" in (run / "report.md").read_text()
+    assert (run / "seq_training.png").exists()
+
+
+def test_pretraining_reconstructs_the_context_first(tiny, prompts, setup, tmp_path):
+    """--seq-pretrain-steps: the first steps train on one item per paragraph
+    whose target is the context itself (CE only), then the QA steps."""
+    from dataclasses import replace
+
+    from latentwire.runio import read_jsonl
+    from latentwire.seqcomp import autoencode_items
+    cfg, layer, hc = setup
+    n_head = len(prompts[0].head_ids)
+    items, _ = cached_items(tiny, prompts, layer, 16, hc, n_head, None, progress=False)
+    pre = autoencode_items(items, max_tokens=5)
+    assert len(pre) == len({tuple(p.context_ids) for p in prompts})
+    assert all(x["tail"] == [] and x["ans"] == x["ctx"][:5] and "t_logp" not in x for x in pre)
+    t = seq_loss(tiny, build_compressor(tiny, cfg), collate(pre[:2]), hc, n_head, cfg)
+    assert float(t["kl"]) == 0.0 and torch.equal(t["loss"], t["ce"])
+    c2 = replace(cfg, seq_pretrain_steps=2, seq_steps=2)
+    s = train_seq(tiny, build_compressor(tiny, c2), items, hc, n_head, c2, tmp_path, progress=False)
+    stages = [r["stage"] for r in read_jsonl(tmp_path / "seq_train_log.jsonl") if r.get("event") == "step"]
+    assert stages == ["pretrain", "pretrain", "qa", "qa"] and s["steps"] == 4
