@@ -354,8 +354,9 @@ class SeqConfig:
     seq_teacher_topk: int = 64
     """Teacher next-token log-probabilities kept per answer position (the KL is taken on these ids)."""
     seq_max_questions: int = 2000
-    """Training questions (the first N of the training split) whose teacher outputs and context states are
-    computed once and cached (seq_cache.pt in the run folder)."""
+    """Training questions (the first N of the training split, articles round-robin) whose teacher outputs and
+    context states are computed once and cached ($LATENTWIRE_CACHE/seq_teacher, keyed by model weights, layer,
+    top-k and every prompt)."""
     seq_max_tokens: int = 256
     """Token budget of a training prompt (its context shortened to fit)."""
     seq_seed: int = 0

@@ -539,7 +539,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         # articles round-robin, so that the first --seq-max-questions span every training article
         learned, seq_summary = prepare_learned(lm, cfg.seq, [b2.build(e) for e in interleave_by_title(train)],
                                                prompts[0].head_ids, out,
-                                               cfg.seq.seq_seed, cfg.progress, resume, log)
+                                               cfg.seq.seq_seed, cfg.progress, resume, log, use_cache=use_cache)
         events.log(event="seq_trained", **{k2: v for k2, v in seq_summary.items() if k2 not in ("first", "last")})
 
     # --- evaluate -------------------------------------------------------------

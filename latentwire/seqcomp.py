@@ -24,7 +24,8 @@ and teacher-forced CE on the gold answer. The head's KV cache (few-shot
 shots and 'Context:', identical for every prompt) is computed once and
 shared by every row, so a step runs the LLM over M + question + answer
 positions only; the teacher's outputs and the sender's hidden states are
-computed once per question / paragraph and cached (`seq_cache.pt`).
+computed once per question / paragraph and cached ($LATENTWIRE_CACHE/seq_teacher, keyed by everything they
+depend on).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from . import dist
 from .config import SeqConfig
 from .errors import LatentWireError
 from .evaluate import _logits_kw
-from .models import cache_kwarg, get_cache
+from .models import cache_kwarg, cache_root, get_cache
 from .runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
 from .sequence import budget
 from .wire import FloatQuantizer, Payload, Pipeline, Quantizer, ScalarQuantizer
@@ -294,17 +295,21 @@ def items_key(lm, prompts, layer: int, topk: int) -> str:
     return h.hexdigest()
 
 
-def cached_items(lm, prompts, layer: int, topk: int, hc, n_head: int, path: Path | None,
+def cached_items(lm, prompts, layer: int, topk: int, hc, n_head: int, folder: Path | None,
                  progress: bool = True) -> tuple[list[dict], bool]:
-    """build_items, read from / written to `path` when its key matches (so a
-    resumed run does not recompute the teacher). Returns (items, reused)."""
+    """build_items, read from / written to `folder`/<key>.pt, the key being
+    everything the items depend on (model weights, layer, top-k, every
+    prompt): runs that differ only in the compressor's shape, seed or steps
+    share one teacher computation. Returns (items, reused)."""
     key = items_key(lm, prompts, layer, topk)
+    path = None if folder is None else Path(folder) / f"{key[:32]}.pt"
     if path is not None and path.exists():
-        blob = safe_torch_load(path, "seq cache")
+        blob = safe_torch_load(path, "seq teacher cache")
         if isinstance(blob, dict) and blob.get("key") == key:
             return blob["items"], True
     items = build_items(lm, prompts, layer, topk, hc, n_head, progress)
     if path is not None and dist.current().is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"key": key, "items": items}, path)
     return items, False
 
@@ -436,8 +441,11 @@ def shape_meta(comp: SeqCompressor, cfg: SeqConfig, layer: int) -> dict:
 
 
 def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], out_dir: Path, seed: int,
-                    progress: bool, resume: bool, log=print) -> tuple[LearnedSeqPipeline, dict]:
-    """Train (or load, --seq-path) the compressor and return its pipeline and a summary."""
+                    progress: bool, resume: bool, log=print, use_cache: bool = True) -> tuple[LearnedSeqPipeline, dict]:
+    """Train (or load, --seq-path) the compressor and return its pipeline and
+    a summary. The teacher's outputs and the context states are read from
+    $LATENTWIRE_CACHE/seq_teacher when an identical set was computed before
+    (`use_cache`, off with --no-cache); the summary says which."""
     layer = resolve_layer(lm, cfg.seq_layer)
     if cfg.seq_path:
         comp, meta = load_compressor(lm, cfg.seq_path, cfg)
@@ -448,10 +456,10 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
     hc = head_cache(lm, head_ids)
     t0 = time.time()
     items, reused = cached_items(lm, train_prompts[:cfg.seq_max_questions], layer, cfg.seq_teacher_topk, hc,
-                                 len(head_ids), out_dir / "seq_cache.pt", progress)
+                                 len(head_ids), cache_root() / "seq_teacher" if use_cache else None, progress)
     cache_s = time.time() - t0
     log(f"seq compressor: {len(items)} training questions, teacher + context states "
-        f"{'read from seq_cache.pt' if reused else f'computed in {cache_s:.0f} s'}; "
+        f"{'read from the cache (same model, layer, top-k, questions)' if reused else f'computed in {cache_s:.0f} s'}; "
         f"r={comp.ratio}, {comp.dim} dims x {comp.bits} bits, layer {layer}")
     summary = train_seq(lm, comp, items, hc, len(head_ids), cfg, out_dir, seed, progress, resume)
     summary |= {"questions": len(items), "cache_reused": reused, "cache_s": cache_s, "layer": layer,

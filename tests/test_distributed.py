@@ -82,6 +82,20 @@ def test_two_process_eval_and_phase2(tmp_path):
     assert (run / "adapter_phase2_state.pt").exists()
 
 
+def test_two_process_learned_sequence_compressor(tmp_path):
+    """--sequence learned under torchrun: data-parallel steps logged once by
+    rank 0, one compressor saved, the evaluation sharded and merged."""
+    run = tmp_path / "seq"
+    _launch(run, 2, "--no-stage1", "--sequence", "learned", "--seq-steps", "3", "--seq-batch", "2", "--seq-width", "16",
+            "--seq-dim", "4", "--seq-max-questions", "6", "--seq-ckpt-every", "2")
+    rows = [json.loads(x) for x in (run / "seq_train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("event") == "step"] == [1, 2, 3]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["seq_train"]["steps"] == 3
+    assert len(_preds(run, "learned_r4")) == m["n_eval"] == 9
+    assert (run / "seq_compressor.pt").exists() and (run / "ckpt_seq.pt").exists()
+
+
 def test_uneven_global_batch_is_refused_naming_the_flag():
     d = dist.Dist(rank=1, world=3)
     with pytest.raises(LatentWireError, match="--batch-tokens 256 does not split evenly over 3"):

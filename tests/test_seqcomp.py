@@ -91,7 +91,7 @@ def test_teacher_topk_equals_a_full_forward(tiny, prompts, setup):
 
 def test_items_are_cached_by_key(tiny, prompts, setup, tmp_path):
     cfg, layer, hc = setup
-    path = tmp_path / "seq_cache.pt"
+    path = tmp_path / "seq_teacher"
     a, reused_a = cached_items(tiny, prompts, layer, 16, hc, len(prompts[0].head_ids), path, progress=False)
     b, reused_b = cached_items(tiny, prompts, layer, 16, hc, len(prompts[0].head_ids), path, progress=False)
     assert (reused_a, reused_b) == (False, True) and len(a) == len(prompts)
@@ -178,7 +178,11 @@ def test_prepare_learned_trains_saves_and_loads(tiny, prompts, tmp_path):
     pipe, summary = prepare_learned(tiny, cfg, prompts[:4], prompts[0].head_ids, tmp_path, 0, False, False,
                                     log=lambda *a: None)
     assert summary["steps"] == 2 and summary["questions"] == 4 and (tmp_path / "seq_compressor.pt").exists()
-    assert (tmp_path / "seq_train_log.jsonl").exists() and (tmp_path / "seq_cache.pt").exists()
+    assert (tmp_path / "seq_train_log.jsonl").exists() and not summary["cache_reused"]
+    # a second training of another seed reads the teacher from the cache ($LATENTWIRE_CACHE, a temp dir in tests)
+    _, again = prepare_learned(tiny, SeqConfig(**{**cfg.__dict__, "seq_seed": 1}), prompts[:4], prompts[0].head_ids,
+                               tmp_path / "b", 0, False, False, log=lambda *a: None)
+    assert again["cache_reused"]
     cfg2 = SeqConfig(seq_path=str(tmp_path / "seq_compressor.pt"))
     pipe2, s2 = prepare_learned(tiny, cfg2, [], [], tmp_path, 0, False, False)
     p = prompts[0]

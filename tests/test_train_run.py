@@ -181,6 +181,15 @@ def test_cli_bad_flags_one_line_error(tmp_path):
         (["run", "--model", "tiny-random", "--bits", "12"], "--bits 12"),
         (["run", "--model", "tiny-random", "--anchor", "reconstructed"], "--anchor reconstructed needs --wire-scope"),
         (["run", "--model", "tiny-random", "--ratio", "1000"], "--ratio 1000.0 exceeds d_model=64"),
+        (["run", "--model", "tiny-random", "--no-stage1"], "--no-stage1 leaves nothing to evaluate"),
+        (["run", "--model", "tiny-random", "--sequence", "learned", "--seq-bits", "12"], "--seq-bits 12"),
+        (["run", "--model", "tiny-random", "--sequence", "learned", "--seq-preset", "huge"], "--seq-preset"),
+        (["run", "--model", "tiny-random", "--sequence", "learned", "--seq-path", str(tmp_path / "none.pt")],
+         "--seq-path " + str(tmp_path / "none.pt") + ": no such file"),
+        (["run", "--model", "tiny-random", "--sequence", "learned", "--seq-path", str(bad)],
+         "bad.json: not a LatentWire"),
+        (["run", "--model", "tiny-random", "--synthetic-articles", "4", "--max-eval", "2", "--no-stage1", "--sequence",
+          "learned", "--seq-layer", "9"], "--seq-layer 9: this model has layers 0..2"),
     ]:
         rc, err = run(*args, "--out", str(tmp_path / "o"))
         assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
