@@ -8,6 +8,7 @@ receiver prefills, beside the text references.
 
 Runs (each one `latentwire run --no-stage1`, its own folder and report):
 * `baselines`: text, truncate / surprisal / meanpool at every --ratios r;
+* `nocontext`: nothing sent (the question alone: the floor);
 * `learned_r{r}_s{seed}`: the learned compressor at --learned-ratio, one run
   per --seeds entry (training seed only: the questions are the same), and
   at each --learned-ratios r with the first seed.
@@ -57,6 +58,13 @@ def baselines_config(args) -> RunConfig:
     return c
 
 
+def nocontext_config(args) -> RunConfig:
+    """Nothing sent: the floor (a separate run, so the baselines run stays as it was)."""
+    c = base_config(args, "nocontext")
+    c.eval.sequence, c.eval.lm_code_length = "none", False
+    return c
+
+
 def learned_config(args, ratio: int, seed: int) -> RunConfig:
     c = base_config(args, f"learned_r{ratio}_s{seed}")
     c.eval.sequence, c.eval.sequence_ratios = "learned", f"{ratio}"
@@ -94,13 +102,17 @@ COLS = ["pipeline", "run", "positions", "bytes_per_context", "bits_per_token", "
 def paired_table(args, runs: dict, n_boot: int = 1000) -> tuple[str, list[dict]]:
     """Learned minus each baseline at the learned ratio, paired over questions."""
     r = args.learned_ratio
-    base_dir = Path(runs["baselines"][0])
+    where = {f"truncate_r{r}": "baselines", f"surprisal_r{r}": "baselines", f"meanpool_r{r}": "baselines",
+             "none": "nocontext"}
     rows, lines = [], ["| seed | against | ΔF1 [95% CI] | Δagreement [95% CI] |", "|---|---|---|---|"]
     for name, (folder, m) in runs.items():
         if f"learned_r{r}" not in m["pipelines"]:
             continue
         mine = read_jsonl(Path(folder) / f"predictions_learned_r{r}.jsonl")
-        for base in (f"truncate_r{r}", f"surprisal_r{r}", f"meanpool_r{r}"):
+        for base, run in where.items():
+            if run not in runs:
+                continue
+            base_dir = Path(runs[run][0])
             other = read_jsonl(base_dir / f"predictions_{base}.jsonl")
             if [x["id"] for x in other] != [x["id"] for x in mine]:
                 raise SystemExit(f"{folder} and {base_dir} were evaluated on different questions")
@@ -137,12 +149,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, tuple[str, dict]] = {}
-    cfgs = [("baselines", baselines_config(args))]
+    cfgs = [("baselines", baselines_config(args)), ("nocontext", nocontext_config(args))]
     cfgs += [(f"learned_r{args.learned_ratio}_s{s}", learned_config(args, args.learned_ratio, s)) for s in args.seeds]
     cfgs += [(f"learned_r{r}_s{args.seeds[0]}", learned_config(args, r, args.seeds[0]))
              for r in args.learned_ratios if r != args.learned_ratio and args.seeds]
     if args.only != "all":
-        cfgs = [(n, c) for n, c in cfgs if (n == "baselines") == (args.only == "baselines")]
+        cfgs = [(n, c) for n, c in cfgs if n.startswith("learned") == (args.only == "learned")]
     for name, cfg in cfgs:
         # the baselines run generates the text answers afresh; the learned runs read them from the answer cache
         # (same key) when it holds them
@@ -153,7 +165,7 @@ def main(argv=None) -> int:
     rows = []
     for name, (folder, m) in runs.items():
         for p in m["pipelines"]:
-            if p != "text" or name == "baselines":
+            if p != "text" or name == "baselines":  # one text row
                 rows.append(pipeline_row(name, p, m))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -172,7 +184,8 @@ def main(argv=None) -> int:
     atomic_write_text(out / "paired.md", paired + "\n")
     pts = [{"label": r["pipeline"] + ("" if r["run"] == "baselines" else f" ({r['run']})"),
             "bytes": r["bytes_per_context"], "f1": r["f1"], "f1_ci95": [float(x) for x in r["f1_ci95"].split("-")],
-            "agreement": None if r["agreement"] is None else r["agreement"] / 100} for r in rows if r["bytes_per_context"]]
+            "agreement": None if r["agreement"] is None else r["agreement"] / 100} for r in rows
+           if r["bytes_per_context"] is not None]
     plot_f1_vs_bytes(out / "f1_vs_bytes.png", pts, refs,
                      title=f"sequence compression ({m0['model']}, {m0['n_eval']} questions)")
     print(text)

@@ -103,7 +103,8 @@ class EvalConfig:
     to report its actual bytes beside the bound; 0 = the bound only."""
     sequence: str = ""
     """Sequence compressors to evaluate beside Stage 1, comma-separated: truncate (first M context tokens),
-    surprisal (the M most surprising tokens, in order), meanpool (mean of r embeddings), learned (the trained
+    surprisal (the M most surprising tokens, in order), meanpool (mean of r embeddings), none (nothing sent: the
+    question alone), learned (the trained
     compressor, --seq-* flags; trained in the run unless --seq-path is given); M = ceil(context tokens / r)."""
     sequence_ratios: str = "4"
     """Comma-separated ratios r for --sequence (e.g. 2,4,8,16)."""
@@ -147,7 +148,7 @@ class EvalConfig:
         if not self.stage1 and not self.sequence_kinds():
             raise LatentWireError("--no-stage1 leaves nothing to evaluate but the text: add --sequence")
         for k in self.sequence_kinds():
-            _choice("sequence", k, ("truncate", "surprisal", "meanpool", "learned"))
+            _choice("sequence", k, ("truncate", "surprisal", "meanpool", "none", "learned"))
         for r in self.sequence_ratio_list():
             if not r >= 1:
                 raise LatentWireError(f"--sequence-ratios: each ratio must be >= 1 (got {r:g})")

@@ -142,7 +142,11 @@ def plot_f1_vs_bytes(path: Path, points: list[dict], refs: dict, title: str = ""
                 a.axvline(r["bytes_mean"], color="#999", ls=":", lw=1)
             ax[0].text(r["bytes_mean"], 1.0, " " + REFERENCE_LABELS.get(r_name, r_name), rotation=90, va="top",
                        fontsize=7, color="#555", transform=ax[0].get_xaxis_transform())
-    for p in points:
+    for p in [p for p in points if not p["bytes"]]:  # nothing sent: a floor, drawn as a line (log x has no 0)
+        ax[0].axhline(p["f1"], color="#c33", ls="--", lw=1, label=f"{p['label']} (0 bytes)")
+        if p.get("agreement") is not None:
+            ax[1].axhline(100 * p["agreement"], color="#c33", ls="--", lw=1, label=f"{p['label']} (0 bytes)")
+    for p in [p for p in points if p["bytes"]]:
         lo, hi = p.get("f1_ci95") or (p["f1"], p["f1"])
         ax[0].errorbar([p["bytes"]], [p["f1"]], yerr=[[p["f1"] - lo], [hi - p["f1"]]], fmt="o", capsize=3,
                        label=p["label"])

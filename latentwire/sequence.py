@@ -13,7 +13,9 @@ Training-free baselines, each a sender/receiver pair (`wire.Pipeline`):
   fetches a tiktoken encoding at import, and it loads models with
   trust_remote_code=True (code from a model folder would run);
 * `meanpool`  -- the mean of each r consecutive token embeddings (what an
-  untrained merge does to the receiver).
+  untrained merge does to the receiver);
+* `none`      -- nothing is sent (0 bytes, 0 positions): the receiver
+  answers from the question alone, the floor every compressor must beat.
 
 Token baselines send token ids at ceil(log2 V) bits; pooled vectors go
 through the same quantizer as Stage 1 codes (--bits).
@@ -28,7 +30,7 @@ import torch
 
 from .wire import EmbeddingPipeline, Payload, Pipeline, Quantizer, TokenIdCodec
 
-SEQUENCE_KINDS = ("truncate", "surprisal", "meanpool")
+SEQUENCE_KINDS = ("truncate", "surprisal", "meanpool", "none")
 
 
 def budget(n_tokens: int, ratio: float) -> int:
@@ -52,14 +54,16 @@ class TokenSelectPipeline(Pipeline):
 
     def __init__(self, kind: str, ratio: float, vocab_size: int, lm=None, head_ids: Sequence[int] = ()):
         super().__init__()
-        if kind not in ("truncate", "surprisal"):
+        if kind not in ("truncate", "surprisal", "none"):
             raise ValueError(kind)
         self.kind, self.ratio, self.lm, self.head = kind, ratio, lm, list(head_ids)
-        self.name = f"{kind}_r{ratio:g}"
+        self.name = "none" if kind == "none" else f"{kind}_r{ratio:g}"
         self.codec = TokenIdCodec(vocab_size)
 
     def keep(self, ids: Sequence[int]) -> list[int]:
         """Indices of the kept tokens, in order."""
+        if self.kind == "none":
+            return []
         m = budget(len(ids), self.ratio)
         if self.kind == "truncate":
             return list(range(m))
@@ -103,8 +107,10 @@ def sequence_pipelines(lm, kinds: Sequence[str], ratios: Sequence[float], head_i
                        quantizer: Quantizer) -> dict[str, Pipeline]:
     """The baselines named by --sequence at every --sequence-ratios ratio."""
     out: dict[str, Pipeline] = {}
+    if "none" in kinds:
+        out["none"] = TokenSelectPipeline("none", 1, lm.vocab_size)
     for r in ratios:
-        for k in kinds:
+        for k in (k for k in kinds if k != "none"):
             p = meanpool_pipeline(lm, r, quantizer) if k == "meanpool" else \
                 TokenSelectPipeline(k, r, lm.vocab_size, lm, head_ids)
             out[p.name] = p

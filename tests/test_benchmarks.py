@@ -81,6 +81,7 @@ def test_seq_grid_smoke(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| learned_r4 | learned_r4_s1 |" in p.stdout and "| truncate_r2 | baselines |" in p.stdout
-    assert "| learned_r2 | learned_r2_s0 |" in p.stdout
+    assert "| learned_r2 | learned_r2_s0 |" in p.stdout and "| none | nocontext | 0.0 | 0 |" in p.stdout
+    assert "| learned_r4_s0 | none |" in p.stdout
     assert "mean ± sd over 2 seeds | surprisal_r4" in p.stdout
     assert (tmp_path / "sg" / "f1_vs_bytes.png").exists()

@@ -100,3 +100,13 @@ def test_run_with_sequence_baselines(tmp_path):
         assert e["wire"]["positions_mean"] < text["positions_mean"]
         assert e["wire"]["prompt_positions_mean"] < text["prompt_positions_mean"]
     assert (tmp_path / "run" / "predictions_surprisal_r4.official.json").exists()
+
+
+def test_none_sends_nothing(tiny, prompts):
+    """`none`: 0 bytes, 0 positions; the receiver reads its own head and the question."""
+    from latentwire.sequence import sequence_pipelines
+    pipe = sequence_pipelines(tiny, ["none"], [2, 4], prompts[0].head_ids, FloatQuantizer(32))["none"]
+    payloads, _ = span_payloads(pipe, prompts, EvalSwitches())
+    assert all(pl.nbytes == 0 and pl.positions == 0 for pl in payloads)
+    p = prompts[0]
+    assert pipeline_rows(tiny, [p], pipe, EvalSwitches())[0].tolist() == p.head_ids + p.ids[p.ctx_end:]
