@@ -366,8 +366,8 @@ class SeqConfig:
     seq_ckpt_every: int = 25
     """Checkpoint every N steps (atomic; also on SIGINT/SIGTERM)."""
     seq_preset: str | None = None
-    """quick (a first look: 60 steps on 400 questions, ~6 min of training here) | default (300 steps on 2,000
-    questions, ~35 min). Explicit --seq-* flags win over the preset."""
+    """quick (a first look: 60 steps on 400 training questions) | default (300 steps on 2,000 questions); the
+    README gives their measured times. Explicit --seq-* flags win over the preset."""
     seq_path: str | None = None
     """Load a trained compressor (seq_compressor.pt of an earlier run) instead of training one."""
 
@@ -393,7 +393,7 @@ class SeqConfig:
 
 SEQ_PRESETS = {"quick": {"seq_steps": 60, "seq_max_questions": 400},
                "default": {"seq_steps": 300, "seq_max_questions": 2000}}
-"""Training sizes of the learned sequence compressor (times measured on 2 CPU cores, SmolLM2-135M)."""
+"""Training sizes of the learned sequence compressor (their measured times are in the README)."""
 
 
 def apply_seq_preset(cfg: "RunConfig", keep=()) -> None:
