@@ -496,6 +496,9 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     seed_everything(cfg.data.seed)
 
     data = load_data(cfg)  # a bad data file is reported before the model loads
+    if cfg.seq.seq_path and "learned" in cfg.eval.sequence_kinds():
+        from .seqcomp import read_compressor_file
+        read_compressor_file(cfg.seq.seq_path)  # so is a bad --seq-path
     device, device_map = _resolve_placement(cfg)
     lm = load_model(cfg.model.model, device, cfg.model.dtype, device_map=device_map)
     d_model, V = lm.d_model, lm.vocab_size

@@ -147,11 +147,17 @@ def save_compressor(comp: SeqCompressor, path: Path, meta: dict) -> None:
     atomic_torch_save({"format": FORMAT, "state": comp.state_dict(), "meta": json.dumps(meta)}, path)
 
 
-def load_compressor(lm, path: str | Path, cfg: SeqConfig) -> tuple[SeqCompressor, dict]:
-    """A compressor saved by an earlier run; refuses one made for another model or shape (naming --seq-path)."""
+def read_compressor_file(path: str | Path) -> dict:
+    """The saved blob, or a one-line error naming --seq-path (checked before the model loads)."""
     blob = safe_torch_load(path, "--seq-path")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise LatentWireError(f"--seq-path {path}: not a LatentWire sequence compressor (seq_compressor.pt)")
+    return blob
+
+
+def load_compressor(lm, path: str | Path, cfg: SeqConfig) -> tuple[SeqCompressor, dict]:
+    """A compressor saved by an earlier run; refuses one made for another model or shape (naming --seq-path)."""
+    blob = read_compressor_file(path)
     meta = json.loads(blob["meta"])
     fp = lm.fingerprint()
     for k in ("model", "d_model", "vocab_size"):

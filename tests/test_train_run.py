@@ -189,9 +189,9 @@ def test_cli_bad_flags_one_line_error(tmp_path):
         (["run", "--model", "tiny-random", "--sequence", "learned", "--seq-path", str(bad)],
          "bad.json: not a LatentWire"),
         (["run", "--model", "tiny-random", "--synthetic-articles", "4", "--max-eval", "2", "--no-stage1", "--sequence",
-          "learned", "--seq-layer", "9"], "--seq-layer 9: this model has layers 0..2"),
+          "learned", "--seq-layer", "9", "--out", str(tmp_path / "o9")], "--seq-layer 9: this model has layers 0..2"),
     ]:
-        rc, err = run(*args, "--out", str(tmp_path / "o"))
+        rc, err = run(*args, *([] if "--out" in args else ["--out", str(tmp_path / "o")]))
         assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
 
 
