@@ -385,7 +385,8 @@ def config_diff(out: Path, config: RunConfig, saved: dict | None = None) -> list
     flat = _flatten(saved)
     now = _flatten(json.loads(json.dumps(asdict(config))))
     return [f"{k} is {flat.get(k)!r} there but {now.get(k)!r} now" for k in sorted(set(flat) | set(now))
-            if k not in ("progress",) and flat.get(k) != now.get(k)]
+            # `out` is the folder the saved config was read from, however it is spelled (relative or absolute)
+            if k not in ("progress", "out") and flat.get(k) != now.get(k)]
 
 
 def finished_metrics(cfg: RunConfig) -> tuple[dict | None, str]:

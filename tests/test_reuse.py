@@ -61,6 +61,11 @@ def test_finished_run_reused_only_with_equal_config(tmp_path):
     m = run_experiment(c, use_cache=False, log=lambda *a: None)
     again, why = finished_metrics(_cfg(tmp_path))
     assert again is not None and again["pipelines"]["text"]["f1"] == m["pipelines"]["text"]["f1"]
+    # the same folder spelled relative to the working directory is the same run
+    import os
+    rel = _cfg(tmp_path)
+    rel.out = os.path.relpath(c.out)
+    assert finished_metrics(rel)[0] is not None
     more = _cfg(tmp_path)
     more.data.max_eval = 9
     none, why = finished_metrics(more)
