@@ -43,6 +43,7 @@ from latentwire.sweep import _paired  # noqa: E402
 def base_config(args, name: str) -> RunConfig:
     c = RunConfig()
     c.model.model = args.model
+    c.model.dtype = args.dtype
     c.data.squad_train, c.data.squad_eval = args.squad_train, args.squad_eval
     c.data.max_eval, c.data.seed = args.max_eval, args.seed
     c.eval.stage1, c.eval.lm_code_length, c.eval.ac_contexts = False, True, 0
@@ -65,17 +66,18 @@ def nocontext_config(args) -> RunConfig:
     return c
 
 
+SEQ_FLAGS = ("seq_steps", "seq_dim", "seq_bits", "seq_max_questions", "seq_pretrain_steps", "seq_lr")
+
+
 def learned_config(args, ratio: int, seed: int) -> RunConfig:
     c = base_config(args, f"learned_r{ratio}_s{seed}")
     c.eval.sequence, c.eval.sequence_ratios = "learned", f"{ratio}"
     c.eval.lm_code_length = False  # the references come from the baselines run
     c.seq.seq_ratio, c.seq.seq_seed, c.seq.seq_preset = ratio, seed, args.preset
-    for flag in ("seq_steps", "seq_dim", "seq_bits", "seq_max_questions"):
-        v = getattr(args, flag)
-        if v is not None:
-            setattr(c.seq, flag, v)
-    apply_preset(c, keep={f for f in ("seq_steps", "seq_dim", "seq_bits", "seq_max_questions")
-                          if getattr(args, f) is not None})
+    given = {f for f in SEQ_FLAGS if getattr(args, f) is not None}
+    for flag in given:
+        setattr(c.seq, flag, getattr(args, flag))
+    apply_preset(c, keep=given)
     return c
 
 
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-dim", dest="seq_dim", type=int, default=None)
     ap.add_argument("--seq-bits", dest="seq_bits", type=int, default=None)
     ap.add_argument("--seq-max-questions", dest="seq_max_questions", type=int, default=None)
+    ap.add_argument("--seq-pretrain-steps", dest="seq_pretrain_steps", type=int, default=None)
+    ap.add_argument("--seq-lr", dest="seq_lr", type=float, default=None)
     ap.add_argument("--reuse-text", action="store_true",
                     help="the baselines run also reads text answers from the answer cache (same key; its metrics.json "
                          "counts what it read) instead of generating them afresh")

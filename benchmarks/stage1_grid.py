@@ -24,6 +24,7 @@ def cell_config(args, adapter: str, ratio: float, controls: bool, preset: str = 
     """One grid cell = the `latentwire run` config for (adapter, ratio)."""
     c = RunConfig()
     c.model.model = args.model
+    c.model.dtype = args.dtype
     c.data.squad_train, c.data.squad_eval = args.squad_train, args.squad_eval
     c.data.max_eval, c.data.template, c.data.seed = args.max_eval, args.template, args.seed
     c.compress.ratio = ratio
@@ -107,6 +108,8 @@ def grid_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--squad-eval", default=None)
     ap.add_argument("--max-eval", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0, help="data seed (questions, training split)")
+    ap.add_argument("--dtype", default="auto", help="--dtype of every run (auto: bf16 on GPU, fp32 on CPU; give "
+                                                    "float32 to compare GPU runs with CPU ones)")
     return ap
 
 

@@ -45,6 +45,7 @@ DEFAULT_CELLS = ["vocab:144:32", "vocab:9:32", "vocab:9:8", "vocab:9:4", "vocab:
 def cell_config(args, adapter: str, dims: int, bits: int) -> RunConfig:
     c = RunConfig()
     c.model.model = args.model
+    c.model.dtype = args.dtype
     c.data.squad_train, c.data.squad_eval = args.squad_train, args.squad_eval
     c.data.max_eval, c.data.seed = args.max_eval, args.seed
     c.compress.compress_dim, c.compress.bits = dims, bits

@@ -360,6 +360,9 @@ class SeqConfig:
     top-k and every prompt)."""
     seq_max_tokens: int = 256
     """Token budget of a training prompt (its context shortened to fit)."""
+    seq_ref_questions: int = 32
+    """Training questions on which the loss of the references (whole context as text, its first M tokens, no
+    context) is measured once before training, the yardstick of the loss curve (log, plot, report); 0 = skip."""
     seq_seed: int = 0
     """Seed of the compressor's initialisation and batch order (the data and evaluation questions keep --seed,
     so runs that differ only in --seq-seed are paired on the same questions)."""

@@ -127,7 +127,9 @@ def wrap(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
 def mean_terms(terms: dict[str, torch.Tensor], d: Dist) -> dict[str, float]:
     """Loss terms averaged over ranks, as floats (for logging and the NaN
     check: a NaN on any rank becomes a NaN on every rank, so all stop)."""
-    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).cpu()
+    # each moved to the CPU first: terms may live on different devices (a term computed on the CPU beside
+    # GPU ones), and the reduction runs over gloo, which takes CPU tensors
+    vals = torch.stack([v.detach().float().reshape(()).cpu() for v in terms.values()])
     if d.enabled:
         tdist.all_reduce(vals, op=tdist.ReduceOp.SUM)
         vals /= d.world

@@ -51,6 +51,10 @@ def plot_seq_training(run_dir: Path) -> str | None:
     steps = [r["step"] for r in rows]
     for key in ("loss", "kl", "ce"):
         ax.plot(steps, [r[key] for r in rows], label=key, alpha=1.0 if key == "loss" else 0.7)
+    ref = next((r for r in read_jsonl(log, skip_bad=True) if r.get("event") == "reference"), None)
+    for (name, style) in (("none", ":"), ("truncate", "--")) if ref else ():
+        if name in ref:  # the CE of the references on the same scale: where the curve has to go
+            ax.axhline(ref[name]["ce"], color="grey", ls=style, lw=1, label=f"CE, {name}")
     ax.set_xlabel("step"); ax.set_ylabel("nats per answer token"); ax.legend()
     ax.set_title("learned sequence compressor: training loss")
     fig.tight_layout()
@@ -77,11 +81,15 @@ def _seq_line(metrics: dict) -> list[str]:
         return [f"- learned sequence compressor: loaded from `{s['loaded_from']}`"]
     first, last = s.get("first") or {}, s.get("last") or {}
     cache = "reused" if s.get("cache_reused") else f"{s.get('cache_s', 0):.0f} s"
+    refs = s.get("reference") or {}
+    ref = ("" if not refs else "; the same terms (CE / KL) for the references on "
+           f"{refs['text']['questions']} training questions: "
+           + ", ".join(f"{k} {v['ce']:.3f} / {v['kl']:.3f}" for k, v in refs.items()))
     return [f"- learned sequence compressor: {s.get('steps')} steps on {s.get('questions')} training questions "
             f"(layer {s.get('layer')}, {s.get('params')} parameters), loss {first.get('loss', float('nan')):.3f} -> "
             f"{last.get('loss', float('nan')):.3f} (KL {last.get('kl', float('nan')):.3f}, CE "
             f"{last.get('ce', float('nan')):.3f}), training {s.get('train_s', 0):.0f} s, teacher cache "
-            f"{cache}"]
+            f"{cache}{ref}"]
 
 
 def plot_norms(run_dir: Path, diags: dict) -> str | None:

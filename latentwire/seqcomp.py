@@ -33,6 +33,7 @@ import copy
 import hashlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -359,6 +360,16 @@ def seq_loss(lm, comp, batch: dict, hc, n_head: int, cfg: SeqConfig) -> dict[str
         where.append((start, len(it["ans"])))
     x, m = _right_pad(segs)
     logits = _forward_after(lm, _cache_copy(hc, len(items)), n_head, x, m, False).logits.float()
+    terms = answer_terms(logits, items, where)
+    pre = "t_logp" not in items[0]
+    terms["loss"] = terms["ce"] if pre else cfg.seq_w_ce * terms["ce"] + cfg.seq_w_kl * terms["kl"]
+    return terms
+
+
+def answer_terms(logits: torch.Tensor, items: Sequence[dict], where) -> dict[str, torch.Tensor]:
+    """Mean CE on the gold answer and KL(teacher top-k || model) per answer
+    token, row i's answer predicted from logits[i, start_i : start_i + A_i]."""
+    dev = logits.device
     ce, kl, n = logits.new_zeros(()), logits.new_zeros(()), 0
     for i, (it, (s, A)) in enumerate(zip(items, where)):
         lp = torch.log_softmax(logits[i, s:s + A], -1)  # [A, V]
@@ -370,10 +381,37 @@ def seq_loss(lm, comp, batch: dict, hc, n_head: int, cfg: SeqConfig) -> dict[str
         t_lp = it["t_logp"].float().to(dev)
         p = torch.softmax(t_lp, -1)  # the teacher's top-k, renormalised
         kl = kl + (p * (torch.log(p.clamp_min(1e-12)) - lp.gather(-1, it["t_ids"].long().to(dev)))).sum()
-    terms = {"ce": ce / n, "kl": kl / n}
-    pre = "t_logp" not in items[0]
-    terms["loss"] = terms["ce"] if pre else cfg.seq_w_ce * terms["ce"] + cfg.seq_w_kl * terms["kl"]
-    return terms
+    return {"ce": ce / n, "kl": kl / n}
+
+
+@torch.no_grad()
+def reference_losses(lm, items: Sequence[dict], hc, n_head: int, ratio: int, n: int, seed: int = 0,
+                     batch: int = 8) -> dict[str, dict[str, float]]:
+    """seq_loss's CE and KL for what the learned compressor is measured
+    against, on a fixed sample of n training questions: the receiver reading
+    the whole context as text (the teacher's own input: KL ~ 0), its first M
+    tokens (truncation at the same positions) and no context (the question
+    alone). Why: a loss curve means nothing without them -- a compressor whose
+    loss stays at `none` sends nothing the receiver can use."""
+    if n <= 0 or not items:
+        return {}
+    pick = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), min(n, len(items))))]
+    cuts = {"text": lambda c: c, "truncate": lambda c: c[:budget(len(c), ratio)], "none": lambda c: []}
+    out = {}
+    for name, cut in cuts.items():
+        tot = {"ce": 0.0, "kl": 0.0}
+        for b in range(0, len(pick), batch):
+            chunk = pick[b:b + batch]
+            rows = [cut(it["ctx"]) + it["tail"] + it["ans"] for it in chunk]
+            x, m = _right_pad([torch.tensor(r, dtype=torch.long, device=lm.device) for r in rows])
+            logits = _forward_after(lm, _cache_copy(hc, len(chunk)), n_head, x, m, True).logits.float()
+            where = [(len(cut(it["ctx"])) + len(it["tail"]) - 1, len(it["ans"])) for it in chunk]
+            A = sum(len(it["ans"]) for it in chunk)
+            for k, v in answer_terms(logits, chunk, where).items():
+                tot[k] += float(v) * A
+        A = sum(len(it["ans"]) for it in pick)
+        out[name] = {k: v / A for k, v in tot.items()} | {"questions": len(pick)}
+    return out
 
 
 # ------------------------------------------------------------- training
@@ -467,8 +505,14 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
     log(f"seq compressor: {len(items)} training questions, teacher + context states "
         f"{'read from the cache (same model, layer, top-k, questions)' if reused else f'computed in {cache_s:.0f} s'}; "
         f"r={comp.ratio}, {comp.dim} dims x {comp.bits} bits, layer {layer}")
+    refs = reference_losses(lm, items, hc, len(head_ids), comp.ratio, cfg.seq_ref_questions, seed)
+    if refs:
+        log("seq reference losses (CE / KL per answer token, " f"{refs['text']['questions']} training questions): "
+            + "; ".join(f"{k} {v['ce']:.3f} / {v['kl']:.3f}" for k, v in refs.items()))
+        if dist.current().is_main and not resume:
+            JsonlLogger(Path(out_dir) / "seq_train_log.jsonl").log(event="reference", ratio=comp.ratio, **refs)
     summary = train_seq(lm, comp, items, hc, len(head_ids), cfg, out_dir, seed, progress, resume)
-    summary |= {"questions": len(items), "cache_reused": reused, "cache_s": cache_s, "layer": layer,
+    summary |= {"reference": refs, "questions": len(items), "cache_reused": reused, "cache_s": cache_s, "layer": layer,
                 "params": sum(p.numel() for p in comp.parameters())}
     if dist.current().is_main:
         save_compressor(comp, out_dir / "seq_compressor.pt",
@@ -480,4 +524,4 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
 __all__ = ["LearnedSeqPipeline", "SeqCompressor", "autoencode_items", "bounded_quantizer", "build_compressor", "build_items",
            "cached_items", "collate",
            "context_states", "head_cache", "load_compressor", "prepare_learned", "resolve_layer", "save_compressor",
-           "seq_loss", "teacher_topk", "train_seq"]
+           "reference_losses", "seq_loss", "teacher_topk", "train_seq"]

@@ -10,10 +10,12 @@ import torch
 from latentwire.config import SeqConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.evaluate import EvalSwitches, generate_predictions, span_payloads
+from latentwire.runio import read_jsonl
 from latentwire.sequence import budget
 from latentwire.seqcomp import (LearnedSeqPipeline, SeqCompressor, answer_ids, bounded_quantizer, build_compressor,
                                 cached_items, collate, context_states, head_cache, load_compressor,
-                                prepare_learned, resolve_layer, save_compressor, seq_loss, teacher_topk, train_seq)
+                                prepare_learned, reference_losses, resolve_layer, save_compressor, seq_loss, teacher_topk,
+                                train_seq)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,32 @@ def test_loss_matches_a_direct_computation(tiny, prompts, setup):
     assert float(terms["kl"]) >= -1e-5 and set(terms) == {"ce", "kl", "loss"}
 
 
+def test_reference_losses_match_plain_forwards(tiny, prompts, setup):
+    """The yardsticks of the loss curve: reading the whole context as text
+    is the teacher's own input (its KL is the top-k term's floor); truncation's and
+    no-context CE equal plain forwards over [head][cut context][tail][answer]."""
+    cfg, layer, hc = setup
+    items, _ = cached_items(tiny, prompts[:5], layer, 16, hc, len(prompts[0].head_ids), None, progress=False)
+    refs = reference_losses(tiny, items, hc, len(prompts[0].head_ids), ratio=4, n=5, batch=2)
+    assert set(refs) == {"text", "truncate", "none"} and refs["text"]["questions"] == 5
+    # the teacher's own input: its KL is the floor of the top-k KL term, -log(mass the top-k holds)
+    floor = torch.cat([-torch.logsumexp(it["t_logp"].float(), -1) for it in items]).mean()
+    assert refs["text"]["kl"] == pytest.approx(float(floor), abs=2e-3)
+    assert refs["truncate"]["kl"] > refs["text"]["kl"]
+    head = list(prompts[0].head_ids)
+    for name, cut in (("truncate", lambda c: c[:budget(len(c), 4)]), ("none", lambda c: [])):
+        ce, n = 0.0, 0
+        for it in items:
+            ids = head + cut(it["ctx"]) + it["tail"] + it["ans"]
+            with torch.no_grad():
+                lp = torch.log_softmax(tiny.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            s = len(ids) - len(it["ans"]) - 1
+            ce -= float(lp[s:s + len(it["ans"])].gather(-1, torch.tensor(it["ans"])[:, None]).sum())
+            n += len(it["ans"])
+        assert refs[name]["ce"] == pytest.approx(ce / n, abs=1e-3)
+    assert reference_losses(tiny, items, hc, len(head), 4, n=0) == {}
+
+
 def test_training_lowers_the_loss_and_resumes_exactly(tiny, prompts, setup, tmp_path):
     cfg, layer, hc = setup
     n_head = len(prompts[0].head_ids)
@@ -212,6 +240,10 @@ def test_run_with_the_learned_compressor_only(tmp_path):
     assert (run / "seq_compressor.pt").exists() and not (run / "compressor.pt").exists()
     assert "learned sequence compressor" in (run / "report.md").read_text()
     assert (run / "seq_training.png").exists()
+    refs = m["seq_train"]["reference"]  # the loss curve's yardsticks: logged, summarised, reported
+    assert set(refs) == {"text", "truncate", "none"}
+    assert any(r.get("event") == "reference" for r in read_jsonl(run / "seq_train_log.jsonl"))
+    assert "for the references on" in (run / "report.md").read_text()
 
 
 def test_pretraining_reconstructs_the_context_first(tiny, prompts, setup, tmp_path):
