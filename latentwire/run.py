@@ -385,8 +385,13 @@ def config_diff(out: Path, config: RunConfig, saved: dict | None = None) -> list
     flat = _flatten(saved)
     now = _flatten(json.loads(json.dumps(asdict(config))))
     return [f"{k} is {flat.get(k)!r} there but {now.get(k)!r} now" for k in sorted(set(flat) | set(now))
-            # `out` is the folder the saved config was read from, however it is spelled (relative or absolute)
-            if k not in ("progress", "out") and flat.get(k) != now.get(k)]
+            if k not in NOT_COMPARED and flat.get(k) != now.get(k)]
+
+
+# Fields that change neither an answer nor a trained weight: progress bars; `out`, the folder the saved config
+# was read from, however it is spelled (relative or absolute); the learned compressor's reference losses, measured
+# beside training without touching its random streams (a run saved before the field existed is still the same run).
+NOT_COMPARED = ("progress", "out", "seq.seq_ref_questions")
 
 
 def finished_metrics(cfg: RunConfig) -> tuple[dict | None, str]:

@@ -66,6 +66,10 @@ def test_finished_run_reused_only_with_equal_config(tmp_path):
     rel = _cfg(tmp_path)
     rel.out = os.path.relpath(c.out)
     assert finished_metrics(rel)[0] is not None
+    # a run saved before the loss-yardstick field existed (or with another value) is the same run
+    yard = _cfg(tmp_path)
+    yard.seq.seq_ref_questions = 0
+    assert finished_metrics(yard)[0] is not None
     more = _cfg(tmp_path)
     more.data.max_eval = 9
     none, why = finished_metrics(more)
