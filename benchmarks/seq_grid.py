@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -152,6 +153,8 @@ def main(argv=None) -> int:
                     help="the baselines run also reads text answers from the answer cache (same key; its metrics.json "
                          "counts what it read) instead of generating them afresh")
     ap.add_argument("--out", default="runs/seq_grid")
+    ap.add_argument("--md", default=None, help="also write the tables as this markdown file (with the command that "
+                                               "made them; the plot is copied beside it)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,14 +198,48 @@ def main(argv=None) -> int:
            if r["bytes_per_context"] is not None]
     plot_f1_vs_bytes(out / "f1_vs_bytes.png", pts, refs,
                      title=f"sequence compression ({m0['model']}, {m0['n_eval']} questions)")
-    print(text)
+    lines = training_lines(runs)
+    print(text + "\n" + "\n".join(lines))
+    print(f"\nwrote {out}/results.md, results.csv, paired.md, f1_vs_bytes.png")
+    if args.md:
+        write_md(Path(args.md), argv if argv is not None else sys.argv[1:], text, lines, out / "f1_vs_bytes.png")
+    return 0
+
+
+def training_lines(runs: dict) -> list[str]:
+    """Per learned run: steps, loss first -> last beside the reference losses (text / truncation / no context on
+    the same training questions), training and cache time."""
+    lines = []
     for name, (folder, m) in runs.items():
         s = m.get("seq_train")
-        if s and s.get("train_s") is not None:
-            print(f"{name}: {s['steps']} steps on {s['questions']} questions in {s['train_s']:.0f} s "
-                  f"(+ {s['cache_s']:.0f} s teacher/context cache); run wall {m['wall_s']:.0f} s")
-    print(f"\nwrote {out}/results.md, results.csv, paired.md, f1_vs_bytes.png")
-    return 0
+        if not s or s.get("train_s") is None:
+            continue
+        f, la = s.get("first") or {}, s.get("last") or {}
+        refs = s.get("reference") or {}
+        ref = "" if not refs else " | reference CE / KL: " + ", ".join(
+            f"{k} {v['ce']:.2f} / {v['kl']:.2f}" for k, v in refs.items())
+        pre = f" after {s['pretrain_steps']} autoencoding steps" if s.get("pretrain_steps") else ""
+        lines.append(f"- {name}: {s['steps'] - (s.get('pretrain_steps') or 0)} QA steps{pre} on {s['questions']} "
+                     f"questions, CE {f.get('ce', float('nan')):.2f} -> {la.get('ce', float('nan')):.2f}, KL "
+                     f"{f.get('kl', float('nan')):.2f} -> {la.get('kl', float('nan')):.2f} (first / last step){ref}; "
+                     f"training {s['train_s']:.0f} s (+ {s['cache_s']:.0f} s teacher/context cache), run wall "
+                     f"{m['wall_s']:.0f} s")
+    return lines
+
+
+def write_md(path: Path, argv, text: str, lines: list[str], plot: Path) -> None:
+    import platform
+    import shutil
+    from datetime import datetime, timezone
+    png = path.with_name(path.stem + "-f1_vs_bytes.png")
+    shutil.copyfile(plot, png)
+    cmd = "python benchmarks/seq_grid.py " + " ".join(argv)
+    head = (f"# Sequence compression\n\nThis file is the unedited output of\n\n```\n{cmd}\n```\n\n"
+            f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs; finished runs "
+            "in the out folder are reused only with an equal config, and the command's log says [reuse]; each run's "
+            "folder holds its config, report, predictions and logs).\n")
+    atomic_write_text(path, "\n".join([head, text, "Learned runs:\n", *lines, "", f"![F1 vs bytes]({png.name})", ""]))
+    print(f"wrote {path} and {png}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_seq_grid_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seq_grid.py"), "--model", "tiny-random", "--max-eval", "6",
            "--ratios", "2", "4", "--seeds", "0", "1", "--learned-ratios", "2", "--seq-steps", "2",
            "--seq-max-questions", "8",
-           "--out", str(tmp_path / "sg")]
+           "--out", str(tmp_path / "sg"), "--md", str(tmp_path / "SEQ.md")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| learned_r4 | learned_r4_s1 |" in p.stdout and "| truncate_r2 | baselines |" in p.stdout
@@ -85,3 +85,8 @@ def test_seq_grid_smoke(tmp_path):
     assert "| learned_r4_s0 | none |" in p.stdout
     assert "mean ± sd over 2 seeds | surprisal_r4" in p.stdout
     assert (tmp_path / "sg" / "f1_vs_bytes.png").exists()
+    # per learned run: its losses beside the references (text / truncation / no context)
+    assert "- learned_r4_s1: 2 QA steps on 8 questions" in p.stdout and "reference CE / KL: text" in p.stdout
+    md = (tmp_path / "SEQ.md").read_text()  # the tables with the command that made them, the plot beside
+    assert "python benchmarks/seq_grid.py --model tiny-random" in md and "| learned_r4 | learned_r4_s1 |" in md
+    assert (tmp_path / "SEQ-f1_vs_bytes.png").exists() and "(SEQ-f1_vs_bytes.png)" in md
