@@ -371,7 +371,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 # what a run leaves that a later --resume would read: --overwrite removes all of it
 RUN_STATE_FILES = ("ckpt.pt", "ckpt_phase2.pt", "train_log.jsonl", "events.jsonl", "adapter_best_state.pt",
-                   "adapter_phase2_state.pt", "metrics.json")
+                   "adapter_phase2_state.pt", "metrics.json", "ckpt_seq.pt", "seq_train_log.jsonl")
 
 
 def config_diff(out: Path, config: RunConfig, saved: dict | None = None) -> list[str]:

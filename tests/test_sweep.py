@@ -158,5 +158,6 @@ def test_overwrite_clears_both_phases_checkpoints(tmp_path):
     with pytest.raises(LatentWireError, match="already holds a run"):
         prepare_run_dir(tmp_path, resume=False, overwrite=False)
     prepare_run_dir(tmp_path, resume=False, overwrite=True)
-    assert "ckpt_phase2.pt" in RUN_STATE_FILES
+    # the learned sequence compressor's too: a killed run's log rows were kept and a new run appended after them
+    assert {"ckpt_phase2.pt", "ckpt_seq.pt", "seq_train_log.jsonl"} <= set(RUN_STATE_FILES)
     assert not any((tmp_path / f).exists() for f in RUN_STATE_FILES)
