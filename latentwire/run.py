@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -382,10 +383,21 @@ def config_diff(out: Path, config: RunConfig, saved: dict | None = None) -> list
         if not (out / "config.json").exists():
             return []
         saved = json.loads((out / "config.json").read_text())
-    flat = _flatten(saved)
-    now = _flatten(json.loads(json.dumps(asdict(config))))
+    flat = _same_paths(_flatten(saved))
+    now = _same_paths(_flatten(json.loads(json.dumps(asdict(config)))))
     return [f"{k} is {flat.get(k)!r} there but {now.get(k)!r} now" for k in sorted(set(flat) | set(now))
             if k not in NOT_COMPARED and flat.get(k) != now.get(k)]
+
+
+# Data files named by path: one file spelled relative or absolute is one value (a relative spelling in a saved
+# config is read against the working directory of the run that saved it, which config.json does not record, so
+# both sides are resolved against the current one -- what a rerun from here would read).
+PATH_FIELDS = ("data.squad_train", "data.squad_eval")
+
+
+def _same_paths(flat: dict) -> dict:
+    return {k: (os.path.realpath(v) if k in PATH_FIELDS and isinstance(v, str) and v != "hub" else v)
+            for k, v in flat.items()}
 
 
 # Fields that change neither an answer nor a trained weight: progress bars; `out`, the folder the saved config

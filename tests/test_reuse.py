@@ -77,6 +77,27 @@ def test_finished_run_reused_only_with_equal_config(tmp_path):
     assert m["text_answer_cache"]["misses"] == 6 and m["text_answer_cache"]["read_cache"] is False
 
 
+def test_data_paths_compared_as_files(tmp_path, monkeypatch):
+    """One data file spelled absolute (in a saved run) and relative (now) is
+    the same setting -- compared literally, a benchmark's rerun with
+    ../shared/... cleared a finished 2-hour run made with /work/shared/...;
+    another file is still a difference."""
+    from dataclasses import asdict
+    from latentwire.run import config_diff
+    (tmp_path / "d").mkdir()
+    for n in ("train.json", "dev.json"):
+        (tmp_path / "d" / n).write_text("{}")
+    monkeypatch.chdir(tmp_path / "d")
+    c = _cfg(tmp_path)
+    c.data.squad_train, c.data.squad_eval = str(tmp_path / "d" / "train.json"), str(tmp_path / "d" / "dev.json")
+    saved = asdict(c)
+    c.data.squad_train, c.data.squad_eval = "train.json", "../d/dev.json"
+    assert config_diff(tmp_path, c, saved=saved) == []
+    c.data.squad_eval = "train.json"
+    assert config_diff(tmp_path, c, saved=saved) == [
+        f"data.squad_eval is {str(tmp_path / 'd' / 'dev.json')!r} there but {str(tmp_path / 'd' / 'train.json')!r} now"]
+
+
 def test_torn_log_lines(tmp_path):
     p = tmp_path / "log.jsonl"
     p.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')
