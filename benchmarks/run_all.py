@@ -162,7 +162,8 @@ def main(argv=None) -> int:
 
     # --- sections 1, 4, 5: independent runs in worker processes -------------
     grid_args = {"model": args.model, "squad_train": tr, "squad_eval": ev, "max_eval": args.max_eval,
-                 "template": "fewshot", "seed": args.seed, "epochs": args.epochs, "out": str(out / "grid")}
+                 "template": "fewshot", "seed": args.seed, "epochs": args.epochs, "out": str(out / "grid"),
+                 "dtype": "auto"}
     from stage1_grid import grid_cells
     ns = argparse.Namespace(ratios=args.ratios, adapters=["vocab", "mlp"], controls_at=[4.0], seed_preset_at=[4.0])
     tasks = [("memory", {"out": str(out / "default_run"), "model": args.model})]

@@ -27,8 +27,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
+import shutil
 import statistics
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 
 from latentwire.config import RunConfig, apply_preset  # noqa: E402
-from latentwire.report import plot_f1_vs_bytes, references_table  # noqa: E402
+from latentwire.report import plot_f1_vs_bytes, reference_text, references_table  # noqa: E402
 from latentwire.runio import atomic_write_text, read_jsonl  # noqa: E402
 from latentwire.sweep import _paired  # noqa: E402
 
@@ -216,8 +219,7 @@ def training_lines(runs: dict) -> list[str]:
             continue
         f, la = s.get("first") or {}, s.get("last") or {}
         refs = s.get("reference") or {}
-        ref = "" if not refs else " | reference CE / KL: " + ", ".join(
-            f"{k} {v['ce']:.2f} / {v['kl']:.2f}" for k, v in refs.items())
+        ref = "" if not refs else " | reference CE / KL: " + reference_text(refs, 2)
         pre = f" after {s['pretrain_steps']} autoencoding steps" if s.get("pretrain_steps") else ""
         lines.append(f"- {name}: {s['steps'] - (s.get('pretrain_steps') or 0)} QA steps{pre} on {s['questions']} "
                      f"questions, CE {f.get('ce', float('nan')):.2f} -> {la.get('ce', float('nan')):.2f}, KL "
@@ -228,9 +230,6 @@ def training_lines(runs: dict) -> list[str]:
 
 
 def write_md(path: Path, argv, text: str, lines: list[str], plot: Path) -> None:
-    import platform
-    import shutil
-    from datetime import datetime, timezone
     png = path.with_name(path.stem + "-f1_vs_bytes.png")
     shutil.copyfile(plot, png)
     cmd = "python benchmarks/seq_grid.py " + " ".join(argv)

@@ -73,6 +73,11 @@ def _compressor_line(metrics: dict) -> str:
     return f"- compressor: {c['kind']} -> {c['dim']}"
 
 
+def reference_text(refs: dict, digits: int = 3) -> str:
+    """The learned compressor's reference losses as 'text CE / KL, truncate ..., none ...'."""
+    return ", ".join(f"{k} {v['ce']:.{digits}f} / {v['kl']:.{digits}f}" for k, v in refs.items())
+
+
 def _seq_line(metrics: dict) -> list[str]:
     s = metrics.get("seq_train")
     if not s:
@@ -83,8 +88,7 @@ def _seq_line(metrics: dict) -> list[str]:
     cache = "reused" if s.get("cache_reused") else f"{s.get('cache_s', 0):.0f} s"
     refs = s.get("reference") or {}
     ref = ("" if not refs else "; the same terms (CE / KL) for the references on "
-           f"{refs['text']['questions']} training questions: "
-           + ", ".join(f"{k} {v['ce']:.3f} / {v['kl']:.3f}" for k, v in refs.items()))
+           f"{refs['text']['questions']} training questions: " + reference_text(refs))
     return [f"- learned sequence compressor: {s.get('steps')} steps on {s.get('questions')} training questions "
             f"(layer {s.get('layer')}, {s.get('params')} parameters), loss {first.get('loss', float('nan')):.3f} -> "
             f"{last.get('loss', float('nan')):.3f} (KL {last.get('kl', float('nan')):.3f}, CE "

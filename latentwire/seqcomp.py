@@ -48,6 +48,7 @@ from .config import SeqConfig
 from .errors import LatentWireError
 from .evaluate import _logits_kw
 from .models import cache_kwarg, cache_root, get_cache
+from .report import reference_text
 from .runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
 from .sequence import budget
 from .wire import FloatQuantizer, Payload, Pipeline, Quantizer, ScalarQuantizer
@@ -389,7 +390,8 @@ def reference_losses(lm, items: Sequence[dict], hc, n_head: int, ratio: int, n: 
                      batch: int = 8) -> dict[str, dict[str, float]]:
     """seq_loss's CE and KL for what the learned compressor is measured
     against, on a fixed sample of n training questions: the receiver reading
-    the whole context as text (the teacher's own input: KL ~ 0), its first M
+    the whole context as text (the teacher's own input: its KL is the floor of
+    the top-k term, -log of the mass the top-k holds), its first M
     tokens (truncation at the same positions) and no context (the question
     alone). Why: a loss curve means nothing without them -- a compressor whose
     loss stays at `none` sends nothing the receiver can use."""
@@ -402,10 +404,11 @@ def reference_losses(lm, items: Sequence[dict], hc, n_head: int, ratio: int, n: 
         tot = {"ce": 0.0, "kl": 0.0}
         for b in range(0, len(pick), batch):
             chunk = pick[b:b + batch]
-            rows = [cut(it["ctx"]) + it["tail"] + it["ans"] for it in chunk]
+            ctxs = [cut(it["ctx"]) for it in chunk]
+            rows = [c + it["tail"] + it["ans"] for c, it in zip(ctxs, chunk)]
             x, m = _right_pad([torch.tensor(r, dtype=torch.long, device=lm.device) for r in rows])
             logits = _forward_after(lm, _cache_copy(hc, len(chunk)), n_head, x, m, True).logits.float()
-            where = [(len(cut(it["ctx"])) + len(it["tail"]) - 1, len(it["ans"])) for it in chunk]
+            where = [(len(c) + len(it["tail"]) - 1, len(it["ans"])) for c, it in zip(ctxs, chunk)]
             A = sum(len(it["ans"]) for it in chunk)
             for k, v in answer_terms(logits, chunk, where).items():
                 tot[k] += float(v) * A
@@ -507,8 +510,8 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
         f"r={comp.ratio}, {comp.dim} dims x {comp.bits} bits, layer {layer}")
     refs = reference_losses(lm, items, hc, len(head_ids), comp.ratio, cfg.seq_ref_questions, seed)
     if refs:
-        log("seq reference losses (CE / KL per answer token, " f"{refs['text']['questions']} training questions): "
-            + "; ".join(f"{k} {v['ce']:.3f} / {v['kl']:.3f}" for k, v in refs.items()))
+        log(f"seq reference losses (CE / KL per answer token, {refs['text']['questions']} training questions): "
+            + reference_text(refs))
         if dist.current().is_main and not resume:
             JsonlLogger(Path(out_dir) / "seq_train_log.jsonl").log(event="reference", ratio=comp.ratio, **refs)
     summary = train_seq(lm, comp, items, hc, len(head_ids), cfg, out_dir, seed, progress, resume)
