@@ -1,6 +1,7 @@
 """The wire: exact byte counts, lossless round trips, quantizers, and the
 sender/receiver path every pipeline takes."""
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -170,3 +171,20 @@ def test_identity_pipeline_gives_text_answers(tiny, prompts):
     ident = EmbeddingPipeline("id", tiny.embed, lambda x: x, lambda z: z, FloatQuantizer(32), tiny.d_model)
     assert generate_predictions(tiny, prompts, ident, max_new_tokens=5, progress=False) == text
     assert pca.n_components == tiny.d_model
+
+
+def test_wire_report_without_zstandard_leaves_out_only_zstd(tiny, prompts, monkeypatch):
+    # a bare GPU image had torch + transformers but not zstandard: the run must
+    # still measure every other reference and say what it left out
+    from latentwire.config import RunConfig
+    from latentwire.run import wire_report
+    cfg = RunConfig()
+    cfg.eval.lm_code_length = False
+    said = []
+    full = wire_report(tiny, prompts, cfg, log=said.append)
+    assert "zstd" in full and not said
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # `import zstandard` now raises ImportError
+    part = wire_report(tiny, prompts, cfg, log=said.append)
+    assert set(full) - set(part) == {"zstd"}
+    assert part["utf8"] == full["utf8"] and part["token_ids"] == full["token_ids"]
+    assert len(said) == 1 and "zstd reference is left out" in said[0]
