@@ -28,7 +28,12 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 class ModelConfig:
     model: str = "smollm2-135m"
     """HF hub id, local model folder, .gguf file, or an alias: smollm2-135m (default), gemma3-270m (after
-    `bash scripts/setup.sh --gemma`), tiny-random."""
+    `bash scripts/setup.sh --gemma`), tiny-random, tiny-random-b (another vocabulary and width)."""
+    sender_model: str | None = None
+    """The model on the sending side, when it is not --model (the receiver: the LLM that reads the wire and
+    answers). Same forms as --model. Token pipelines (truncate, surprisal, none) are then chosen on the sender's
+    tokens and reach the receiver as text, re-tokenized by it; a `sender_ids` row shows what a per-token code
+    (Stage 1) would deliver: the sender's token ids read as the receiver's own. Default: --model."""
     device: str = "auto"
     """auto (cuda -> mps -> cpu), or a torch device string."""
     dtype: str = "auto"
@@ -36,6 +41,10 @@ class ModelConfig:
     device_map: str | None = None
     """Spread one large model over several GPUs (and CPU) in one process, e.g. 'auto' (Accelerate's
     placement; weights are loaded shard by shard). Not with torchrun/accelerate launch (one GPU per process)."""
+
+    def cross(self) -> bool:
+        """True when the sender is another model than the receiver."""
+        return self.sender_model is not None and self.sender_model != self.model
 
     def validate(self) -> None:
         if self.device_map is not None:
@@ -428,6 +437,17 @@ class RunConfig:
         if self.train.batch_tokens is None:
             self.train.batch_tokens = 256 if self.adapter.adapter == "vocab" else 1024
         self.model.validate()
+        if self.model.cross():
+            # a per-token code or a vector sequence is in the sender's embedding space; only text and token ids
+            # cross to a receiver with another vocabulary and width (the shared learned wire is not built yet)
+            if self.eval.stage1:
+                raise LatentWireError(f"--sender-model {self.model.sender_model}: Stage 1 codes are the sender's "
+                                      "token identities, not the receiver's; add --no-stage1 (the sender_ids row "
+                                      "measures what they would deliver)")
+            bad = [k for k in self.eval.sequence_kinds() if k in ("meanpool", "learned")]
+            if bad:
+                raise LatentWireError(f"--sequence {','.join(bad)} with --sender-model: vectors in the sender's "
+                                      "embedding space; across models only truncate, surprisal and none run")
         self.data.validate()
         self.eval.validate()
         self.compress.validate()

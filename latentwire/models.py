@@ -27,6 +27,8 @@ from .errors import LatentWireError
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
+TINY_MODELS = {TINY_MODEL: {}, "tiny-random-b": {"seed": 1, "hidden_size": 96, "vocab_size": 512}}
+"""The in-process random models (latentwire/testing.py) by alias: keyword arguments of tiny_model_and_tokenizer."""
 GEMMA_MODEL = "gemma3-270m"
 _ALIASES = {DEFAULT_MODEL, "smollm2", "default"}
 
@@ -293,7 +295,7 @@ def resolve_model_source(name: str) -> tuple[str, Path | None]:
         return "gguf", default_gguf_path()
     if name == GEMMA_MODEL:
         return "gguf", gemma_gguf_path()
-    if name == TINY_MODEL:
+    if name in TINY_MODELS:
         return "tiny", None
     p = Path(name).expanduser()
     if p.is_file():
@@ -331,8 +333,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
             dist.barrier(d)
     if kind == "tiny":
         from .testing import tiny_model_and_tokenizer
-        model, tok = tiny_model_and_tokenizer()
-        source = TINY_MODEL
+        model, tok = tiny_model_and_tokenizer(**TINY_MODELS[name])
+        source = name
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -215,6 +215,13 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _sender_text(metrics: dict) -> str:
+    s = metrics.get("sender_model")
+    return "" if not s else (f"; the receiver. Sender: `{s['model']}` (d_model={s['d_model']}, vocab={s['vocab_size']}): "
+                             "token pipelines are chosen on its tokens and read through text, sender_ids = its ids "
+                             "read as the receiver's")
+
+
 def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) -> Path:
     run_dir = Path(run_dir)
     points = [{"label": n, "bytes": m["wire"]["bytes_mean"], "f1": m["f1"], "f1_ci95": m["f1_ci95"],
@@ -224,7 +231,8 @@ def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) 
     figs = [plot_training(run_dir), plot_seq_training(run_dir), plot_norms(run_dir, diags), plot_f1(run_dir, metrics),
             plot_f1_vs_bytes(run_dir / "f1_vs_bytes.png", points, refs) if points else None]
     md = [f"# LatentWire run report\n",
-          f"- model: `{metrics['model']}` (d_model={metrics['d_model']}, vocab={metrics['vocab_size']})",
+          f"- model: `{metrics['model']}` (d_model={metrics['d_model']}, vocab={metrics['vocab_size']})"
+          + _sender_text(metrics),
           f"- data: train `{metrics['data']['train']}`, eval `{metrics['data']['eval']}` "
           f"({metrics['n_eval']} questions, {metrics['data']['eval_articles']} articles, none used for fitting/training)",
           _compressor_line(metrics), *_seq_line(metrics),

@@ -531,6 +531,10 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     if max_pos and cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens > max_pos:
         raise LatentWireError(f"--max-prompt-tokens {cfg.data.max_prompt_tokens} + --max-new-tokens "
                               f"{cfg.eval.max_new_tokens} exceeds the model's context window ({max_pos})")
+    sender = None
+    if cfg.model.cross():  # the model on the sending side, when it is not the receiver
+        sender = load_model(cfg.model.sender_model, device, cfg.model.dtype, device_map=device_map)
+        events.log(event="sender_model", source=sender.source, d_model=sender.d_model, vocab=sender.vocab_size)
     fp = lm.fingerprint() | {"compress_dim": k}
     # saved artifacts are checked before any work starts
     if cfg.compress.compressor_path:
@@ -602,12 +606,22 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
                              | {"wire": _wire(text_pipe, prompts, sw),
                                 # only meaningful when every answer was generated here
                                 "s_per_question": text_gen_s / len(prompts) if not cache_stats["hits"] else None}}}
+    if sender is not None:
+        metrics["sender_model"] = {"model": sender.source, "d_model": sender.d_model, "vocab_size": sender.vocab_size}
     baselines = [k2 for k2 in cfg.eval.sequence_kinds() if k2 != "learned"]
     if baselines:
         from .sequence import sequence_pipelines
         # pooled embeddings are sent as floats (16 bits with --bits 16, else 32)
-        pipelines |= sequence_pipelines(lm, baselines, cfg.eval.sequence_ratio_list(), prompts[0].head_ids,
-                                        FloatQuantizer(16 if k_bits == 16 else 32))
+        quant_pool = FloatQuantizer(16 if k_bits == 16 else 32)
+        if sender is None:
+            pipelines |= sequence_pipelines(lm, baselines, cfg.eval.sequence_ratio_list(), prompts[0].head_ids,
+                                            quant_pool)
+        else:  # chosen on the sender's tokens (surprisal scored by the sender after its own head), read via text
+            from .pair import cross_pipelines
+            s_head = PromptBuilder(sender.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens,
+                                   cfg.data.bos != "none").build(prompts[0].example).head_ids
+            pipelines |= cross_pipelines(sender, lm, sequence_pipelines(
+                sender, baselines, cfg.eval.sequence_ratio_list(), s_head, quant_pool))
     if seq_summary is not None:
         pipelines[learned.name] = learned
     diags = {}

@@ -1,6 +1,7 @@
 """A tiny random-weight causal LM with a real byte-level BPE tokenizer, built
 in-process in a fraction of a second. Used by the test-suite and by
-`--model tiny-random` for smoke runs; it never touches the network.
+`--model tiny-random` (and `tiny-random-b`, another vocabulary and width,
+for sender/receiver pairs) for smoke runs; it never touches the network.
 """
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ def tiny_tokenizer(vocab_size: int = 384):
     return tok
 
 
-def tiny_model_and_tokenizer(seed: int = 0, hidden_size: int = 64, layers: int = 2, init_std: float = 0.2):
-    """init_std 0.2 rather than HF's 0.02: at 0.02 a 2-layer random model says
+def tiny_model_and_tokenizer(seed: int = 0, hidden_size: int = 64, layers: int = 2, init_std: float = 0.2,
+                             vocab_size: int = 384):
+    """`vocab_size`: of the BPE tokenizer (its merges differ with it, so two
+    sizes tokenize one text differently: a second model for the pair tests).
+    init_std 0.2 rather than HF's 0.02: at 0.02 a 2-layer random model says
     the same thing ('::::') to every prompt, so equal-outputs tests would
     prove nothing; at 0.2 its answers differ from question to question."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(vocab_size)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024, bos_token_id=tok.bos_token_id,

@@ -1,0 +1,96 @@
+"""A sender model and a different receiver model (--sender-model != --model).
+
+Two models that differ in tokenizer, width and embedding scale share no
+vector space and no token ids, so what a single-model pipeline sends must
+be translated before another receiver can read it. For token pipelines the
+translation is the text itself:
+
+* `CrossModelPipeline` -- a token pipeline (truncate, surprisal, none) runs
+  on the sender's own tokens (its tokenizer; surprisal scored by the sender
+  LLM), sends their ids at the sender's ceil(log2 V) bits, and the receiver
+  decodes them with the sender's tokenizer and re-tokenizes the text with its
+  own. Bytes are the sender's; positions are counted on the receiver (what it
+  prefills).
+* `SenderIdsPipeline` -- what a per-token code (Stage 1) delivers at best:
+  every context token's identity, i.e. the sender's token ids, here read by
+  the receiver as if they were its own. A measured row, not an argument, for
+  why Stage 1 does not cross models: a token id names a row of one model's
+  table only.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .data import context_token_ids
+from .wire import Payload, Pipeline, TokenIdCodec
+
+
+def ids_to_text(tokenizer, ids: Sequence[int]) -> str:
+    """The context text of a sender's context ids (`context_token_ids` adds one
+    leading space, which is dropped here so that the receiver adds its own)."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text[1:] if text.startswith(" ") else text
+
+
+class CrossModelPipeline(Pipeline):
+    """A sender-side token pipeline, read by another model through text."""
+    reads_ids = True
+
+    def __init__(self, inner: Pipeline, sender_tokenizer, receiver_tokenizer, sender: str):
+        super().__init__()
+        if not inner.reads_ids:
+            raise ValueError(f"{inner.name}: only token pipelines cross models through text")
+        self.inner, self.s_tok, self.r_tok, self.sender = inner, sender_tokenizer, receiver_tokenizer, sender
+        self.name = inner.name
+
+    def _receiver_ids(self, sender_ids: Sequence[int]) -> list[int]:
+        return context_token_ids(self.r_tok, ids_to_text(self.s_tok, sender_ids)) if len(sender_ids) else []
+
+    def send(self, ids, text):
+        # `ids` are the receiver's tokens of the context; the sender tokenizes the text itself
+        pl = self.inner.payload(context_token_ids(self.s_tok, text), text)
+        return Payload(pl.data, positions=len(self._receiver_ids(self.inner.receive(pl).tolist())))
+
+    def receive(self, payload):
+        return torch.tensor(self._receiver_ids(self.inner.receive(payload).tolist()), dtype=torch.long)
+
+    def describe(self):
+        return self.inner.describe() | {"sender": self.sender, "via": "text (receiver re-tokenizes)"}
+
+
+class SenderIdsPipeline(Pipeline):
+    """Every context token of the sender, as its id, read by the receiver as
+    one of its own ids (ids beyond the receiver's vocabulary wrap modulo it)."""
+    reads_ids = True
+    name = "sender_ids"
+
+    def __init__(self, sender_tokenizer, sender_vocab: int, receiver_vocab: int, sender: str):
+        super().__init__()
+        self.s_tok, self.v_r, self.sender = sender_tokenizer, receiver_vocab, sender
+        self.codec = TokenIdCodec(sender_vocab)
+
+    def send(self, ids, text):
+        s_ids = context_token_ids(self.s_tok, text)
+        return Payload(self.codec.encode(text, s_ids), positions=len(s_ids))
+
+    def receive(self, payload):
+        return torch.tensor(self.codec.decode(payload.data), dtype=torch.long) % self.v_r
+
+    def describe(self):
+        return {"name": self.name, "kind": "sender_ids", "sender": self.sender, "bits_per_id": self.codec.bits,
+                "via": "sender token ids read as the receiver's (Stage 1's best case)"}
+
+
+def cross_pipelines(sender, receiver, inner: dict[str, Pipeline]) -> dict[str, Pipeline]:
+    """The --sequence token pipelines built on the sender model, each read by
+    the receiver through text, plus the sender_ids row."""
+    out: dict[str, Pipeline] = {"sender_ids": SenderIdsPipeline(sender.tokenizer, sender.vocab_size,
+                                                                receiver.vocab_size, sender.source)}
+    for name, p in inner.items():
+        out[name] = CrossModelPipeline(p, sender.tokenizer, receiver.tokenizer, sender.source)
+    return out
+
+
+__all__ = ["CrossModelPipeline", "SenderIdsPipeline", "cross_pipelines", "ids_to_text"]
