@@ -33,7 +33,9 @@ class ModelConfig:
     """The model on the sending side, when it is not --model (the receiver: the LLM that reads the wire and
     answers). Same forms as --model. Token pipelines (truncate, surprisal, none) are then chosen on the sender's
     tokens and reach the receiver as text, re-tokenized by it; a `sender_ids` row shows what a per-token code
-    (Stage 1) would deliver: the sender's token ids read as the receiver's own. Default: --model."""
+    (Stage 1) would deliver: the sender's token ids read as the receiver's own; the learned wire encodes the
+    sender's hidden states and decodes into the receiver's embedding space (--seq-sender-path: a sender trained
+    before, frozen). Default: --model."""
     device: str = "auto"
     """auto (cuda -> mps -> cpu), or a torch device string."""
     dtype: str = "auto"
@@ -382,6 +384,10 @@ class SeqConfig:
     README gives their measured times. Explicit --seq-* flags win over the preset."""
     seq_path: str | None = None
     """Load a trained compressor (seq_compressor.pt of an earlier run) instead of training one."""
+    seq_sender_path: str | None = None
+    """Share the sender of an earlier run (its seq_compressor.pt): its encoder -- and so every payload, byte for
+    byte -- is loaded and frozen, and only this receiver's decoder is trained. How a second receiver reads one
+    wire (--model: the new receiver; --sender-model: the earlier run's sender)."""
 
     def validate(self) -> None:
         for n in ("seq_ratio", "seq_width", "seq_dim", "seq_steps", "seq_batch", "seq_lr", "seq_teacher_topk",
@@ -399,8 +405,12 @@ class SeqConfig:
             raise LatentWireError(f"--seq-max-tokens must be >= 16 (got {self.seq_max_tokens})")
         if self.seq_preset is not None:
             _choice("seq_preset", self.seq_preset, tuple(SEQ_PRESETS))
-        if self.seq_path is not None and not Path(self.seq_path).is_file():
-            raise LatentWireError(f"--seq-path {self.seq_path}: no such file")
+        for n in ("seq_path", "seq_sender_path"):
+            if getattr(self, n) is not None and not Path(getattr(self, n)).is_file():
+                raise LatentWireError(f"{_flag(n)} {getattr(self, n)}: no such file")
+        if self.seq_path and self.seq_sender_path:
+            raise LatentWireError("--seq-path loads a whole compressor; --seq-sender-path trains a decoder for a "
+                                  "loaded sender: give one")
 
 
 SEQ_PRESETS = {"quick": {"seq_steps": 60, "seq_max_questions": 400},
@@ -438,16 +448,15 @@ class RunConfig:
             self.train.batch_tokens = 256 if self.adapter.adapter == "vocab" else 1024
         self.model.validate()
         if self.model.cross():
-            # a per-token code or a vector sequence is in the sender's embedding space; only text and token ids
-            # cross to a receiver with another vocabulary and width (the shared learned wire is not built yet)
+            # a per-token code or a pooled embedding is in the sender's embedding space: only text, token ids and
+            # the learned wire (a decoder of the receiver's own) cross to another vocabulary and width
             if self.eval.stage1:
                 raise LatentWireError(f"--sender-model {self.model.sender_model}: Stage 1 codes are the sender's "
                                       "token identities, not the receiver's; add --no-stage1 (the sender_ids row "
                                       "measures what they would deliver)")
-            bad = [k for k in self.eval.sequence_kinds() if k in ("meanpool", "learned")]
-            if bad:
-                raise LatentWireError(f"--sequence {','.join(bad)} with --sender-model: vectors in the sender's "
-                                      "embedding space; across models only truncate, surprisal and none run")
+            if "meanpool" in self.eval.sequence_kinds():
+                raise LatentWireError("--sequence meanpool with --sender-model: vectors in the sender's embedding "
+                                      "space, which the receiver does not share (learned: a decoder per receiver)")
         self.data.validate()
         self.eval.validate()
         self.compress.validate()

@@ -519,9 +519,11 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     seed_everything(cfg.data.seed)
 
     data = load_data(cfg)  # a bad data file is reported before the model loads
-    if cfg.seq.seq_path and "learned" in cfg.eval.sequence_kinds():
+    if "learned" in cfg.eval.sequence_kinds():
         from .seqcomp import read_compressor_file
-        read_compressor_file(cfg.seq.seq_path)  # so is a bad --seq-path
+        for flag, path in (("--seq-path", cfg.seq.seq_path), ("--seq-sender-path", cfg.seq.seq_sender_path)):
+            if path:
+                read_compressor_file(path, flag)  # so is a bad saved compressor
     device, device_map = _resolve_placement(cfg)
     lm = load_model(cfg.model.model, device, cfg.model.dtype, device_map=device_map)
     d_model, V = lm.d_model, lm.vocab_size
@@ -569,7 +571,8 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         # articles round-robin, so that the first --seq-max-questions span every training article
         learned, seq_summary = prepare_learned(lm, cfg.seq, [b2.build(e) for e in interleave_by_title(train)],
                                                prompts[0].head_ids, out,
-                                               cfg.seq.seq_seed, cfg.progress, resume, log, use_cache=use_cache)
+                                               cfg.seq.seq_seed, cfg.progress, resume, log, use_cache=use_cache,
+                                               sender=sender)
         events.log(event="seq_trained", **{k2: v for k2, v in seq_summary.items() if k2 not in ("first", "last")})
 
     # --- evaluate -------------------------------------------------------------

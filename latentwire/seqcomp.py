@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .config import SeqConfig
+from .data import context_token_ids
 from .errors import LatentWireError
 from .evaluate import _logits_kw
 from .models import cache_kwarg, cache_root, get_cache
@@ -90,6 +91,23 @@ class SeqCompressor(torch.nn.Module):
         self.gain = torch.nn.Parameter(torch.tensor(float(emb_rms)))
         self.quantizer = bounded_quantizer(bits, dim)
 
+    ENCODER = ("inp.", "layers.", "slot", "query", "code.")
+    """The sender's parameters (everything before the wire); the rest -- `dec`, `gain` -- is the receiver's."""
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.ENCODER)}
+
+    def share_encoder(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a trained sender and freeze it: its payloads are then the
+        other run's, byte for byte, and only this receiver's decoder trains."""
+        missing = set(self.encoder_state()) - set(state)
+        if missing:
+            raise ValueError(f"encoder state lacks {sorted(missing)[:3]}")
+        self.load_state_dict({k: state[k] for k in self.encoder_state()}, strict=False)
+        for name, p in self.named_parameters():
+            if name.startswith(self.ENCODER):
+                p.requires_grad_(False)
+
     def encode(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [B, L, d_in] (right-padded), mask [B, L] bool -> codes [B, M, dim]
         in [-1, 1] and their mask [B, M]; row b has ceil(L_b / r) latents."""
@@ -117,11 +135,13 @@ class SeqCompressor(torch.nn.Module):
         return self.decode(zq), m
 
 
-def build_compressor(lm, cfg: SeqConfig) -> SeqCompressor:
+def build_compressor(lm, cfg: SeqConfig, sender=None) -> SeqCompressor:
+    """Encoder on the sender's hidden states (`sender`, default: the receiver
+    `lm`), decoder into the receiver's embedding space at its table's RMS."""
     table = lm.embedding_table().float()
     emb_rms = float(table.pow(2).mean(-1).sqrt().mean())
-    return SeqCompressor(lm.d_model, lm.d_model, cfg.seq_ratio, cfg.seq_width, cfg.seq_layers, cfg.seq_dim,
-                         cfg.seq_bits, emb_rms)
+    return SeqCompressor((sender or lm).d_model, lm.d_model, cfg.seq_ratio, cfg.seq_width, cfg.seq_layers,
+                         cfg.seq_dim, cfg.seq_bits, emb_rms)
 
 
 def resolve_layer(lm, layer: int | None) -> int:
@@ -149,28 +169,55 @@ def save_compressor(comp: SeqCompressor, path: Path, meta: dict) -> None:
     atomic_torch_save({"format": FORMAT, "state": comp.state_dict(), "meta": json.dumps(meta)}, path)
 
 
-def read_compressor_file(path: str | Path) -> dict:
-    """The saved blob, or a one-line error naming --seq-path (checked before the model loads)."""
-    blob = safe_torch_load(path, "--seq-path")
+def read_compressor_file(path: str | Path, flag: str = "--seq-path") -> dict:
+    """The saved blob, or a one-line error naming `flag` (checked before the model loads)."""
+    blob = safe_torch_load(path, flag)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise LatentWireError(f"--seq-path {path}: not a LatentWire sequence compressor (seq_compressor.pt)")
+        raise LatentWireError(f"{flag} {path}: not a LatentWire sequence compressor (seq_compressor.pt)")
     return blob
 
 
-def load_compressor(lm, path: str | Path, cfg: SeqConfig) -> tuple[SeqCompressor, dict]:
-    """A compressor saved by an earlier run; refuses one made for another model or shape (naming --seq-path)."""
-    blob = read_compressor_file(path)
-    meta = json.loads(blob["meta"])
+def _check_model(flag: str, path, saved: dict | None, lm, role: str) -> None:
     fp = lm.fingerprint()
     for k in ("model", "d_model", "vocab_size"):
-        if meta.get("model", {}).get(k) != fp[k]:
-            raise LatentWireError(f"--seq-path {path}: made for {k}={meta.get('model', {}).get(k)!r}, "
-                                  f"this model has {fp[k]!r}")
+        if (saved or {}).get(k) != fp[k]:
+            raise LatentWireError(f"{flag} {path}: its {role} has {k}={(saved or {}).get(k)!r}, "
+                                  f"this run's {role} has {fp[k]!r}")
+
+
+def load_compressor(lm, path: str | Path, cfg: SeqConfig, sender=None) -> tuple[SeqCompressor, dict]:
+    """A compressor saved by an earlier run; refuses one made for another
+    receiver, sender or shape (naming --seq-path)."""
+    blob = read_compressor_file(path)
+    meta = json.loads(blob["meta"])
+    _check_model("--seq-path", path, meta.get("model"), lm, "receiver")
+    _check_model("--seq-path", path, meta.get("sender", meta.get("model")), sender or lm, "sender")
     shape = meta["shape"]
-    comp = SeqCompressor(lm.d_model, lm.d_model, shape["ratio"], shape["width"], shape["layers"], shape["dim"],
-                         shape["bits"])
+    comp = SeqCompressor((sender or lm).d_model, lm.d_model, shape["ratio"], shape["width"], shape["layers"],
+                         shape["dim"], shape["bits"])
     comp.load_state_dict(blob["state"])
     return comp.eval(), meta
+
+
+SHAPE_FLAGS = {"ratio": "seq_ratio", "width": "seq_width", "layers": "seq_layers", "dim": "seq_dim",
+               "bits": "seq_bits"}
+
+
+def shared_sender(path: str | Path, cfg: SeqConfig, sender, layer: int) -> dict[str, torch.Tensor]:
+    """The encoder state of --seq-sender-path, after checking that it was
+    trained on this sender model with this run's shape (one-line errors)."""
+    blob = read_compressor_file(path, "--seq-sender-path")
+    meta = json.loads(blob["meta"])
+    _check_model("--seq-sender-path", path, meta.get("sender", meta.get("model")), sender, "sender")
+    shape = meta["shape"]
+    for key, field in SHAPE_FLAGS.items():
+        if shape[key] != getattr(cfg, field):
+            raise LatentWireError(f"--seq-sender-path {path}: its sender has {key} {shape[key]}, this run asks "
+                                  f"--{field.replace('_', '-')} {getattr(cfg, field)}")
+    if shape["layer"] != layer:
+        raise LatentWireError(f"--seq-sender-path {path}: its sender reads layer {shape['layer']}, this run "
+                              f"--seq-layer {layer}")
+    return blob["state"]
 
 
 # ------------------------------------------------------------- the pipeline
@@ -178,14 +225,16 @@ def load_compressor(lm, path: str | Path, cfg: SeqConfig) -> tuple[SeqCompressor
 class LearnedSeqPipeline(Pipeline):
     """The learned compressor as a sender/receiver pair on the wire."""
 
-    def __init__(self, lm, comp: SeqCompressor, layer: int, name: str | None = None):
+    def __init__(self, lm, comp: SeqCompressor, layer: int, name: str | None = None, sender=None):
         super().__init__()
-        self.lm, self.comp, self.layer = lm, comp, layer
+        self.lm, self.comp, self.layer, self.sender = lm, comp, layer, sender
         self.name = name or f"learned_r{comp.ratio}"
 
     @torch.no_grad()
     def send(self, ids, text):
-        h = context_states(self.lm, ids, self.layer)
+        if self.sender is not None:  # another model: it reads its own tokens of the text
+            ids = context_token_ids(self.sender.tokenizer, text)
+        h = context_states(self.sender or self.lm, ids, self.layer)
         if not len(h):
             return Payload(b"", 0)
         z, _ = self.comp.encode(h[None].to(self._dev()), torch.ones((1, len(h)), dtype=torch.bool,
@@ -207,7 +256,7 @@ class LearnedSeqPipeline(Pipeline):
     def describe(self):
         c = self.comp
         return {"name": self.name, "kind": "learned", "ratio": c.ratio, "dims": c.dim, "bits": c.bits,
-                "layer": self.layer}
+                "layer": self.layer} | ({"sender": self.sender.source} if self.sender is not None else {})
 
 
 # ------------------------------------------------------------- training data
@@ -277,16 +326,20 @@ def teacher_topk(lm, hc, n_head: int, ctx: Sequence[int], rows: Sequence[tuple[l
     return out
 
 
-def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: bool = True) -> list[dict]:
+def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: bool = True,
+                sender=None) -> list[dict]:
     """One training item per question: the sender's input (its context's
-    hidden states, shared by the paragraph's questions), the tail (question
-    and cue), the gold answer ids and the teacher's top-k at the answer."""
+    hidden states, shared by the paragraph's questions; `sender`: another
+    model, reading its own tokens of the context's text), the tail (question
+    and cue), the gold answer ids and the teacher's top-k at the answer (the
+    teacher is always the receiver `lm` reading the text)."""
     groups: dict[tuple, list] = {}
     for p in prompts:
         groups.setdefault(tuple(p.context_ids), []).append(p)
     items = []
     for ctx, ps in tqdm(groups.items(), desc="seq: teacher + context states", disable=not progress, leave=False):
-        h = context_states(lm, ctx, layer).half()
+        h = (context_states(lm, ctx, layer) if sender is None else
+             context_states(sender, context_token_ids(sender.tokenizer, ps[0].context_text), layer)).half()
         rows = [(list(p.ids[p.ctx_end:]), answer_ids(lm.tokenizer, p.example.answers[0])) for p in ps]
         for p, (t, a), (v, ix) in zip(ps, rows, teacher_topk(lm, hc, n_head, ctx, rows, topk)):
             items.append({"qid": p.example.id, "h": h, "ctx": list(ctx), "tail": t, "ans": a, "t_logp": v.half(),
@@ -294,28 +347,30 @@ def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: b
     return items
 
 
-def items_key(lm, prompts, layer: int, topk: int) -> str:
-    """What the cached items depend on: model weights, layer, top-k, every prompt's ids and answer."""
+def items_key(lm, prompts, layer: int, topk: int, sender=None) -> str:
+    """What the cached items depend on: model weights (the sender's too), layer, top-k, every prompt's ids and
+    answer."""
+    who = {} if sender is None else {"sender": sender.fingerprint(), "sender_weights": sender.weights_digest()}
     h = hashlib.sha256(json.dumps({"model": lm.fingerprint(), "weights": lm.weights_digest(), "layer": layer,
-                                   "topk": topk}, sort_keys=True, default=str).encode())
+                                   "topk": topk} | who, sort_keys=True, default=str).encode())
     for p in prompts:
         h.update(json.dumps([p.ids, p.ctx_start, p.ctx_end, p.example.answers[0]]).encode())
     return h.hexdigest()
 
 
 def cached_items(lm, prompts, layer: int, topk: int, hc, n_head: int, folder: Path | None,
-                 progress: bool = True) -> tuple[list[dict], bool]:
+                 progress: bool = True, sender=None) -> tuple[list[dict], bool]:
     """build_items, read from / written to `folder`/<key>.pt, the key being
     everything the items depend on (model weights, layer, top-k, every
     prompt): runs that differ only in the compressor's shape, seed or steps
     share one teacher computation. Returns (items, reused)."""
-    key = items_key(lm, prompts, layer, topk)
+    key = items_key(lm, prompts, layer, topk, sender)
     path = None if folder is None else Path(folder) / f"{key[:32]}.pt"
     if path is not None and path.exists():
         blob = safe_torch_load(path, "seq teacher cache")
         if isinstance(blob, dict) and blob.get("key") == key:
             return blob["items"], True
-    items = build_items(lm, prompts, layer, topk, hc, n_head, progress)
+    items = build_items(lm, prompts, layer, topk, hc, n_head, progress, sender)
     if path is not None and dist.current().is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"key": key, "items": items}, path)
@@ -488,22 +543,32 @@ def shape_meta(comp: SeqCompressor, cfg: SeqConfig, layer: int) -> dict:
 
 
 def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], out_dir: Path, seed: int,
-                    progress: bool, resume: bool, log=print, use_cache: bool = True) -> tuple[LearnedSeqPipeline, dict]:
+                    progress: bool, resume: bool, log=print, use_cache: bool = True,
+                    sender=None) -> tuple[LearnedSeqPipeline, dict]:
     """Train (or load, --seq-path) the compressor and return its pipeline and
-    a summary. The teacher's outputs and the context states are read from
-    $LATENTWIRE_CACHE/seq_teacher when an identical set was computed before
-    (`use_cache`, off with --no-cache); the summary says which."""
-    layer = resolve_layer(lm, cfg.seq_layer)
+    a summary. `sender`: another model on the sending side (default: the
+    receiver `lm`); with --seq-sender-path its trained encoder is loaded and
+    frozen and only the decoder into `lm` trains. The teacher's outputs and
+    the context states are read from $LATENTWIRE_CACHE/seq_teacher when an
+    identical set was computed before (`use_cache`, off with --no-cache); the
+    summary says which."""
+    layer = resolve_layer(sender or lm, cfg.seq_layer)
+    where = lm.device if lm.device.type == "cuda" else "cpu"
     if cfg.seq_path:
-        comp, meta = load_compressor(lm, cfg.seq_path, cfg)
-        comp.to(lm.device if lm.device.type == "cuda" else "cpu")
-        return LearnedSeqPipeline(lm, comp, meta["shape"]["layer"]), {"loaded_from": cfg.seq_path}
+        comp, meta = load_compressor(lm, cfg.seq_path, cfg, sender)
+        comp.to(where)
+        return LearnedSeqPipeline(lm, comp, meta["shape"]["layer"], sender=sender), {"loaded_from": cfg.seq_path}
     torch.manual_seed(seed)
-    comp = build_compressor(lm, cfg).to(lm.device if lm.device.type == "cuda" else "cpu")
+    comp = build_compressor(lm, cfg, sender).to(where)
+    if cfg.seq_sender_path:
+        comp.share_encoder(shared_sender(cfg.seq_sender_path, cfg, sender or lm, layer))
+        log(f"seq compressor: sender loaded from {cfg.seq_sender_path} and frozen; training this receiver's "
+            "decoder only")
     hc = head_cache(lm, head_ids)
     t0 = time.time()
     items, reused = cached_items(lm, train_prompts[:cfg.seq_max_questions], layer, cfg.seq_teacher_topk, hc,
-                                 len(head_ids), cache_root() / "seq_teacher" if use_cache else None, progress)
+                                 len(head_ids), cache_root() / "seq_teacher" if use_cache else None, progress,
+                                 sender)
     cache_s = time.time() - t0
     log(f"seq compressor: {len(items)} training questions, teacher + context states "
         f"{'read from the cache (same model, layer, top-k, questions)' if reused else f'computed in {cache_s:.0f} s'}; "
@@ -516,15 +581,18 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
             JsonlLogger(Path(out_dir) / "seq_train_log.jsonl").log(event="reference", ratio=comp.ratio, **refs)
     summary = train_seq(lm, comp, items, hc, len(head_ids), cfg, out_dir, seed, progress, resume)
     summary |= {"reference": refs, "questions": len(items), "cache_reused": reused, "cache_s": cache_s, "layer": layer,
-                "params": sum(p.numel() for p in comp.parameters())}
+                "params": sum(p.numel() for p in comp.parameters()),
+                "trained_params": sum(p.numel() for p in comp.parameters() if p.requires_grad),
+                "sender_from": cfg.seq_sender_path}
     if dist.current().is_main:
         save_compressor(comp, out_dir / "seq_compressor.pt",
-                        {"model": lm.fingerprint(), "shape": shape_meta(comp, cfg, layer), "config": asdict(cfg),
+                        {"model": lm.fingerprint(), "sender": (sender or lm).fingerprint(),
+                         "shape": shape_meta(comp, cfg, layer), "config": asdict(cfg),
                          "summary": {k: v for k, v in summary.items() if k not in ("first", "last")}})
-    return LearnedSeqPipeline(lm, comp, layer), summary
+    return LearnedSeqPipeline(lm, comp, layer, sender=sender), summary
 
 
 __all__ = ["LearnedSeqPipeline", "SeqCompressor", "autoencode_items", "bounded_quantizer", "build_compressor", "build_items",
            "cached_items", "collate",
            "context_states", "head_cache", "load_compressor", "prepare_learned", "resolve_layer", "save_compressor",
-           "reference_losses", "seq_loss", "teacher_topk", "train_seq"]
+           "reference_losses", "seq_loss", "shared_sender", "teacher_topk", "train_seq"]

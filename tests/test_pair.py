@@ -106,8 +106,7 @@ def test_one_sender_two_receivers_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("change, flag", [({"stage1": True}, "--sender-model"),
-                                          ({"sequence": "truncate,meanpool"}, "--sequence meanpool"),
-                                          ({"sequence": "learned"}, "--sequence learned")])
+                                          ({"sequence": "truncate,meanpool"}, "--sequence meanpool")])
 def test_pair_rejects_what_cannot_cross(tmp_path, change, flag):
     c = _pair_cfg(tmp_path, "tiny-random", "tiny-random-b", "bad")
     for k, v in change.items():
@@ -121,3 +120,58 @@ def test_same_sender_and_receiver_is_not_a_pair(tmp_path):
     c.eval.stage1 = True
     c.validate()  # the sender is the receiver: Stage 1 allowed
     assert not c.model.cross()
+
+
+def _learned_cfg(tmp_path, receiver, sender, name, **seq):
+    c = _pair_cfg(tmp_path, receiver, sender, name)
+    c.eval.sequence, c.eval.sequence_ratios = "learned,truncate", "4"
+    c.seq.seq_steps, c.seq.seq_batch, c.seq.seq_width, c.seq.seq_dim, c.seq.seq_max_questions = 3, 2, 16, 4, 6
+    c.seq.seq_max_tokens = 1024
+    for k, v in seq.items():
+        setattr(c.seq, k, v)
+    return c
+
+
+def test_learned_wire_across_models_and_a_second_receiver(tmp_path):
+    """One sender (tiny-random-b, width 96) trained with its own receiver; a
+    second receiver (tiny-random, width 64, another vocabulary) loads that
+    sender frozen and trains only its decoder: same payload bytes for both."""
+    from latentwire.run import run_experiment
+    from latentwire.seqcomp import read_compressor_file
+    first = run_experiment(_learned_cfg(tmp_path, "tiny-random-b", None, "first"), use_cache=False,
+                           log=lambda *a: None)
+    saved = tmp_path / "first" / "seq_compressor.pt"
+    second = run_experiment(_learned_cfg(tmp_path, "tiny-random", "tiny-random-b", "second",
+                                         seq_sender_path=str(saved)), use_cache=False, log=lambda *a: None)
+    a, b = first["pipelines"]["learned_r4"]["wire"], second["pipelines"]["learned_r4"]["wire"]
+    assert a["bytes_mean"] == b["bytes_mean"] and a["positions_mean"] == b["positions_mean"]
+    assert b["sender"] == "tiny-random-b"
+    s1 = read_compressor_file(saved)["state"]
+    s2 = read_compressor_file(tmp_path / "second" / "seq_compressor.pt")["state"]
+    enc = [k for k in s1 if k.startswith(("inp.", "layers.", "slot", "query", "code."))]
+    assert enc and all(torch.equal(s1[k], s2[k]) for k in enc)  # the sender stayed frozen
+    assert s1["dec.2.weight"].shape[0] == 96 and s2["dec.2.weight"].shape[0] == 64  # a decoder per receiver
+    t = second["seq_train"]
+    assert 0 < t["trained_params"] < t["params"]
+    # a learned wire across models without a shared sender trains both halves
+    joint = run_experiment(_learned_cfg(tmp_path, "tiny-random", "tiny-random-b", "joint"), use_cache=False,
+                           log=lambda *a: None)
+    assert joint["seq_train"]["trained_params"] == joint["seq_train"]["params"]
+
+
+def test_shared_sender_is_checked(tmp_path):
+    from latentwire.run import run_experiment
+    run_experiment(_learned_cfg(tmp_path, "tiny-random-b", None, "first"), use_cache=False, log=lambda *a: None)
+    saved = str(tmp_path / "first" / "seq_compressor.pt")
+    # the saved sender is tiny-random-b: another sender model is refused, naming the flag
+    with pytest.raises(LatentWireError, match="--seq-sender-path .*sender"):
+        run_experiment(_learned_cfg(tmp_path, "tiny-random-b", "tiny-random", "wrong", seq_sender_path=saved),
+                       use_cache=False, log=lambda *a: None)
+    with pytest.raises(LatentWireError, match="--seq-sender-path .*--seq-dim 8"):
+        run_experiment(_learned_cfg(tmp_path, "tiny-random", "tiny-random-b", "shape", seq_sender_path=saved,
+                                    seq_dim=8), use_cache=False, log=lambda *a: None)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(LatentWireError, match="--seq-sender-path"):
+        run_experiment(_learned_cfg(tmp_path, "tiny-random", "tiny-random-b", "bad", seq_sender_path=str(bad)),
+                       use_cache=False, log=lambda *a: None)
