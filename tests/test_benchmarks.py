@@ -90,3 +90,22 @@ def test_seq_grid_smoke(tmp_path):
     md = (tmp_path / "SEQ.md").read_text()  # the tables with the command that made them, the plot beside
     assert "python benchmarks/seq_grid.py --model tiny-random" in md and "| learned_r4 | learned_r4_s1 |" in md
     assert (tmp_path / "SEQ-f1_vs_bytes.png").exists() and "(SEQ-f1_vs_bytes.png)" in md
+
+
+def test_pair_grid_smoke(tmp_path):
+    """benchmarks/pair_grid.py on the two tiny models: S's own compressor, R's
+    own, R reading S's frozen sender; one table with both receivers."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pair_grid.py"), "--model", "tiny-random-b", "--receiver",
+           "tiny-random", "--max-eval", "6", "--seq-steps", "2", "--seq-max-questions", "6", "--seq-dim", "4",
+           "--out", str(tmp_path / "pg"), "--md", str(tmp_path / "PAIR.md")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| S tiny-random-b |" in p.stdout and "| R tiny-random |" in p.stdout
+    assert "| R reading S (wire_R) | sender_ids |" in p.stdout and "| R (own_R) | learned_r4 |" in p.stdout
+    import json
+    m = {n: json.loads((tmp_path / "pg" / n / "metrics.json").read_text()) for n in ("own_S", "wire_R")}
+    w = [m[n]["pipelines"]["learned_r4"]["wire"]["bytes_mean"] for n in m]
+    assert w[0] == w[1]  # one wire: the same payload bytes for both receivers
+    assert "python benchmarks/pair_grid.py --model tiny-random-b" in (tmp_path / "PAIR.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr.count("[reuse]") == 3
