@@ -238,20 +238,32 @@ def lm_code_length_bits(lm, head_ids: Sequence[int], contexts: Sequence[Sequence
     out: list[float] = []
     head = list(head_ids)
     pad = lm.tokenizer.pad_token_id
-    for s in range(0, len(contexts), batch_size):
-        chunk = [list(c) for c in contexts[s:s + batch_size]]
+    s = 0
+    while s < len(contexts):
+        # the logits are [B, T, V] floats: with a 262k vocabulary (Gemma-3) a batch of 8 long contexts is 4 GB,
+        # so fewer rows go through at once there (SmolLM2's batches are unchanged)
+        T = len(head) + max(len(c) for c in contexts[s:s + batch_size])
+        rows = max(1, min(batch_size, LOGITS_BUDGET // (T * lm.vocab_size * 4)))
+        chunk = [list(c) for c in contexts[s:s + rows]]
+        s += len(chunk)
         T = len(head) + max(len(c) for c in chunk)
         ids = torch.full((len(chunk), T), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), T), dtype=torch.long)
         for i, c in enumerate(chunk):  # right padding: positions are 0.. as alone
             ids[i, :len(head) + len(c)] = torch.tensor(head + c)
             mask[i, :len(head) + len(c)] = 1
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.double()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(lm.device))[..., 0].cpu()
-        for i, c in enumerate(chunk):
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
+        for i, c in enumerate(chunk):  # one row in float64 at a time (the same numbers as the whole batch)
             lo = len(head) - 1  # logits at position j predict token j + 1
-            out.append(float(-logp[i, lo:lo + len(c)].sum()) / math.log(2))
+            lp = torch.log_softmax(logits[i, lo:lo + len(c)].double(), -1)
+            tgt = ids[i, lo + 1:lo + 1 + len(c), None].to(lm.device)
+            out.append(float(-lp.gather(-1, tgt).sum()) / math.log(2))
+        del logits
     return out
+
+
+LOGITS_BUDGET = 2 ** 31
+"""Bytes of float32 logits one forward of lm_code_length_bits may hold."""
 
 
 # ------------------------------------------------------------ quantizers

@@ -77,6 +77,16 @@ def test_lm_code_length_matches_a_direct_computation(tiny, prompts):
     assert lm_code_length_bits(tiny, p.head_ids, [p.context_ids])[0] == pytest.approx(want, rel=1e-6)
 
 
+def test_lm_code_length_under_a_small_logits_budget_is_unchanged(tiny, prompts, monkeypatch):
+    # a big vocabulary makes the logits of a batch huge (Gemma-3: 4 GB for 8 contexts): the batch then shrinks,
+    # down to one context at a time (equal up to float32 batching noise)
+    import latentwire.wire as w
+    ctxs = [p.context_ids for p in prompts]
+    full = lm_code_length_bits(tiny, prompts[0].head_ids, ctxs, batch_size=8)
+    monkeypatch.setattr(w, "LOGITS_BUDGET", 1)
+    assert lm_code_length_bits(tiny, prompts[0].head_ids, ctxs, batch_size=8) == pytest.approx(full, rel=1e-5)
+
+
 @pytest.mark.parametrize("scheme", ["uniform", "lloyd"])
 def test_scalar_quantizer_deterministic_and_bounded(scheme, gen):
     z = torch.randn(5000, 6, generator=gen) * torch.tensor([3.0, 1.0, 0.1, 2.0, 0.5, 1.0])
