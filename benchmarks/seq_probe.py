@@ -1,0 +1,96 @@
+"""Probe a trained sequence compressor: its own loss terms (CE on the gold
+answer, KL to the teacher) measured without gradient on N of its training
+questions and N dev questions, beside the references on the same questions
+(the receiver reading the whole text, its first M tokens, nothing).
+
+  python benchmarks/seq_probe.py runs/seq_grid/learned_r4_s0 --n 64
+
+Why: a training log gives single noisy batches; this gives the trained
+state. Train ~ dev ~ `none` means the latents carry nothing (neither a
+generalization gap nor a train/evaluation mismatch); train << dev means it
+memorised its paragraphs. Uses the run's config.json and seq_compressor.pt,
+the same data split and the teacher cache of training (read when present).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from latentwire import seqcomp as sc
+from latentwire.config import GROUPS, RunConfig
+from latentwire.data import PromptBuilder, interleave_by_title
+from latentwire.errors import LatentWireError
+from latentwire.models import load_model
+from latentwire.report import reference_text
+from latentwire.run import build_inputs, load_data
+
+
+def run_config(folder: Path) -> RunConfig:
+    raw = json.loads((folder / "config.json").read_text())
+    cfg = RunConfig()
+    for g in GROUPS:
+        for k, v in raw.get(g, {}).items():
+            setattr(getattr(cfg, g), k, v)
+    return cfg
+
+
+@torch.no_grad()
+def student(lm, comp, items, hc, n_head, cfg) -> dict:
+    tot, A = {"ce": 0.0, "kl": 0.0}, 0
+    for b in range(0, len(items), 8):
+        chunk = items[b:b + 8]
+        terms = sc.seq_loss(lm, comp, sc.collate(chunk), hc, n_head, cfg)
+        a = sum(len(i["ans"]) for i in chunk)
+        for k in tot:
+            tot[k] += float(terms[k]) * a
+        A += a
+    return {k: v / A for k, v in tot.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a finished `--sequence learned` run folder")
+    ap.add_argument("--n", type=int, default=64, help="questions of each split")
+    args = ap.parse_args(argv)
+    folder = Path(args.run)
+    if not (folder / "seq_compressor.pt").is_file() or not (folder / "config.json").is_file():
+        raise SystemExit(f"latentwire: error: {folder}: no seq_compressor.pt / config.json (not a learned run)")
+    cfg = run_config(folder)
+    if cfg.model.cross():
+        raise SystemExit("latentwire: error: a --sender-model run: probe its sender's own run instead")
+    lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
+    inp = build_inputs(cfg, lm, load_data(cfg))
+    b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.seq.seq_max_tokens, cfg.data.bos != "none",
+                       flag="--seq-max-tokens")
+    train_prompts = [b2.build(e) for e in interleave_by_title(inp.train)][:cfg.seq.seq_max_questions]
+    head = inp.prompts[0].head_ids
+    hc = sc.head_cache(lm, head)
+    layer = sc.resolve_layer(lm, cfg.seq.seq_layer)
+    items, reused = sc.cached_items(lm, train_prompts, layer, cfg.seq.seq_teacher_topk, hc, len(head),
+                                    sc.cache_root() / "seq_teacher", False)
+    comp, _ = sc.load_compressor(lm, folder / "seq_compressor.pt", cfg.seq)
+    comp.eval()
+    n = min(args.n, len(items), len(inp.eval))
+    train = [items[i] for i in sorted(random.Random(0).sample(range(len(items)), n))]
+    dev = sc.build_items(lm, [b2.build(e) for e in inp.eval][:n], layer, cfg.seq.seq_teacher_topk, hc, len(head),
+                         False)
+    print(f"{folder}: r = {comp.ratio}, {n} training questions (teacher {'read from the cache' if reused else 'computed'})"
+          f" and the first {n} dev questions; CE / KL per answer token")
+    print("| questions | trained compressor | references |\n|---|---|---|")
+    for name, its in (("training", train), ("dev", dev)):
+        s = student(lm, comp, its, hc, len(head), cfg.seq)
+        refs = sc.reference_losses(lm, its, hc, len(head), comp.ratio, len(its))
+        print(f"| {name} | {s['ce']:.3f} / {s['kl']:.3f} | {reference_text(refs, 3)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except LatentWireError as e:
+        sys.exit(f"latentwire: error: {e}")
