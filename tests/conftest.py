@@ -45,3 +45,18 @@ def smollm():
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
+
+
+def tiny_learned_config(out, sequence: str = "learned,truncate"):
+    """A `latentwire run --no-stage1 --sequence learned...` config on the tiny
+    model, small enough for seconds: 2 training steps on 6 questions, 8 eval
+    questions (synthetic set)."""
+    from latentwire.config import RunConfig
+    c = RunConfig()
+    c.model.model = "tiny-random"
+    c.data.synthetic_articles, c.data.max_eval = 6, 8
+    c.eval.max_new_tokens, c.eval.n_boot, c.eval.ac_contexts = 4, 20, 0
+    c.eval.sequence, c.eval.sequence_ratios, c.eval.stage1 = sequence, "4", False
+    c.seq.seq_steps, c.seq.seq_batch, c.seq.seq_width, c.seq.seq_dim, c.seq.seq_max_questions = 2, 2, 16, 4, 6
+    c.out, c.progress = str(out), False
+    return c

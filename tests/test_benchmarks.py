@@ -114,16 +114,9 @@ def test_pair_grid_smoke(tmp_path):
 def test_seq_probe_smoke(tmp_path):
     """benchmarks/seq_probe.py on a tiny learned run: the trained state's loss on
     training and dev questions beside the references."""
-    from latentwire.config import RunConfig
+    from conftest import tiny_learned_config
     from latentwire.run import run_experiment
-    c = RunConfig()
-    c.model.model = "tiny-random"
-    c.data.synthetic_articles, c.data.max_eval = 6, 8
-    c.eval.max_new_tokens, c.eval.n_boot, c.eval.ac_contexts = 4, 20, 0
-    c.eval.sequence, c.eval.sequence_ratios, c.eval.stage1 = "learned", "4", False
-    c.seq.seq_steps, c.seq.seq_batch, c.seq.seq_width, c.seq.seq_dim, c.seq.seq_max_questions = 2, 2, 16, 4, 6
-    c.out, c.progress = str(tmp_path / "run"), False
-    run_experiment(c, use_cache=False, log=lambda *a: None)
+    run_experiment(tiny_learned_config(tmp_path / "run", "learned"), use_cache=False, log=lambda *a: None)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path / "run"), "--n", "4"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

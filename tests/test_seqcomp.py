@@ -221,16 +221,9 @@ def test_prepare_learned_trains_saves_and_loads(tiny, prompts, tmp_path):
 def test_run_with_the_learned_compressor_only(tmp_path):
     """`latentwire run --sequence learned,truncate --no-stage1`: trains, saves,
     evaluates on the wire beside the baseline; nothing of Stage 1 is made."""
-    from latentwire.config import RunConfig
+    from conftest import tiny_learned_config
     from latentwire.run import run_experiment
-    c = RunConfig()
-    c.model.model = "tiny-random"
-    c.data.synthetic_articles, c.data.max_eval = 6, 8
-    c.eval.max_new_tokens, c.eval.n_boot, c.eval.ac_contexts = 4, 20, 0
-    c.eval.sequence, c.eval.sequence_ratios, c.eval.stage1 = "learned,truncate", "4", False
-    c.seq.seq_steps, c.seq.seq_batch, c.seq.seq_width, c.seq.seq_dim, c.seq.seq_max_questions = 2, 2, 16, 4, 6
-    c.out, c.progress = str(tmp_path / "run"), False
-    m = run_experiment(c, use_cache=False, log=lambda *a: None)
+    m = run_experiment(tiny_learned_config(tmp_path / "run"), use_cache=False, log=lambda *a: None)
     assert set(m["pipelines"]) == {"text", "learned_r4", "truncate_r4"}
     e, t = m["pipelines"]["learned_r4"], m["pipelines"]["truncate_r4"]
     assert e["wire"]["positions_mean"] == t["wire"]["positions_mean"]  # equal positions: M = ceil(L / 4) both
