@@ -23,20 +23,18 @@ import torch
 
 from latentwire import seqcomp as sc
 from latentwire.config import GROUPS, RunConfig
-from latentwire.data import PromptBuilder, interleave_by_title
 from latentwire.errors import LatentWireError
 from latentwire.models import load_model
 from latentwire.report import reference_text
-from latentwire.run import build_inputs, load_data
+from latentwire.run import build_inputs, load_data, seq_prompt_builder, seq_train_prompts
+from latentwire.sweep import apply_overrides
 
 
 def run_config(folder: Path) -> RunConfig:
+    """The run's saved config (every group's fields; an unknown or mistyped one is named)."""
     raw = json.loads((folder / "config.json").read_text())
-    cfg = RunConfig()
-    for g in GROUPS:
-        for k, v in raw.get(g, {}).items():
-            setattr(getattr(cfg, g), k, v)
-    return cfg
+    flat = {k: v for g in GROUPS for k, v in raw.get(g, {}).items()}
+    return apply_overrides(RunConfig(), flat, where=f"{folder / 'config.json'}")
 
 
 @torch.no_grad()
@@ -65,9 +63,8 @@ def main(argv=None) -> int:
         raise SystemExit("latentwire: error: a --sender-model run: probe its sender's own run instead")
     lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
     inp = build_inputs(cfg, lm, load_data(cfg))
-    b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.seq.seq_max_tokens, cfg.data.bos != "none",
-                       flag="--seq-max-tokens")
-    train_prompts = [b2.build(e) for e in interleave_by_title(inp.train)][:cfg.seq.seq_max_questions]
+    b2 = seq_prompt_builder(cfg, lm)
+    train_prompts = seq_train_prompts(cfg, lm, inp.train)[:cfg.seq.seq_max_questions]  # as training read them
     head = inp.prompts[0].head_ids
     hc = sc.head_cache(lm, head)
     layer = sc.resolve_layer(lm, cfg.seq.seq_layer)

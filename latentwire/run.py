@@ -108,6 +108,19 @@ def build_inputs(cfg: RunConfig, lm, data: tuple | None = None) -> Inputs:
     return Inputs(train, ev, desc, [builder.build(e) for e in ev], training_pool(builder, train), sel)
 
 
+def seq_prompt_builder(cfg: RunConfig, lm) -> PromptBuilder:
+    """Prompts of the learned sequence compressor's training, under --seq-max-tokens."""
+    return PromptBuilder(lm.tokenizer, cfg.data.template, cfg.seq.seq_max_tokens, cfg.data.bos != "none",
+                         flag="--seq-max-tokens")
+
+
+def seq_train_prompts(cfg: RunConfig, lm, train: Sequence[Example]) -> list:
+    """The learned compressor's training prompts, articles round-robin, so that
+    the first --seq-max-questions span every training article."""
+    b2 = seq_prompt_builder(cfg, lm)
+    return [b2.build(e) for e in interleave_by_title(train)]
+
+
 def fit_compressor(cfg: RunConfig, lm, pool: torch.Tensor, fp: dict):
     """Stage "compress": load --compressor-path (checked against `fp`), or fit
     PCA on the training tokens (streamed) or the vocabulary, or build the
@@ -566,10 +579,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     seq_summary = None
     if "learned" in cfg.eval.sequence_kinds():
         from .seqcomp import prepare_learned
-        b2 = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.seq.seq_max_tokens, cfg.data.bos != "none",
-                           flag="--seq-max-tokens")
-        # articles round-robin, so that the first --seq-max-questions span every training article
-        learned, seq_summary = prepare_learned(lm, cfg.seq, [b2.build(e) for e in interleave_by_title(train)],
+        learned, seq_summary = prepare_learned(lm, cfg.seq, seq_train_prompts(cfg, lm, train),
                                                prompts[0].head_ids, out,
                                                cfg.seq.seq_seed, cfg.progress, resume, log, use_cache=use_cache,
                                                sender=sender)
