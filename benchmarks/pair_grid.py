@@ -25,6 +25,7 @@ two receivers give the same answer (shared wire; text for scale).
 from __future__ import annotations
 
 import sys
+import json
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,16 +41,35 @@ from latentwire.sweep import _paired  # noqa: E402
 def learned_cfg(args, name: str, receiver: str, sender: str | None = None, sender_path: str | None = None):
     c = base_config(args, name)
     c.model.model, c.model.sender_model = receiver, sender
-    kinds = "learned,truncate" if sender is None else "learned,truncate,surprisal,none"
+    kinds = args.own_kinds if sender is None else args.wire_kinds
     c.eval.sequence, c.eval.sequence_ratios = kinds, f"{args.ratio}"
     c.eval.lm_code_length = False
     c.seq.seq_ratio, c.seq.seq_seed, c.seq.seq_preset = args.ratio, args.seq_seed, args.preset
     c.seq.seq_sender_path = sender_path
+    if receiver != args.model and args.receiver_max_prompt_tokens:
+        c.data.max_prompt_tokens = c.seq.seq_max_tokens = args.receiver_max_prompt_tokens
     given = {f for f in SEQ_FLAGS if getattr(args, f) is not None}
     for flag in given:
         setattr(c.seq, flag, getattr(args, flag))
     apply_preset(c, keep=given)
     return c
+
+
+def sender_run(folder: str, model: str, ratio: int) -> tuple[str, dict]:
+    """A finished single-model run (e.g. seq_grid's learned_r4_s0) used as own_S, checked to be S's own
+    compressor at this r, evaluated and saved."""
+    d = Path(folder)
+    for f in ("metrics.json", "seq_compressor.pt"):
+        if not (d / f).is_file():
+            raise SystemExit(f"--sender-run {folder}: no {f} (not a finished learned run)")
+    m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    if cfg["model"]["model"] != model or cfg["model"].get("sender_model") not in (None, model):
+        raise SystemExit(f"--sender-run {folder}: a run of {cfg['model']['model']}, not of --model {model}")
+    if f"learned_r{ratio}" not in m.get("pipelines", {}):
+        raise SystemExit(f"--sender-run {folder}: has no learned_r{ratio} pipeline (--ratio {ratio})")
+    print(f"[reuse] {folder}: own_S given by --sender-run", file=sys.stderr)
+    return str(d), m
 
 
 def _rows(folder: str, name: str) -> list[dict]:
@@ -99,6 +119,9 @@ def agreement(dir_a: str, dir_b: str, name: str) -> float:
 def main(argv=None) -> int:
     ap = grid_parser(__doc__)
     ap.add_argument("--receiver", required=True, help="the second receiver R (--model is the sender S)")
+    ap.add_argument("--receiver-max-prompt-tokens", type=int, default=None,
+                    help="R's prompt budget, evaluation and training (--max-prompt-tokens, --seq-max-tokens), when its tokenizer needs more tokens than --max-prompt-tokens' 512 "
+                         "(Gemma-3's few-shot prompt for one dev question needs 516)")
     ap.add_argument("--ratio", type=int, default=4)
     ap.add_argument("--preset", default="quick", help="--seq-preset of the learned runs (quick | default)")
     ap.add_argument("--seq-seed", type=int, default=0)
@@ -106,16 +129,35 @@ def main(argv=None) -> int:
         ap.add_argument("--" + f.replace("_", "-"), type=float if f == "seq_lr" else int, default=None)
     ap.add_argument("--out", default="runs/pair_grid")
     ap.add_argument("--md", default=None, help="also write the table as this markdown file, with the command")
+    ap.add_argument("--sender-run", default=None, help="a finished single-model learned run of S at this r (e.g. "
+                    "seq_grid's runs/seq_grid/learned_r4_s0) used as own_S: its compressor's sender is the shared "
+                    "wire (own_S is not run)")
+    ap.add_argument("--own-kinds", default="learned,truncate", help="--sequence of own_S and own_R")
+    ap.add_argument("--wire-kinds", default="learned,truncate,surprisal,none",
+                    help="--sequence of wire_R (the training-free ones are chosen on S's tokens, read by R as text)")
+    ap.add_argument("--only", default=None, help="run only these cells (comma-separated: own_S, own_R, wire_R) and "
+                    "stop before the table; a later run without --only reuses them (for running cells side by side "
+                    "on one GPU: scripts/gpu_pair.sh)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     S, R, r = args.model, args.receiver, args.ratio
     own_s = learned_cfg(args, "own_S", S)
     own_r = learned_cfg(args, "own_R", R)
-    wire_r = learned_cfg(args, "wire_R", R, S, str(Path(own_s.out) / "seq_compressor.pt"))
+    s_dir = args.sender_run or own_s.out
+    wire_r = learned_cfg(args, "wire_R", R, S, str(Path(s_dir) / "seq_compressor.pt"))
+    cells = {"own_S": own_s, "own_R": own_r, "wire_R": wire_r}
     runs = {}
-    for cfg in (own_s, own_r, wire_r):  # own_S first: wire_R loads its sender
-        runs[Path(cfg.out).name] = (cfg.out, run_cell(cfg))
+    if args.sender_run:
+        runs["own_S"] = sender_run(args.sender_run, S, r)
+        del cells["own_S"]
+    only = list(cells) if args.only is None else [c.strip() for c in args.only.split(",") if c.strip()]
+    if not only or any(c not in cells for c in only):
+        raise SystemExit(f"--only {args.only}: choose among {', '.join(cells)}")
+    for name in only:  # own_S first: wire_R loads its sender
+        runs[name] = (cells[name].out, run_cell(cells[name]))
+    if args.only is not None:
+        return 0
     (ds, ms), (dr, mr), (dw, mw) = runs["own_S"], runs["own_R"], runs["wire_R"]
     head = (f"Sender S = {ms['model']}, receivers: S itself and R = {mr['model']}; {ms['n_eval']} questions of "
             f"{ms['data']['eval']}, data seed {args.seed}; r = {r}, preset {args.preset}, training seed "
