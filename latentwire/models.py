@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,38 @@ def resolve_model_source(name: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+TOKENIZER_PROBE = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
+                   "a region in France. They were descended from Norse raiders and pirates from Denmark, Iceland "
+                   "and Norway who agreed to swear fealty to King Charles III of West Francia.")
+"""Plain English (SQuAD's first dev context, shortened) on which every subword tokenizer we know gives 3.5-5
+bytes per token."""
+MIN_BYTES_PER_TOKEN = 2.0
+
+
+def tokenizer_warning(tok, name: str) -> str | None:
+    """A one-line warning when `tok` splits plain English into near-characters (< MIN_BYTES_PER_TOKEN bytes per
+    token), or does not give the text back. Why: a transformers version whose GGUF conversion mishandles a
+    tokenizer loads without error and then answers garbage -- Gemma-3-270M's GGUF under transformers 5.17 made
+    every prompt ~4x longer and scored F1 1.8 instead of 24 (README, "Two models")."""
+    ids = tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    bpt = len(TOKENIZER_PROBE.encode("utf-8")) / max(1, len(ids))
+    back = tok.decode(ids, skip_special_tokens=True).strip()
+    if bpt < MIN_BYTES_PER_TOKEN:
+        return (f"warning: --model {name}: its tokenizer gives {bpt:.2f} bytes per token on plain English (subword "
+                f"tokenizers give 3.5-5): a broken conversion? (transformers {_tf_version()})")
+    if back != TOKENIZER_PROBE:
+        return (f"warning: --model {name}: its tokenizer does not decode plain English back to itself "
+                f"(transformers {_tf_version()}): {back[:60]!r}...")
+    return None
+
+
+def _tf_version() -> str:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                device_map: str | None = None) -> LoadedModel:
     """Load a frozen causal LM and its tokenizer.
@@ -393,5 +426,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         # left padding is always masked out; any id will do, EOS is conventional
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    if kind != "tiny" and (w := tokenizer_warning(tok, name)):
+        print(w, file=sys.stderr)
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=dev, dtype=dt,
                        weight_files=files)

@@ -109,6 +109,18 @@ def test_pair_grid_smoke(tmp_path):
     assert "python benchmarks/pair_grid.py --model tiny-random-b" in (tmp_path / "PAIR.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count("[reuse]") == 3
+    # S's own compressor from an earlier run (--sender-run); cells one at a time (--only), then the table
+    run2 = cmd[:cmd.index("--out")] + ["--out", str(tmp_path / "pg2"), "--sender-run", str(tmp_path / "pg" / "own_S"),
+                                       "--wire-kinds", "learned"]
+    only = subprocess.run(run2 + ["--only", "wire_R"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert only.returncode == 0 and "[run ]" in only.stderr and not (tmp_path / "pg2" / "own_R").exists()
+    table = subprocess.run(run2, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "wire_R: finished with the same settings" in table.stderr and "| R (own_R) | learned_r4 |" in table.stdout
+    assert "| R reading S (wire_R) | truncate_r4 |" not in table.stdout  # --wire-kinds learned
+    wrong = subprocess.run(run2[:-4] + ["--sender-run", str(tmp_path / "pg" / "own_R")], capture_output=True,
+                           text=True, timeout=600, cwd=tmp_path)
+    assert wrong.returncode != 0 and "--sender-run" in wrong.stderr and "not of --model tiny-random-b" in wrong.stderr
 
 
 def test_seq_probe_smoke(tmp_path):

@@ -19,6 +19,17 @@ def test_default_model_loads_frozen_from_cache(smollm):
     assert "gguf" in smollm.source  # dequantized once into the cache
 
 
+def test_sound_tokenizer_passes_the_probe_and_a_near_character_one_is_flagged(smollm):
+    """The load-time tokenizer probe: silent for the real tokenizer, a one-line warning for one that splits
+    English into near-characters (the tiny test tokenizer: ~1.6 bytes per token), naming the flag."""
+    from latentwire.models import tokenizer_warning
+    from latentwire.testing import tiny_tokenizer
+    assert tokenizer_warning(smollm.tokenizer, "smollm2-135m") is None
+    w = tokenizer_warning(tiny_tokenizer(384), "some-model")
+    assert w is not None and w.startswith("warning: --model some-model:") and "bytes per token" in w
+    assert "\n" not in w
+
+
 def test_real_model_ids_equal_embeds_and_batched(smollm):
     b = PromptBuilder(smollm.tokenizer, "fewshot", 512)
     prompts = [b.build(e) for e in synthetic_squad(6, seed=5)[:6]]
