@@ -324,7 +324,8 @@ def tokenizer_warning(tok, name: str) -> str | None:
     """A one-line warning when `tok` splits plain English into near-characters (< MIN_BYTES_PER_TOKEN bytes per
     token), or does not give the text back. Why: a transformers version whose GGUF conversion mishandles a
     tokenizer loads without error and then answers garbage -- Gemma-3-270M's GGUF under transformers 5.17 made
-    every prompt ~4x longer and scored F1 1.8 instead of 24 (README, "Two models")."""
+    prompts >2.5x longer (492 of 500 hit a 640-token cap; median 260 under 5.24) and scored F1 1.8 instead of 24
+    (README, "Two models")."""
     ids = tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     bpt = len(TOKENIZER_PROBE.encode("utf-8")) / max(1, len(ids))
     back = tok.decode(ids, skip_special_tokens=True).strip()
