@@ -116,6 +116,16 @@ def agreement(dir_a: str, dir_b: str, name: str) -> float:
     return 100.0 * sum(x["prediction"] == y["prediction"] for x, y in zip(a, b)) / max(1, len(a))
 
 
+def oracle_pick(dir_a: str, dir_b: str, name: str) -> tuple[float, float, float]:
+    """Mean F1 of S's answer, R's answer, and the better of the two per question: the last is what a perfect
+    joint rescoring (both answer, one is picked) would reach -- its upper bound."""
+    a, b = _rows(dir_a, name), _rows(dir_b, name)
+    _same_questions(a, b)
+    n = max(1, len(a))
+    return (100.0 * sum(x["f1"] for x in a) / n, 100.0 * sum(y["f1"] for y in b) / n,
+            100.0 * sum(max(x["f1"], y["f1"]) for x, y in zip(a, b)) / n)
+
+
 def main(argv=None) -> int:
     ap = grid_parser(__doc__)
     ap.add_argument("--receiver", required=True, help="the second receiver R (--model is the sender S)")
@@ -180,6 +190,10 @@ def main(argv=None) -> int:
                         f"{_pct(p.get('agreement'))} | {w['bytes_mean']:.0f} | {w['positions_mean']:.1f} |")
     agree = (f"The two receivers give the same answer on {agreement(ds, dw, f'learned_r{r}'):.1f}% of the "
              f"questions reading the shared wire, and on {agreement(ds, dw, 'text'):.1f}% reading the text.")
+    fs, fr, best = oracle_pick(ds, dw, f"learned_r{r}")
+    agree += (f" Joint rescoring (both answer from the shared wire, one answer is kept) is not built; its upper "
+              f"bound, the better of the two answers on every question, is {best:.2f} F1 against S's {fs:.2f} "
+              f"and R's {fr:.2f}.")
     text = "\n\n".join([head, "\n".join(lines), "Every pipeline of the three runs:\n\n" + "\n".join(base), agree]) + "\n"
     atomic_write_text(out / "results.md", text)
     print(text)

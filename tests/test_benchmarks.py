@@ -107,6 +107,7 @@ def test_pair_grid_smoke(tmp_path):
     w = [m[n]["pipelines"]["learned_r4"]["wire"]["bytes_mean"] for n in m]
     assert w[0] == w[1]  # one wire: the same payload bytes for both receivers
     assert "python benchmarks/pair_grid.py --model tiny-random-b" in (tmp_path / "PAIR.md").read_text()
+    assert "its upper bound, the better of the two answers" in p.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count("[reuse]") == 3
     # S's own compressor from an earlier run (--sender-run); cells one at a time (--only), then the table
@@ -136,3 +137,20 @@ def test_seq_probe_smoke(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert bad.returncode != 0 and "not a learned run" in bad.stderr
+
+
+def test_pair_grid_oracle_pick_is_the_per_question_better_answer(tmp_path):
+    """The joint-rescoring upper bound: per question the better of S's and R's F1, averaged; different
+    questions are refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pytest
+    from pair_grid import oracle_pick
+    from latentwire.runio import write_jsonl
+    for d, f1s in (("a", [1.0, 0.0, 0.5]), ("b", [0.0, 0.0, 1.0])):
+        (tmp_path / d).mkdir()
+        write_jsonl(tmp_path / d / "predictions_learned_r4.jsonl", [{"id": str(i), "f1": f} for i, f in enumerate(f1s)])
+    s, r, best = oracle_pick(str(tmp_path / "a"), str(tmp_path / "b"), "learned_r4")
+    assert (round(s, 4), round(r, 4), round(best, 4)) == (50.0, 33.3333, 66.6667)
+    write_jsonl(tmp_path / "b" / "predictions_learned_r4.jsonl", [{"id": "x", "f1": 0.0}] * 3)
+    with pytest.raises(SystemExit):
+        oracle_pick(str(tmp_path / "a"), str(tmp_path / "b"), "learned_r4")
