@@ -134,6 +134,7 @@ def test_seq_probe_smoke(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| training |" in p.stdout and "| dev |" in p.stdout and "none" in p.stdout
+    assert "another paragraph" in p.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert bad.returncode != 0 and "not a learned run" in bad.stderr
@@ -154,3 +155,15 @@ def test_pair_grid_oracle_pick_is_the_per_question_better_answer(tmp_path):
     write_jsonl(tmp_path / "b" / "predictions_learned_r4.jsonl", [{"id": "x", "f1": 0.0}] * 3)
     with pytest.raises(SystemExit):
         oracle_pick(str(tmp_path / "a"), str(tmp_path / "b"), "learned_r4")
+
+
+def test_seq_probe_other_paragraph_gives_each_question_another_contexts_latents():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pytest
+    from seq_probe import other_paragraph
+    items = [{"ctx": c, "h": h, "qid": i} for i, (c, h) in enumerate([([1], "A"), ([1], "A"), ([2], "B"), ([3], "C")])]
+    out = other_paragraph(items)
+    assert [o["h"] for o in out] == ["B", "B", "C", "A"] and [o["qid"] for o in out] == [0, 1, 2, 3]
+    assert items[0]["h"] == "A"  # the input is not modified
+    with pytest.raises(SystemExit):
+        other_paragraph(items[:2])
