@@ -101,13 +101,24 @@ def receiver_line(label: str, m_own: dict, own_dir: str, m_wire: dict, wire_dir:
     d = _paired(a, b, "f1", 1000, 0)
     keep = wire["f1_retention"] / own["f1_retention"] if own.get("f1_retention") and wire.get("f1_retention") \
         is not None else None
-    t = m_wire["seq_train"] or {}
-    cost = "-" if wire_dir == own_dir else f"{t.get('trained_params', 0):,} of {t.get('params', 0):,} params, " \
-                                           f"{t.get('train_s', 0):.0f} s"
+    cost = f"own: {_cost(m_own)}; shared: " + ("the sender's own" if wire_dir == own_dir else _cost(m_wire))
     line = (f"| {label} | {m_own['pipelines']['text']['f1']:.2f} | {own['f1']:.2f} ({_ret(own)}) | "
             f"{wire['f1']:.2f} ({_ret(wire)}) | {d[0]:+.2f} [{d[1]:+.1f}, {d[2]:+.1f}] | {_pct(keep, 0)} | "
-            f"{wire['wire']['bytes_mean']:.0f} | {cost} |")
+            f"{own['wire']['bytes_mean']:.0f}; {wire['wire']['bytes_mean']:.0f} | {cost} |")
     return line, {"receiver": label, "keep": keep, "d_f1": d}
+
+
+def _cost(m: dict) -> str:
+    """Trained parameters (of all the compressor's) and training seconds of a learned run."""
+    t = m.get("seq_train") or {}
+    params = t.get("params", 0)
+    trained = t.get("trained_params") or params  # runs saved before trained_params train everything
+    return f"{trained:,}{'' if trained == params else f' of {params:,}'} params, {t.get('train_s', 0):.0f} s"
+
+
+def model_name(folder: str) -> str:
+    """The --model a run was given (an alias such as smollm2-135m), not the resolved cache path."""
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["model"]["model"]
 
 
 def agreement(dir_a: str, dir_b: str, name: str) -> float:
@@ -169,15 +180,16 @@ def main(argv=None) -> int:
     if args.only is not None:
         return 0
     (ds, ms), (dr, mr), (dw, mw) = runs["own_S"], runs["own_R"], runs["wire_R"]
-    head = (f"Sender S = {ms['model']}, receivers: S itself and R = {mr['model']}; {ms['n_eval']} questions of "
-            f"{ms['data']['eval']}, data seed {args.seed}; r = {r}, preset {args.preset}, training seed "
+    head = (f"Sender S = {model_name(ds)}, receivers: S itself and R = {model_name(dr)}; {ms['n_eval']} questions of "
+            f"{args.squad_eval or 'the built-in set'}, data seed {args.seed}; r = {r}, preset {args.preset}, training seed "
             f"{args.seq_seed}. The shared wire: S's sender trained with S's decoder (own_S), then frozen while R's "
             "decoder trains (wire_R); both receivers read the same payload bytes.")
     lines = ["| receiver | text F1 | own compressor F1 (retention [95% CI]) | shared wire F1 (retention [95% CI]) | "
-             "shared - own ΔF1 [95% CI] | shared keeps of own retention | bytes/context | training cost |",
+             "shared - own ΔF1 [95% CI] | shared keeps of own retention | bytes/context (own; shared) | training cost (own compressor; "
+             "shared wire's decoder) |",
              "|---|---|---|---|---|---|---|---|"]
-    line_s, _ = receiver_line(f"S {ms['model']}", ms, ds, ms, ds, r)
-    line_r, _ = receiver_line(f"R {mr['model']}", mr, dr, mw, dw, r)
+    line_s, _ = receiver_line(f"S {model_name(ds)}", ms, ds, ms, ds, r)
+    line_r, _ = receiver_line(f"R {model_name(dr)}", mr, dr, mw, dw, r)
     lines += [line_s, line_r]
     base = ["| receiver | pipeline | F1 | retention | agreement with own text | bytes/context | positions |",
             "|---|---|---|---|---|---|---|"]
@@ -188,7 +200,7 @@ def main(argv=None) -> int:
             w = p["wire"]
             base.append(f"| {label} | {name} | {p['f1']:.2f} | {_pct(p.get('f1_retention'))} | "
                         f"{_pct(p.get('agreement'))} | {w['bytes_mean']:.0f} | {w['positions_mean']:.1f} |")
-    agree = (f"The two receivers give the same answer on {agreement(ds, dw, f'learned_r{r}'):.1f}% of the "
+    agree = (f"The two receivers give the same answer (the same string, as every agreement here) on {agreement(ds, dw, f'learned_r{r}'):.1f}% of the "
              f"questions reading the shared wire, and on {agreement(ds, dw, 'text'):.1f}% reading the text.")
     fs, fr, best = oracle_pick(ds, dw, f"learned_r{r}")
     agree += (f" Joint rescoring (both answer from the shared wire, one answer is kept) is not built; its upper "
