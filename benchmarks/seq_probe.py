@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     train_prompts = seq_train_prompts(cfg, lm, inp.train)[:cfg.seq.seq_max_questions]  # as training read them
     head = inp.prompts[0].head_ids
     hc = sc.head_cache(lm, head)
-    layer = sc.resolve_layer(lm, cfg.seq.seq_layer)
+    layer = sc.resolve_layer(sender or lm, cfg.seq.seq_layer)  # the sender's layer (as training)
     items, reused = sc.cached_items(lm, train_prompts, layer, cfg.seq.seq_teacher_topk, hc, len(head),
                                     sc.cache_root() / "seq_teacher", False, sender)
     comp, _ = sc.load_compressor(lm, folder / "seq_compressor.pt", cfg.seq, sender)
