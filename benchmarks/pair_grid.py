@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     ap = grid_parser(__doc__)
     ap.add_argument("--receiver", required=True, help="the second receiver R (--model is the sender S)")
     ap.add_argument("--receiver-max-prompt-tokens", type=int, default=None,
-                    help="R's prompt budget, evaluation and training (--max-prompt-tokens, --seq-max-tokens), when its tokenizer needs more tokens than --max-prompt-tokens' 512 "
-                         "(Gemma-3's few-shot prompt for one dev question needs 516)")
+                    help="R's prompt budget, evaluation and training (--max-prompt-tokens, --seq-max-tokens), when "
+                         "R's tokenizer needs more tokens for a prompt than S's 512 / 256 (default: the same)")
     ap.add_argument("--ratio", type=int, default=4)
     ap.add_argument("--preset", default="quick", help="--seq-preset of the learned runs (quick | default)")
     ap.add_argument("--seq-seed", type=int, default=0)

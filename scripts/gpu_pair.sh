@@ -6,7 +6,9 @@
 #   bash scripts/gpu_pair.sh SQUAD_TRAIN SQUAD_EVAL [OUT]
 # env: S (smollm2-135m), R (gemma3-270m), NQ (500 questions), PRESET (quick),
 #      LIMIT (seconds before the cells are stopped and what finished is archived; 540),
-#      PY (python3 or .venv/bin/python).
+#      RMAX (R's --receiver-max-prompt-tokens, if its prompts need more), PY (python3 or .venv/bin/python).
+# Check the device's transformers first: under 5.17 Gemma-3's GGUF tokenizer converted wrongly (prompts >2.5x
+# longer, text F1 1.8 instead of 24; the load prints a tokenizer warning now) -- README, "Two models".
 # fp32 so that the text answers equal the CPU runs'. One archive OUT.tgz at the end
 # (a device that returns few files returns this one).
 set -u
