@@ -181,32 +181,37 @@ def main(argv=None) -> int:
         return 0
     (ds, ms), (dr, mr), (dw, mw) = runs["own_S"], runs["own_R"], runs["wire_R"]
     head = (f"Sender S = {model_name(ds)}, receivers: S itself and R = {model_name(dr)}; {ms['n_eval']} questions of "
-            f"{args.squad_eval or 'the built-in set'}, data seed {args.seed}; r = {r}, preset {args.preset}, training seed "
+            f"{args.squad_eval or 'the built-in set'}, data seed {args.seed}; r = {r}, preset {args.preset}, "
+            "training seed "
             f"{args.seq_seed}. The shared wire: S's sender trained with S's decoder (own_S), then frozen while R's "
             "decoder trains (wire_R); both receivers read the same payload bytes.")
     lines = ["| receiver | text F1 | own compressor F1 (retention [95% CI]) | shared wire F1 (retention [95% CI]) | "
-             "shared - own ΔF1 [95% CI] | shared keeps of own retention | bytes/context (own; shared) | training cost (own compressor; "
+             "shared - own ΔF1 [95% CI] | shared keeps of own retention | bytes/context (own; shared) | "
+             "training cost (own compressor; "
              "shared wire's decoder) |",
              "|---|---|---|---|---|---|---|---|"]
     line_s, _ = receiver_line(f"S {model_name(ds)}", ms, ds, ms, ds, r)
     line_r, _ = receiver_line(f"R {model_name(dr)}", mr, dr, mw, dw, r)
     lines += [line_s, line_r]
-    base = ["| receiver | pipeline | F1 | retention | agreement with own text | bytes/context | positions |",
-            "|---|---|---|---|---|---|---|"]
+    base = ["| receiver | pipeline | F1 | EM | retention | agreement with own text | bytes/context | positions |",
+            "|---|---|---|---|---|---|---|---|"]
     for label, m in (("S (own_S)", ms), ("R (own_R)", mr), ("R reading S (wire_R)", mw)):
         for name, p in m["pipelines"].items():
             if name == "text":
                 continue
             w = p["wire"]
-            base.append(f"| {label} | {name} | {p['f1']:.2f} | {_pct(p.get('f1_retention'))} | "
+            base.append(f"| {label} | {name} | {p['f1']:.2f} | {p['exact_match']:.2f} | "
+                        f"{_pct(p.get('f1_retention'))} | "
                         f"{_pct(p.get('agreement'))} | {w['bytes_mean']:.0f} | {w['positions_mean']:.1f} |")
-    agree = (f"The two receivers give the same answer (the same string, as every agreement here) on {agreement(ds, dw, f'learned_r{r}'):.1f}% of the "
+    agree = (f"The two receivers give the same answer (the same string, as every agreement here) on "
+             f"{agreement(ds, dw, f'learned_r{r}'):.1f}% of the "
              f"questions reading the shared wire, and on {agreement(ds, dw, 'text'):.1f}% reading the text.")
     fs, fr, best = oracle_pick(ds, dw, f"learned_r{r}")
     agree += (f" Joint rescoring (both answer from the shared wire, one answer is kept) is not built; its upper "
               f"bound, the better of the two answers on every question, is {best:.2f} F1 against S's {fs:.2f} "
               f"and R's {fr:.2f}.")
-    text = "\n\n".join([head, "\n".join(lines), "Every pipeline of the three runs:\n\n" + "\n".join(base), agree]) + "\n"
+    parts = [head, "\n".join(lines), "Every pipeline of the three runs:\n\n" + "\n".join(base), agree]
+    text = "\n\n".join(parts) + "\n"
     atomic_write_text(out / "results.md", text)
     print(text)
     print(f"wrote {out}/results.md")
