@@ -11,12 +11,8 @@
 # longer, text F1 1.8 instead of 24; the load prints a tokenizer warning now) -- README, "Two models".
 # fp32 so that the text answers equal the CPU runs'. One archive OUT.tgz at the end
 # (a device that returns few files returns this one).
-set -u
-cd "$(dirname "$0")/.."
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PY, env, CUDA or exit 1
 T=$1; E=$2; O=${3:-runs/pair_grid}; LIMIT=${LIMIT:-540}
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 left() { echo $(( LIMIT - (SECONDS - t0) > 5 ? LIMIT - (SECONDS - t0) : 5 )); }
 G=($PY benchmarks/pair_grid.py --model "${S:-smollm2-135m}" --receiver "${R:-gemma3-270m}"
    --squad-train "$T" --squad-eval "$E" --max-eval "${NQ:-500}" --preset "${PRESET:-quick}" --dtype float32 --out "$O" ${RMAX:+--receiver-max-prompt-tokens $RMAX})

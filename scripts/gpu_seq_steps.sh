@@ -11,12 +11,8 @@
 # env: MODEL (smollm2-135m), NQ (500 questions), LONG (1000), PY (python3 or .venv/bin/python).
 # fp32 so that the text pipeline's answers equal the CPU runs'. Each run's
 # s/question is measured with the other three on the GPU (not a timing).
-set -u
-cd "$(dirname "$0")/.."
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+source "$(dirname "$0")/gpu_env.sh"  # cd to the root, PY, env, CUDA or exit 1
 T=$1; E=$2; O=${3:-runs/gpu_seq}; LONG=${LONG:-1000}
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 C=($PY -m latentwire run --model "${MODEL:-smollm2-135m}" --device cuda --dtype float32 --no-stage1
    --sequence learned --sequence-ratios 4 --seq-ratio 4 --seq-preset default --max-eval "${NQ:-500}"
    --squad-train "$T" --squad-eval "$E" --no-progress --overwrite --no-lm-code-length --ac-contexts 0)
