@@ -35,7 +35,7 @@ from stage1_grid import grid_parser, run_cell  # noqa: E402
 
 from latentwire.config import apply_preset  # noqa: E402
 from latentwire.runio import atomic_write_text, read_jsonl  # noqa: E402
-from latentwire.sweep import _paired  # noqa: E402
+from latentwire.metrics import paired_delta  # noqa: E402
 
 
 def learned_cfg(args, name: str, receiver: str, sender: str | None = None, sender_path: str | None = None):
@@ -98,7 +98,7 @@ def receiver_line(label: str, m_own: dict, own_dir: str, m_wire: dict, wire_dir:
     own, wire = m_own["pipelines"][lr], m_wire["pipelines"][lr]
     a, b = _rows(own_dir, lr), _rows(wire_dir, lr)
     _same_questions(a, b)
-    d = _paired(a, b, "f1", 1000, 0)
+    d = paired_delta(a, b, "f1", 1000, 0)
     keep = wire["f1_retention"] / own["f1_retention"] if own.get("f1_retention") and wire.get("f1_retention") \
         is not None else None
     cost = f"own: {_cost(m_own)}; shared: " + ("the sender's own" if wire_dir == own_dir else _cost(m_wire))

@@ -25,7 +25,6 @@ per seed and the seeds' mean and spread) and f1_vs_bytes.png.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import shutil
@@ -41,7 +40,7 @@ from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 from latentwire.config import RunConfig, apply_preset  # noqa: E402
 from latentwire.report import plot_f1_vs_bytes, reference_text, references_table  # noqa: E402
 from latentwire.runio import atomic_write_text, read_jsonl  # noqa: E402
-from latentwire.sweep import _paired  # noqa: E402
+from latentwire.metrics import paired_delta  # noqa: E402
 
 
 def base_config(args, name: str) -> RunConfig:
@@ -122,7 +121,7 @@ def paired_table(args, runs: dict, n_boot: int = 1000) -> tuple[str, list[dict]]
             other = read_jsonl(base_dir / f"predictions_{base}.jsonl")
             if [x["id"] for x in other] != [x["id"] for x in mine]:
                 raise SystemExit(f"{folder} and {base_dir} were evaluated on different questions")
-            f, g = _paired(other, mine, "f1", n_boot, 0), _paired(other, mine, "agree", n_boot, 0)
+            f, g = paired_delta(other, mine, "f1", n_boot, 0), paired_delta(other, mine, "agree", n_boot, 0)
             rows.append({"seed": name, "against": base, "d_f1": f, "d_agree": g})
             lines.append(f"| {name} | {base} | {f[0]:+.2f} [{f[1]:+.1f}, {f[2]:+.1f}] | "
                          f"{g[0]:+.1f} [{g[1]:+.1f}, {g[2]:+.1f}] |")

@@ -31,6 +31,7 @@ from latentwire.config import GROUPS, RunConfig
 from latentwire.errors import LatentWireError
 from latentwire.models import load_model
 from latentwire.report import reference_text
+from latentwire.forward import head_cache
 from latentwire.run import build_inputs, load_data, seq_prompt_builder, seq_train_prompts
 from latentwire.sweep import apply_overrides
 
@@ -81,11 +82,11 @@ def main(argv=None) -> int:
     b2 = seq_prompt_builder(cfg, lm)
     train_prompts = seq_train_prompts(cfg, lm, inp.train)[:cfg.seq.seq_max_questions]  # as training read them
     head = inp.prompts[0].head_ids
-    hc = sc.head_cache(lm, head)
+    hc = head_cache(lm, head)
     layer = sc.resolve_layer(sender or lm, cfg.seq.seq_layer)  # the sender's layer (as training)
     items, reused = sc.cached_items(lm, train_prompts, layer, cfg.seq.seq_teacher_topk, hc, len(head),
                                     sc.cache_root() / "seq_teacher", False, sender)
-    comp, _ = sc.load_compressor(lm, folder / "seq_compressor.pt", cfg.seq, sender)
+    comp, _ = sc.load_compressor(lm, folder / "seq_compressor.pt", sender)
     comp.eval()
     n = min(args.n, len(items), len(inp.eval))
     train = [items[i] for i in sorted(random.Random(0).sample(range(len(items)), n))]

@@ -29,9 +29,11 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
 
     from latentwire.adapters import build_adapter
     from latentwire.config import RunConfig
-    from latentwire.evaluate import score_predictions
     from latentwire.models import load_model
-    from latentwire.run import build_inputs, eval_switches, fit_compressor, sharded_predictions, text_predictions
+    from latentwire.answers import sharded_predictions, text_predictions
+    from latentwire.compare import score_rows
+    from latentwire.run import build_inputs, eval_switches
+    from latentwire.stage1 import fit_compressor
     from latentwire.runio import seed_everything
     from latentwire.train import train_phase1
 
@@ -49,7 +51,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     z_table = comp.transform(table)
     seed_everything(seed)  # the adapter's initialisation must not depend on what this process ran before
     ad = build_adapter(cfg.adapter, comp, table)
-    text_rows, _ = score_predictions(prompts, text_predictions(lm, prompts, cfg))
+    text_rows = score_rows(prompts, text_predictions(lm, prompts, cfg))
     text_f1 = sum(r["f1"] for r in text_rows)
     sw = eval_switches(cfg)
 
@@ -60,7 +62,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
         # as `latentwire run` generates (every --batch-size/... flag from cfg.eval)
         preds = sharded_predictions(lm, prompts, lambda x: ad(comp.transform(x.float())), sw, cfg, "probe")
         ad.train(was)
-        rows, _ = score_predictions(prompts, preds)
+        rows = score_rows(prompts, preds)
         return sum(r["f1"] for r in rows) / text_f1 if text_f1 else float("nan")
 
     checks = [{"step": 0, "train_s": 0.0, "retention": retention()}]

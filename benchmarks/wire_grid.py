@@ -83,7 +83,7 @@ COLS = ["adapter", "dims", "bits", "bytes_per_context", "bits_per_token", "n", "
 def references(args, first_cfg: RunConfig) -> dict:
     """Text references on exactly the evaluated contexts (the same prompts as every cell)."""
     from latentwire.models import load_model
-    from latentwire.run import build_inputs, wire_report
+    from latentwire.run import build_inputs, references
     path = Path(args.out) / "references.json"
     want = {"model": args.model, "squad_eval": args.squad_eval, "max_eval": args.max_eval, "seed": args.seed,
             "ac_contexts": args.ac_contexts}
@@ -97,7 +97,7 @@ def references(args, first_cfg: RunConfig) -> dict:
     cfg.validate()
     lm = load_model(cfg.model.model)
     t0 = time.time()
-    refs = wire_report(lm, build_inputs(cfg, lm).prompts, cfg)
+    refs = references(lm, build_inputs(cfg, lm).prompts, cfg)
     print(f"[refs ] text references in {time.time() - t0:.0f} s", file=sys.stderr)
     write_json(path, {"settings": want, "references": refs})
     return refs

@@ -1,10 +1,13 @@
 """Command line: only wiring. Flags are generated from the config dataclasses
 (their docstrings are the --help text), so a flag and its field never drift.
 
-  latentwire eval      text baseline on SQuAD / the built-in set
-  latentwire run       the whole Stage 1 pipeline and its report
-  latentwire sweep     many runs from a YAML/TOML file
-  latentwire diagnose  the seed's five hypotheses, tested
+  latentwire run        every pipeline on the same questions, in bytes, with controls; the report
+  latentwire send       a paragraph -> a payload file (its bytes, positions, and the text's sizes)
+  latentwire ask        a payload file + a question -> the frozen LLM's answer
+  latentwire pipelines  the kinds of pipeline, one line each
+  latentwire eval       the text pipeline alone on SQuAD / the built-in set
+  latentwire sweep      many runs from a YAML/TOML file
+  latentwire diagnose   the seed's five hypotheses, tested
 
 `run` and `eval` also run under `torchrun --nproc_per_node N -m latentwire`
 (or `accelerate launch`): training is data-parallel, evaluation sharded.
@@ -70,15 +73,51 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"latentwire: error: {message}\n")
 
 
+DESCRIPTION = ("Can a frozen LLM still do its job when it reads a compressed representation -- cheaper than its own "
+               "text -- instead of its own input? A pipeline is a sender (paragraph -> payload bytes) and a receiver "
+               "(payload -> what the frozen LLM reads); `run` measures every pipeline on the same SQuAD questions "
+               "against the text, in bytes, learned ones beside their controls.")
+
+
+def _add_wire_args(p: argparse.ArgumentParser) -> None:
+    """What `send` and `ask` share: the pipeline, its receiver model and ratio (both ends must agree)."""
+    p.add_argument("--pipeline", required=True, metavar="SPEC",
+                   help="a kind (`latentwire pipelines`), a run folder, or package.module:Factory")
+    p.add_argument("--model", default=None, help="the receiving LLM (default: the run folder's, else smollm2-135m)")
+    p.add_argument("--ratio", type=float, default=4.0, help="r for kinds that compress the sequence (default: 4)")
+    p.add_argument("--template", default="fewshot", help="prompt template of the receiver (default: fewshot)")
+    p.add_argument("--fits", default=None, metavar="DIR",
+                   help="opt-* kinds: keep per-paragraph fits here (a rerun with the same paragraph refits nothing)")
+    _add_group(p, "opt", _GROUPS["opt"])
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="latentwire", description="Compressed-then-reconstructed input embeddings for a frozen LLM.")
+    p = _Parser(prog="latentwire", description=DESCRIPTION)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    pe = sub.add_parser("eval", help="text baseline: batched greedy generation, SQuAD EM/F1")
+    pw = sub.add_parser("send", help="a paragraph -> a payload file",
+                        description="Send a paragraph: write the exact payload a pipeline's sender makes of it, and "
+                                    "print its bytes and positions beside the paragraph's UTF-8 and zstd sizes.")
+    _add_wire_args(pw)
+    pw.add_argument("paragraph", help="a UTF-8 text file holding the paragraph (the context)")
+    pw.add_argument("-o", "--output", required=True, help="where the payload's bytes go")
+    pa = sub.add_parser("ask", help="a payload file + a question -> the answer",
+                        description="Ask the frozen receiver LLM a question about a payload: it reads the payload "
+                                    "where the paragraph would be (the evaluation's prompt and greedy decoding).")
+    _add_wire_args(pa)
+    pa.add_argument("payload", help="a payload file written by `latentwire send` with the same pipeline flags")
+    pa.add_argument("question", help="the question")
+    pa.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default: 16)")
+    sub.add_parser("pipelines", help="the kinds of pipeline, one line each",
+                   description="The kinds --pipeline / --sequence / `send` / `ask` accept, one line each.")
+    pe = sub.add_parser("eval", help="the text pipeline alone: batched greedy generation, SQuAD EM/F1")
     for key in ("model", "data", "eval"):
         _add_group(pe, key, _GROUPS[key])
     pe.add_argument("--out", default="runs/eval", help="run folder (default: runs/eval)")
     pe.add_argument("--no-progress", action="store_true", help="no progress bars")
-    pr = sub.add_parser("run", help="fit compressor, train adapter, evaluate, diagnose, report")
+    pr = sub.add_parser("run", help="every pipeline on the same questions, in bytes, with controls; the report",
+                        description="Evaluate pipelines on the same questions as the text pipeline -- F1, retention, "
+                                    "agreement, bytes and positions per context -- training or fitting what needs it "
+                                    "(Stage 1, --sequence learned, opt-*), every learned pipeline beside its controls.")
     for key in _GROUPS:
         _add_group(pr, key, _GROUPS[key])
     pr.add_argument("--out", default="runs/latest", help="run folder (default: runs/latest)")
@@ -102,6 +141,50 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _wire_command(args) -> None:
+    """`latentwire send` / `ask`: one pipeline, its receiver model, one payload file."""
+    from pathlib import Path
+
+    from .api import ask, load_pipeline
+    from .config import OptConfig
+    opts = {f.name: getattr(args, f"opt.{f.name}") for f in fields(OptConfig)} | {"template": args.template}
+    if args.cmd == "send":
+        src = Path(args.paragraph)
+        if not src.is_file():
+            raise LatentWireError(f"paragraph {args.paragraph}: no such file")
+        try:
+            text = " ".join(src.read_bytes().decode("utf-8").split())
+        except UnicodeDecodeError as e:
+            raise LatentWireError(f"paragraph {args.paragraph}: not UTF-8 text (byte {e.start})") from None
+        if not text:
+            raise LatentWireError(f"paragraph {args.paragraph}: empty")
+    else:
+        src = Path(args.payload)
+        if not src.is_file():
+            raise LatentWireError(f"payload {args.payload}: no such file")
+        if args.max_new_tokens < 1:
+            raise LatentWireError("--max-new-tokens must be >= 1")
+    if not args.ratio >= 1:
+        raise LatentWireError(f"--ratio must be >= 1 (got {args.ratio:g})")
+    pipe = load_pipeline(args.pipeline, args.model, args.ratio, options=opts, out=args.fits)
+    if args.cmd == "ask":
+        print(ask(pipe, src.read_bytes(), args.question, max_new_tokens=args.max_new_tokens))
+        return
+    from .runio import atomic_write_bytes
+    payload = pipe.send(text)
+    atomic_write_bytes(args.output, bytes(payload))
+    utf8 = len(text.encode("utf-8"))
+    line = f"{args.output}: {len(payload):,} bytes, {payload.positions} positions ({pipe.name}); UTF-8 {utf8:,} bytes"
+    try:
+        import zstandard
+        z = len(zstandard.ZstdCompressor(level=19).compress(text.encode("utf-8")))
+        line += f", zstd -19 {z:,} bytes"
+    except ImportError:
+        z = None
+    ratios = f"{len(payload) / utf8:.3f}x UTF-8" + (f", {len(payload) / z:.3f}x zstd" if z else "")
+    print(f"{line}: the payload is {ratios}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     from . import dist
@@ -110,7 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun / accelerate launch: join the process group (no-op alone)
         if args.cmd in ("eval", "run"):
             dist.init()
-        if args.cmd == "eval":
+        if args.cmd == "pipelines":
+            from .pipelines import KINDS
+            w = max(map(len, KINDS))
+            for k in KINDS.values():
+                print(f"{k.name:<{w}}  {k.summary}" + (" [takes --ratio]" if k.ratio else ""))
+            print(f"{'RUN_DIR':<{w}}  a run folder: its trained pipeline (learned compressor or Stage 1)")
+            print(f"{'pkg.mod:Factory':<{w}}  your own: Factory(BuildContext) -> a latentwire.Pipeline")
+        elif args.cmd in ("send", "ask"):
+            _wire_command(args)
+        elif args.cmd == "eval":
             from .run import text_baseline_eval
             cfg = _build(args, ("model", "data", "eval"))
             m = text_baseline_eval(cfg)

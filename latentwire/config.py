@@ -72,6 +72,9 @@ class DataConfig:
     reconstructed: prepend BOS and send it through the compressor too."""
     max_eval: int = 200
     """Evaluation questions (round-robin over articles); 0 = all."""
+    max_eval_contexts: int = 0
+    """Evaluate on the first N paragraphs (articles round-robin) and every question on them (then --max-eval, if
+    not 0, caps the questions); 0 = no paragraph limit."""
     max_train_questions: int = 0
     """Training questions whose prompts feed PCA fitting and the token pool; 0 = all."""
     seed: int = 0
@@ -82,6 +85,7 @@ class DataConfig:
         _choice("bos", self.bos, ("none", "original", "reconstructed"))
         _positive("max_prompt_tokens", self.max_prompt_tokens)
         _positive("max_eval", self.max_eval, allow_zero=True)
+        _positive("max_eval_contexts", self.max_eval_contexts, allow_zero=True)
         _positive("max_train_questions", self.max_train_questions, allow_zero=True)
         _positive("synthetic_articles", self.synthetic_articles)
         if self.synthetic_articles < 2:
@@ -113,12 +117,19 @@ class EvalConfig:
     """Contexts whose LLM arithmetic coding is run for real (encode + decode, one LLM step a token each way)
     to report its actual bytes beside the bound; 0 = the bound only."""
     sequence: str = ""
-    """Sequence compressors to evaluate beside Stage 1, comma-separated: truncate (first M context tokens),
-    surprisal (the M most surprising tokens, in order), meanpool (mean of r embeddings), none (nothing sent: the
-    question alone), learned (the trained
-    compressor, --seq-* flags; trained in the run unless --seq-path is given); M = ceil(context tokens / r)."""
+    """Sequence compressors to evaluate beside Stage 1, comma-separated, each at every --sequence-ratios r (M =
+    ceil(context tokens / r)): truncate, surprisal, meanpool, their +ac forms (ids arithmetic-coded with the LLM),
+    none (nothing sent), opt-{emb,kv}-{copy,use} (the per-paragraph ceiling, --opt-* flags), learned (the trained
+    compressor, --seq-* flags; trained in the run unless --seq-path is given). `latentwire pipelines` lists them."""
     sequence_ratios: str = "4"
     """Comma-separated ratios r for --sequence (e.g. 2,4,8,16)."""
+    pipeline: str = ""
+    """More pipelines, comma-separated: a kind (`latentwire pipelines`; e.g. ac, truncate+ac -- kinds that take a
+    ratio are built at every --sequence-ratios r), a run folder (its trained pipeline), or package.module:Factory
+    (your own; imported from the working directory or the Python path)."""
+    probe_contexts: int = 32
+    """Evaluation paragraphs on which a learned pipeline's reading is probed without questions (reconstruction,
+    continuation), beside its controls; 0 = skip."""
     stage1: bool = True
     """Fit, train and evaluate the Stage 1 pipelines (PCA + adapter, and the linear control). --no-stage1:
     only the text baseline and the --sequence pipelines (nothing is fitted or trained for Stage 1)."""
@@ -142,6 +153,9 @@ class EvalConfig:
     def sequence_kinds(self) -> list[str]:
         return [k.strip() for k in self.sequence.split(",") if k.strip()]
 
+    def pipeline_specs(self) -> list[str]:
+        return [k.strip() for k in self.pipeline.split(",") if k.strip()]
+
     def sequence_ratio_list(self) -> list[float]:
         try:
             return [float(r) for r in self.sequence_ratios.split(",") if r.strip()]
@@ -156,10 +170,17 @@ class EvalConfig:
         _choice("vocab_metrics", self.vocab_metrics, ("auto", "full", "sample"))
         _positive("keep_prefix", self.keep_prefix, allow_zero=True)
         _positive("ac_contexts", self.ac_contexts, allow_zero=True)
-        if not self.stage1 and not self.sequence_kinds():
-            raise LatentWireError("--no-stage1 leaves nothing to evaluate but the text: add --sequence")
+        from .pipelines import KINDS, is_plugin
+        if not self.stage1 and not self.sequence_kinds() and not self.pipeline_specs():
+            raise LatentWireError("--no-stage1 leaves nothing to evaluate but the text: add --sequence or --pipeline")
+        ratio_kinds = [k for k, v in KINDS.items() if v.ratio or k in ("none",)] + ["learned"]
         for k in self.sequence_kinds():
-            _choice("sequence", k, ("truncate", "surprisal", "meanpool", "none", "learned"))
+            _choice("sequence", k, ratio_kinds)
+        for spec in self.pipeline_specs():
+            if spec not in KINDS and not Path(spec).is_dir() and not is_plugin(spec):
+                raise LatentWireError(f"--pipeline {spec}: not a pipeline kind ({', '.join(KINDS)}), a run folder, "
+                                      "or package.module:Factory")
+        _positive("probe_contexts", self.probe_contexts, allow_zero=True)
         for r in self.sequence_ratio_list():
             if not r >= 1:
                 raise LatentWireError(f"--sequence-ratios: each ratio must be >= 1 (got {r:g})")
@@ -351,6 +372,12 @@ class SeqConfig:
     """Optimizer steps (one step = seq-batch questions through the frozen LLM, forward and backward)."""
     seq_batch: int = 8
     """Training questions per step."""
+    seq_decoder: str = "mlp"
+    """The receiver's decoder: mlp (an MLP into the embedding space at the table's RMS) | vocab (a softmax over the
+    receiver's own embedding table: every vector it reads is a convex combination of its token embeddings)."""
+    seq_recon_steps: int = 0
+    """Token-reconstruction steps first, without the LLM (vocab decoder only): each latent's vocabulary logits
+    against its window's tokens (at r = 1: send every token). Cheap: no forward through the LLM."""
     seq_pretrain_steps: int = 0
     """Self-supervised steps before the QA steps (ICAE-style autoencoding): the receiver reads
     [head][latents] and is trained to write the context's own tokens back (teacher-forced CE), on the
@@ -390,11 +417,18 @@ class SeqConfig:
     wire (--model: the new receiver; --sender-model: the earlier run's sender)."""
 
     def validate(self) -> None:
-        for n in ("seq_ratio", "seq_width", "seq_dim", "seq_steps", "seq_batch", "seq_lr", "seq_teacher_topk",
+        for n in ("seq_ratio", "seq_width", "seq_dim", "seq_batch", "seq_lr", "seq_teacher_topk",
                   "seq_max_questions", "seq_ckpt_every"):
             _positive(n, getattr(self, n))
-        for n in ("seq_layers", "seq_warmup", "seq_w_kl", "seq_w_ce", "seq_pretrain_steps"):
+        for n in ("seq_layers", "seq_warmup", "seq_w_kl", "seq_w_ce", "seq_pretrain_steps", "seq_recon_steps",
+                  "seq_steps"):
             _positive(n, getattr(self, n), allow_zero=True)
+        _choice("seq_decoder", self.seq_decoder, ("mlp", "vocab"))
+        if self.seq_recon_steps and self.seq_decoder != "vocab":
+            raise LatentWireError("--seq-recon-steps trains the vocab decoder's logits: add --seq-decoder vocab")
+        if not (self.seq_steps or self.seq_pretrain_steps or self.seq_recon_steps):
+            raise LatentWireError("--seq-steps, --seq-pretrain-steps and --seq-recon-steps are all 0: nothing to "
+                                  "train")
         if self.seq_w_kl == 0 and self.seq_w_ce == 0:
             raise LatentWireError("--seq-w-kl and --seq-w-ce are both 0: there is nothing to train")
         if not (1 <= self.seq_bits <= 8 or self.seq_bits in (16, 32)):
@@ -411,6 +445,61 @@ class SeqConfig:
         if self.seq_path and self.seq_sender_path:
             raise LatentWireError("--seq-path loads a whole compressor; --seq-sender-path trains a decoder for a "
                                   "loaded sender: give one")
+
+
+@dataclass
+class OptConfig:
+    """The per-paragraph ceiling (`--pipeline opt-{emb,kv}-{copy,use}`, latentwire/pipelines/optimized.py): M
+    positions fitted for each paragraph by gradient descent, started at truncation."""
+    opt_steps: int = 40
+    """use: Adam steps per paragraph at most (it stops when the held-out probes' KL has not improved for
+    --opt-patience evaluations)."""
+    opt_copy_steps: int = 60
+    """copy: Adam steps per paragraph at most (it stops at 100% teacher-forced token accuracy)."""
+    opt_copy_lr: float = 1e-2
+    """copy: Adam's step size in units of each tensor's RMS (copying needs larger moves than use)."""
+    opt_lr: float = 1e-3
+    """Adam's step size, in units of each fitted tensor's RMS at the start (per layer, keys and values apart; the
+    input vectors as one): the fitted state is start + RMS * delta."""
+    opt_batch: int = 16
+    """Probes per step."""
+    opt_questions: int = 64
+    """use: questions the LLM samples about the paragraph (duplicates dropped), each answered by the LLM reading
+    it (self-study probes)."""
+    opt_continue: int = 32
+    """use: cue-and-continue probes (a snippet of the paragraph; the target is the tokens after it)."""
+    opt_holdout: float = 0.2
+    """use: share of the probes held out; the state with the lowest held-out KL (step 0 included) is kept."""
+    opt_eval_every: int = 5
+    """use: steps between held-out evaluations."""
+    opt_patience: int = 3
+    """use: stop after this many held-out evaluations without improvement (0 = never stop early)."""
+    opt_l2: float = 0.0
+    """Weight of mean(delta^2), the squared distance to the start (truncation) in units of its RMS."""
+    opt_topk: int = 64
+    """Teacher log-probabilities kept per target token (the KL is taken over them)."""
+    opt_seed: int = 0
+    """Seed of the probes (question sampling, snippets) and batch order."""
+    opt_wire_bits: str = "16"
+    """Bits per value on the wire, comma-separated, each its own pipeline over the same fits: 32/16 (floats) or
+    1..8 (per-vector absmax levels, an fp16 scale per vector); e.g. 16,8,4,2 to see how far it squeezes."""
+
+    def wire_bits(self) -> list[int]:
+        try:
+            return [int(b) for b in self.opt_wire_bits.split(",") if b.strip()]
+        except ValueError:
+            raise LatentWireError(f"--opt-wire-bits {self.opt_wire_bits!r}: expected integers like 16,8,4") from None
+
+    def validate(self) -> None:
+        for n in ("opt_steps", "opt_lr", "opt_copy_steps", "opt_copy_lr", "opt_batch", "opt_eval_every", "opt_topk"):
+            _positive(n, getattr(self, n))
+        for n in ("opt_questions", "opt_continue", "opt_patience", "opt_l2"):
+            _positive(n, getattr(self, n), allow_zero=True)
+        if not 0.0 <= self.opt_holdout < 1.0:
+            raise LatentWireError(f"--opt-holdout must be in [0, 1) (got {self.opt_holdout})")
+        bits = self.wire_bits()
+        if not bits or any(not (1 <= b <= 8 or b in (16, 32)) for b in bits):
+            raise LatentWireError(f"--opt-wire-bits {self.opt_wire_bits!r}: each 1..8, 16 or 32")
 
 
 SEQ_PRESETS = {"quick": {"seq_steps": 60, "seq_max_questions": 400},
@@ -434,6 +523,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seq: SeqConfig = field(default_factory=SeqConfig)
+    opt: OptConfig = field(default_factory=OptConfig)
     out: str = "runs/latest"
     """Run folder: config.json, logs, checkpoints, predictions, metrics, report."""
     controls: bool = True
@@ -454,20 +544,27 @@ class RunConfig:
                 raise LatentWireError(f"--sender-model {self.model.sender_model}: Stage 1 codes are the sender's "
                                       "token identities, not the receiver's; add --no-stage1 (the sender_ids row "
                                       "measures what they would deliver)")
-            if "meanpool" in self.eval.sequence_kinds():
-                raise LatentWireError("--sequence meanpool with --sender-model: vectors in the sender's embedding "
-                                      "space, which the receiver does not share (learned: a decoder per receiver)")
+            cross_ok = ("truncate", "surprisal", "none", "learned", "text")
+            for k in self.eval.sequence_kinds() + self.eval.pipeline_specs():
+                if k == "meanpool":
+                    raise LatentWireError("--sequence meanpool with --sender-model: vectors in the sender's embedding "
+                                          "space, which the receiver does not share (learned: a decoder per receiver)")
+                if k not in cross_ok:
+                    raise LatentWireError(f"--sender-model with {k}: only {', '.join(cross_ok)} cross to another "
+                                          "receiver model (token choices read as text; learned: a decoder per "
+                                          "receiver)")
         self.data.validate()
         self.eval.validate()
         self.compress.validate()
         self.adapter.validate()
         self.train.validate()
         self.seq.validate()
+        self.opt.validate()
 
 
 # The RunConfig sub-configs, in CLI order: one list for the CLI and the sweeps.
 GROUPS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "compress": CompressConfig,
-          "adapter": AdapterConfig, "train": TrainConfig, "seq": SeqConfig}
+          "adapter": AdapterConfig, "train": TrainConfig, "seq": SeqConfig, "opt": OptConfig}
 
 
 SEED_PRESET = {"adapter": "mlp", "hidden_mult": 4, "dropout": 0.1, "residual": False, "init_pca": False,
@@ -506,4 +603,4 @@ def field_docs(cls) -> dict[str, str]:
 
 
 __all__ = ["GROUPS", "SEED_PRESET", "ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
-           "SeqConfig", "SEQ_PRESETS", "RunConfig", "apply_preset", "apply_seq_preset", "field_docs", "fields"]
+           "SeqConfig", "OptConfig", "SEQ_PRESETS", "RunConfig", "apply_preset", "apply_seq_preset", "field_docs", "fields"]

@@ -28,6 +28,7 @@ class Example:
     question: str
     answers: list[str]
     answer_starts: list[int] = field(default_factory=list)
+    next_context: str = ""  # the article's next paragraph ("" for the last, or when unknown): continuation probes
 
 
 @dataclass
@@ -74,7 +75,8 @@ def load_squad_json(path: str | Path, flag: str = "--squad") -> tuple[list[Examp
             raise LatentWireError(f"{where}: missing 'title'")
         where = f"{flag} {path}: article {title!r}"
         n_before = len(out)
-        for pi, par in enumerate(art["paragraphs"]):
+        pars = art["paragraphs"]
+        for pi, par in enumerate(pars):
             if not isinstance(par, dict) or not isinstance(par.get("qas"), list):
                 raise LatentWireError(f"{where}, paragraph #{pi}: missing 'qas' list")
             ctx = par.get("context")
@@ -108,7 +110,8 @@ def load_squad_json(path: str | Path, flag: str = "--squad") -> tuple[list[Examp
                 if not texts:
                     rep.skipped_answer_not_in_context += 1
                     continue
-                out.append(Example(qid, title, ctx, q.strip(), texts, starts))
+                nxt = pars[pi + 1].get("context") if pi + 1 < len(pars) and isinstance(pars[pi + 1], dict) else ""
+                out.append(Example(qid, title, ctx, q.strip(), texts, starts, nxt if isinstance(nxt, str) else ""))
         if len(out) == n_before:
             raise LatentWireError(f"{where}: has no answerable question")
         rep.n_articles += 1
@@ -370,3 +373,11 @@ class PromptBuilder:
         ids = head + ctx + tail
         return Prompt(ex, ids, len(bos), len(self.prefix_ids), len(self.cue_ids), truncated,
                       ctx_start=len(head), ctx_end=len(head) + len(ctx), context_text=context)
+
+
+def distinct_contexts(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """One prompt per distinct context (by its token ids), in first-seen order."""
+    seen: dict[tuple, Prompt] = {}
+    for p in prompts:
+        seen.setdefault(tuple(p.context_ids), p)
+    return list(seen.values())

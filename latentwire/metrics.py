@@ -88,3 +88,37 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, alp
     lo = torch.quantile(boots, alpha / 2).item()
     hi = torch.quantile(boots, 1 - alpha / 2).item()
     return (lo, hi)
+
+
+# ---------------------------------------------------------- aggregation over a pipeline's rows
+
+def pipeline_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
+    """F1 / EM over per-question rows (each with "f1", "em"), with 95% bootstrap intervals."""
+    agg = aggregate(rows)
+    f1s = [r["f1"] for r in rows]
+    ems = [r["em"] for r in rows]
+    return {"f1": agg["f1"], "exact_match": agg["exact_match"], "n": agg["n"],
+            "f1_ci95": list(bootstrap_ci(f1s, n_boot, seed)), "em_ci95": list(bootstrap_ci(ems, n_boot, seed))}
+
+
+def retention(text_rows: list[dict], rows: list[dict], n_boot: int, seed: int
+              ) -> tuple[float | None, list[float] | None]:
+    """F1 / the text pipeline's F1 on the same questions, with a paired bootstrap interval."""
+    t = sum(r["f1"] for r in text_rows)
+    if t == 0:
+        return None, None
+    ret = sum(r["f1"] for r in rows) / t
+    pairs = torch.tensor([[a["f1"], b["f1"]] for a, b in zip(text_rows, rows)], dtype=torch.float64)
+    ci = bootstrap_ci(pairs, n_boot, seed, stat=lambda x: x[:, 1].sum() / x[:, 0].sum().clamp_min(1e-12))
+    return ret, list(ci)
+
+
+def paired_delta(base_rows: list[dict], rows: list[dict], key: str, n_boot: int, seed: int
+                 ) -> tuple[float, float, float]:
+    """mean(rows[key]) - mean(base_rows[key]) x 100 over the same questions, and its 95% paired bootstrap
+    interval (rows matched by position; the caller checks the question ids)."""
+    a = torch.tensor([float(r[key]) for r in base_rows], dtype=torch.float64)
+    b = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
+    lo, hi = bootstrap_ci((b - a).tolist(), n_boot, seed)
+    return 100.0 * float(b.mean() - a.mean()), lo, hi
+

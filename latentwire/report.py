@@ -50,7 +50,10 @@ def plot_seq_training(run_dir: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in rows]
     for key in ("loss", "kl", "ce"):
-        ax.plot(steps, [r[key] for r in rows], label=key, alpha=1.0 if key == "loss" else 0.7)
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key, alpha=1.0 if key == "loss" else 0.7)
+    if any(r.get("stage") == "recon" for r in rows):  # token reconstruction: no LLM, its own loss scale
+        ax.axvline(max(r["step"] for r in rows if r.get("stage") == "recon"), color="k", lw=0.8, ls=":",
+                   label="end of token reconstruction")
     ref = next((r for r in read_jsonl(log, skip_bad=True) if r.get("event") == "reference"), None)
     for (name, style) in (("none", ":"), ("truncate", "--")) if ref else ():
         if name in ref:  # the CE of the references on the same scale: where the curve has to go
@@ -65,6 +68,8 @@ def plot_seq_training(run_dir: Path) -> str | None:
 
 def _compressor_line(metrics: dict) -> str:
     c = metrics.get("compressor")
+    if c is None and "compressor" not in metrics:
+        return "- Stage 1: not part of this evaluation"
     if c is None:
         return "- Stage 1: not run (--no-stage1)"
     if c.get("explained_variance") is not None:
@@ -195,23 +200,94 @@ def references_table(refs: dict) -> str:
     return "\n".join(lines)
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _sec(x) -> str:
+    return "-" if x is None else (f"{x:.3f}" if x < 10 else f"{x:.0f}")
+
+
+def by_bytes(metrics: dict) -> list[tuple[str, dict]]:
+    """Pipelines in the order of their bytes per context (text where its bytes put it)."""
+    def b(item):
+        w = item[1].get("wire") or {}
+        return w.get("bytes_mean", float("inf")) if w.get("contexts") else float("inf")
+    return sorted(metrics["pipelines"].items(), key=b)
+
+
 def metrics_table(metrics: dict) -> str:
-    lines = ["| pipeline | F1 | 95% CI | EM | F1 retention | agreement | token recovery (vocab) | cos | norm ratio "
-             "| wire bytes/context | context positions | prefill positions/question | s/question |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, m in metrics["pipelines"].items():
-        ret = f"{100 * m['f1_retention']:.1f}%" if m.get("f1_retention") is not None else "-"
-        ag = f"{100 * m['agreement']:.1f}%" if m.get("agreement") is not None else "-"
-        tr = f"{100 * m['token_recovery_vocab']:.2f}%" if m.get("token_recovery_vocab") is not None else "-"
-        cos = f"{m['cos']:.3f}" if m.get("cos") is not None else "-"
-        nr = f"{m['norm_ratio']:.2f} ({m['norm_status']})" if m.get("norm_ratio") is not None else "-"
+    """The first table: one row per pipeline, sorted by bytes per context -- F1, retention and agreement read
+    beside what they cost on the wire, the positions the receiver prefills, and the seconds at each end."""
+    lines = ["| pipeline | bytes/context | positions/context | F1 | 95% CI | EM | F1 retention | retention 95% CI | "
+             "agreement | send s/context | receive s/context | s/question |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in by_bytes(metrics):
         w = m.get("wire") or {}
         pos = f"{w['positions_mean']:.1f}" if w.get("positions_mean") is not None else "-"
-        pre = f"{w['prompt_positions_mean']:.1f}" if w.get("prompt_positions_mean") is not None else "-"
-        spq = f"{m['s_per_question']:.3f}" if m.get("s_per_question") is not None else "-"
-        lines.append(f"| {name} | {m['f1']:.2f} | {m['f1_ci95'][0]:.1f}-{m['f1_ci95'][1]:.1f} | "
-                     f"{m['exact_match']:.2f} | {ret} | {ag} | {tr} | {cos} | {nr} | {_wire_cell(w)} | {pos} | {pre} "
-                     f"| {spq} |")
+        ci = m.get("f1_retention_ci95")
+        rci = "-" if not ci else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
+        ret = "-" if name == "text" else _pct(m.get("f1_retention"))
+        ag = "-" if name == "text" else _pct(m.get("agreement"))
+        lines.append(f"| {name} | {_wire_cell(w)} | {pos} | {m['f1']:.2f} | {m['f1_ci95'][0]:.1f}-{m['f1_ci95'][1]:.1f} "
+                     f"| {m['exact_match']:.2f} | {ret} | {'-' if name == 'text' else rci} | {ag} | "
+                     f"{_sec(w.get('send_s_per_context'))} | {_sec(w.get('receive_s_per_context'))} | "
+                     f"{_sec(m.get('s_per_question'))} |")
+    return "\n".join(lines)
+
+
+def stage1_table(metrics: dict) -> str:
+    """Per-token diagnostics of the Stage 1 pipelines (empty when none ran)."""
+    rows = [(n, m) for n, m in metrics["pipelines"].items() if m.get("cos") is not None]
+    if not rows:
+        return ""
+    lines = ["| Stage 1 pipeline | token recovery (vocab) | token recovery (prompts) | cos | norm ratio |",
+             "|---|---|---|---|---|"]
+    for name, m in rows:
+        tr = f"{100 * m['token_recovery_vocab']:.2f}%" if m.get("token_recovery_vocab") is not None else "-"
+        lines.append(f"| {name} | {tr} | {_pct(m.get('token_recovery_prompts'))} | {m['cos']:.3f} | "
+                     f"{m['norm_ratio']:.2f} ({m['norm_status']}) |")
+    return "\n".join(lines)
+
+
+def _delta(c: dict | None) -> str:
+    if not c:
+        return "-"
+    d, lo, hi = c["d_f1"]
+    return f"{d:+.2f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def controls_table(metrics: dict) -> str:
+    """Every learned pipeline against its controls on the same questions (paired ΔF1, 95% CI), and what its
+    reading holds without questions (reconstruction accuracy, continuation CE) beside theirs."""
+    ctl = metrics.get("controls") or {}
+    if not ctl:
+        return ""
+    P = metrics["pipelines"]
+
+    def probe(name, key, pct=False):
+        r = (P.get(name) or {}).get("reading_probe") or {}
+        v = r.get(key)
+        return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")
+    lines = ["| learned pipeline | F1 | − another paragraph's payload | − none | − truncation (equal positions) | "
+             "reconstruction acc: own / other / truncation / none / text | continuation CE: own / other / "
+             "truncation / none / text |", "|---|---|---|---|---|---|---|"]
+    for name, c in ctl.items():
+        if name not in P:
+            continue
+        cs = P[name].get("controls") or {}
+        order = [name, c.get("other"), c.get("truncate"), c.get("none"), "text"]
+        rec = " / ".join(probe(n, "recon_acc", True) for n in order)
+        cont = " / ".join(probe(n, "cont_ce") for n in order)
+        lines.append(f"| {name} | {P[name]['f1']:.2f} | {_delta(cs.get('other'))} | {_delta(cs.get('none'))} | "
+                     f"{_delta(cs.get('truncate'))} | {rec} | {cont} |")
+    n = next((r.get("contexts") for r in ((P.get(x) or {}).get("reading_probe") for x in ctl) if r), None)
+    lines.append("")
+    lines.append("ΔF1: the learned pipeline minus the control, paired over the same questions (points, 95% "
+                 "bootstrap interval). The wire carries *this* paragraph only if the other paragraph's payload does "
+                 f"clearly worse. Reading probes on {n} evaluation paragraphs, no question: reconstruction = "
+                 "teacher-forced token accuracy of the receiver writing the paragraph back after \"Repeat the "
+                 "context:\"; continuation = CE per token (nats) of the article's next paragraph read right after it.")
     return "\n".join(lines)
 
 
@@ -230,22 +306,29 @@ def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) 
     refs = metrics.get("wire_references") or {}
     figs = [plot_training(run_dir), plot_seq_training(run_dir), plot_norms(run_dir, diags), plot_f1(run_dir, metrics),
             plot_f1_vs_bytes(run_dir / "f1_vs_bytes.png", points, refs) if points else None]
-    md = [f"# LatentWire run report\n",
+    md = ["# LatentWire run report\n",
           f"- model: `{metrics['model']}` (d_model={metrics['d_model']}, vocab={metrics['vocab_size']})"
           + _sender_text(metrics),
           f"- data: train `{metrics['data']['train']}`, eval `{metrics['data']['eval']}` "
           f"({metrics['n_eval']} questions, {metrics['data']['eval_articles']} articles, none used for fitting/training)",
           _compressor_line(metrics), *_seq_line(metrics),
-          f"- adapter: {metrics['adapter']}, template: {config['data']['template']}, seed: {config['data']['seed']}",
+          f"- Stage 1 adapter: {metrics.get('adapter')}, template: {config['data']['template']}, "
+          f"seed: {config['data']['seed']}",
+          *([f"- pipelines given (latentwire.evaluate): {', '.join(p['name'] for p in metrics['pipelines_given'])}"]
+            if metrics.get("pipelines_given") else []),
           f"- wall time: {metrics['wall_s']:.0f} s\n",
-          "## Metrics\n", metrics_table(metrics), "",
+          "## Metrics (sorted by bytes on the wire)\n", metrics_table(metrics), "",
+          *(["## Learned pipelines against their controls\n", controls_table(metrics), ""]
+            if metrics.get("controls") else []),
+          *(["## Stage 1 diagnostics\n", stage1_table(metrics), ""] if stage1_table(metrics) else []),
           f"Wire: what crosses it is the {metrics.get('wire_scope', 'context')} (see README, 'The wire'); bytes are "
           "the lengths of the payloads actually sent, one per distinct context (questions about one paragraph "
           "share it).\n", references_table(refs), ""]
     for f in figs:
         if f:
             md.append(f"![{f}]({f})\n")
-    md.append("## Diagnostics\n")
+    if diags:
+        md.append("## Diagnostics\n")
     for name, d in diags.items():
         md.append(f"### {name}\n")
         md.append(f"- cosine {d['cos']:.3f}, MSE {d['mse']:.4f}, relative error {d['rel_error']:.3f}")

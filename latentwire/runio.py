@@ -160,3 +160,20 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def write_section(path: str | os.PathLike, name: str, text: str) -> None:
+    """Put `text` between `<!-- name: begin -->` and `<!-- name: end -->` in a
+    Markdown file (the rest of the file -- prose written by hand -- is kept);
+    a file without the markers gets them appended, a missing file is created."""
+    path = Path(path)
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if begin in old and end in old:
+        a, b = old.index(begin), old.index(end) + len(end)
+        new = old[:a] + block + old[b:]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    atomic_write_text(path, new)
+

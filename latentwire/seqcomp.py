@@ -29,7 +29,6 @@ depend on).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -47,12 +46,12 @@ from . import dist
 from .config import SeqConfig
 from .data import context_token_ids
 from .errors import LatentWireError
-from .evaluate import _logits_kw
-from .models import cache_kwarg, cache_root, get_cache
+from .forward import cache_copy, forward_after, head_cache, logits_kw, right_pad
+from .models import cache_root, get_cache
 from .report import reference_text
+from .pipelines.tokens import budget
 from .runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
-from .sequence import budget
-from .wire import FloatQuantizer, Payload, Pipeline, Quantizer, ScalarQuantizer
+from .wire import FloatQuantizer, Quantizer, ScalarQuantizer
 
 FORMAT = 1  # of seq_compressor.pt
 
@@ -77,8 +76,11 @@ class SeqCompressor(torch.nn.Module):
     the quantizer between them (straight-through gradients)."""
 
     def __init__(self, d_in: int, d_model: int, ratio: int, width: int = 256, layers: int = 1, dim: int = 32,
-                 bits: int = 2, emb_rms: float = 1.0):
+                 bits: int = 2, emb_rms: float = 1.0, decoder: str = "mlp", table: torch.Tensor | None = None):
         super().__init__()
+        if decoder not in ("mlp", "vocab") or (decoder == "vocab" and table is None):
+            raise ValueError(f"decoder {decoder!r} (vocab needs the receiver's embedding table)")
+        self.decoder = decoder
         self.ratio, self.dim, self.bits = int(ratio), dim, bits
         self.inp = torch.nn.Linear(d_in, width)
         self.layers = torch.nn.ModuleList(
@@ -90,6 +92,10 @@ class SeqCompressor(torch.nn.Module):
         self.dec = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.GELU(), torch.nn.Linear(width, d_model))
         self.gain = torch.nn.Parameter(torch.tensor(float(emb_rms)))
         self.quantizer = bounded_quantizer(bits, dim)
+        if decoder == "vocab":
+            # the receiver's own table, not saved with the weights (both ends hold it)
+            self.register_buffer("table", table.detach().float(), persistent=False)
+            self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
 
     ENCODER = ("inp.", "layers.", "slot", "query", "code.")
     """The sender's parameters (everything before the wire); the rest -- `dec`, `gain` -- is the receiver's."""
@@ -125,14 +131,26 @@ class SeqCompressor(torch.nn.Module):
         z = torch.tanh(self.code((a[..., None] * x).sum(2)))
         return z, m.any(-1)
 
+    def vocab_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """vocab decoder: logits over the receiver's vocabulary, cosine to each row times a learned scale."""
+        y = F.normalize(self.dec(z.float()), dim=-1)
+        return self.log_scale.exp() * (y @ F.normalize(self.table, dim=-1).T)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """codes -> [.., d_model]. mlp: an MLP's output at the table's RMS; vocab: a convex combination of the
+        receiver's own embedding rows (softmax over vocab_logits), so what it reads stays on the manifold of the
+        vectors it was trained on -- at a sharp softmax, exactly one of its tokens."""
+        if self.decoder == "vocab":
+            return torch.softmax(self.vocab_logits(z), -1) @ self.table
         y = self.dec(z.float())
         return self.gain * y / y.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair with the quantizer between them: the receiver's vectors [B, M, d] (or, `logits`, the vocab
+        decoder's logits [B, M, V]) and the latents' mask [B, M]."""
         z, m = self.encode(h, mask)
         zq = self.quantizer.roundtrip(z.reshape(-1, self.dim)).view(z.shape)  # the quantizer takes [N, dim]
-        return self.decode(zq), m
+        return (self.vocab_logits(zq) if logits else self.decode(zq)), m
 
 
 def build_compressor(lm, cfg: SeqConfig, sender=None) -> SeqCompressor:
@@ -141,7 +159,8 @@ def build_compressor(lm, cfg: SeqConfig, sender=None) -> SeqCompressor:
     table = lm.embedding_table().float()
     emb_rms = float(table.pow(2).mean(-1).sqrt().mean())
     return SeqCompressor((sender or lm).d_model, lm.d_model, cfg.seq_ratio, cfg.seq_width, cfg.seq_layers,
-                         cfg.seq_dim, cfg.seq_bits, emb_rms)
+                         cfg.seq_dim, cfg.seq_bits, emb_rms, cfg.seq_decoder,
+                         table if cfg.seq_decoder == "vocab" else None)
 
 
 def resolve_layer(lm, layer: int | None) -> int:
@@ -160,7 +179,7 @@ def context_states(lm, ids: Sequence[int], layer: int) -> torch.Tensor:
     if not len(ids):
         return torch.zeros((0, lm.d_model))
     x = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
-    out = lm.model(input_ids=x, output_hidden_states=True, use_cache=False, **_logits_kw(lm.model))
+    out = lm.model(input_ids=x, output_hidden_states=True, use_cache=False, **logits_kw(lm.model))
     return out.hidden_states[layer][0].float().cpu()
 
 
@@ -185,22 +204,24 @@ def _check_model(flag: str, path, saved: dict | None, lm, role: str) -> None:
                                   f"this run's {role} has {fp[k]!r}")
 
 
-def load_compressor(lm, path: str | Path, cfg: SeqConfig, sender=None) -> tuple[SeqCompressor, dict]:
+def load_compressor(lm, path: str | Path, sender=None, flag: str = "--seq-path") -> tuple[SeqCompressor, dict]:
     """A compressor saved by an earlier run; refuses one made for another
-    receiver, sender or shape (naming --seq-path)."""
-    blob = read_compressor_file(path)
+    receiver, sender or shape (naming `flag`)."""
+    blob = read_compressor_file(path, flag)
     meta = json.loads(blob["meta"])
-    _check_model("--seq-path", path, meta.get("model"), lm, "receiver")
-    _check_model("--seq-path", path, meta.get("sender", meta.get("model")), sender or lm, "sender")
+    _check_model(flag, path, meta.get("model"), lm, "receiver")
+    _check_model(flag, path, meta.get("sender", meta.get("model")), sender or lm, "sender")
     shape = meta["shape"]
+    dec = shape.get("decoder", "mlp")
     comp = SeqCompressor((sender or lm).d_model, lm.d_model, shape["ratio"], shape["width"], shape["layers"],
-                         shape["dim"], shape["bits"])
+                         shape["dim"], shape["bits"], decoder=dec,
+                         table=lm.embedding_table().float() if dec == "vocab" else None)
     comp.load_state_dict(blob["state"])
     return comp.eval(), meta
 
 
 SHAPE_FLAGS = {"ratio": "seq_ratio", "width": "seq_width", "layers": "seq_layers", "dim": "seq_dim",
-               "bits": "seq_bits"}
+               "bits": "seq_bits", "decoder": "seq_decoder"}
 
 
 def shared_sender(path: str | Path, cfg: SeqConfig, sender, layer: int) -> dict[str, torch.Tensor]:
@@ -211,7 +232,7 @@ def shared_sender(path: str | Path, cfg: SeqConfig, sender, layer: int) -> dict[
     _check_model("--seq-sender-path", path, meta.get("sender", meta.get("model")), sender, "sender")
     shape = meta["shape"]
     for key, field in SHAPE_FLAGS.items():
-        if shape[key] != getattr(cfg, field):
+        if shape.get(key, "mlp" if key == "decoder" else None) != getattr(cfg, field):
             raise LatentWireError(f"--seq-sender-path {path}: its sender has {key} {shape[key]}, this run asks "
                                   f"--{field.replace('_', '-')} {getattr(cfg, field)}")
     if shape["layer"] != layer:
@@ -220,85 +241,11 @@ def shared_sender(path: str | Path, cfg: SeqConfig, sender, layer: int) -> dict[
     return blob["state"]
 
 
-# ------------------------------------------------------------- the pipeline
-
-class LearnedSeqPipeline(Pipeline):
-    """The learned compressor as a sender/receiver pair on the wire."""
-
-    def __init__(self, lm, comp: SeqCompressor, layer: int, name: str | None = None, sender=None):
-        super().__init__()
-        self.lm, self.comp, self.layer, self.sender = lm, comp, layer, sender
-        self.name = name or f"learned_r{comp.ratio}"
-
-    @torch.no_grad()
-    def send(self, ids, text):
-        if self.sender is not None:  # another model: it reads its own tokens of the text
-            ids = context_token_ids(self.sender.tokenizer, text)
-        h = context_states(self.sender or self.lm, ids, self.layer)
-        if not len(h):
-            return Payload(b"", 0)
-        z, _ = self.comp.encode(h[None].to(self._dev()), torch.ones((1, len(h)), dtype=torch.bool,
-                                                                      device=self._dev()))
-        z = z[0]
-        assert z.shape[0] == budget(len(ids), self.comp.ratio)
-        return Payload(self.comp.quantizer.to_bytes(z.cpu()), positions=int(z.shape[0]))
-
-    @torch.no_grad()
-    def receive(self, payload):
-        if not payload.positions:
-            return torch.zeros((0, self.lm.d_model))
-        z = self.comp.quantizer.from_bytes(payload.data, self.comp.dim)
-        return self.comp.decode(z.to(self._dev())).float()
-
-    def _dev(self):
-        return next(self.comp.parameters()).device
-
-    def describe(self):
-        c = self.comp
-        return {"name": self.name, "kind": "learned", "ratio": c.ratio, "dims": c.dim, "bits": c.bits,
-                "layer": self.layer} | ({"sender": self.sender.source} if self.sender is not None else {})
-
-
 # ------------------------------------------------------------- training data
-
-def _cache_copy(cache, n: int):
-    """n rows that each continue from a one-row KV cache."""
-    c = copy.deepcopy(cache)
-    if n != 1:
-        c.batch_repeat_interleave(n)
-    return c
-
-
-@torch.no_grad()
-def head_cache(lm, head_ids: Sequence[int]):
-    """KV cache of the prefix every prompt shares (shots, 'Context:'), one row."""
-    x = torch.tensor([list(head_ids)], dtype=torch.long, device=lm.device)
-    return get_cache(lm.model(input_ids=x, use_cache=True, **_logits_kw(lm.model)))
-
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
     """The gold answer as the model would write it after the cue: ' answer' and the newline that ends it."""
     return tokenizer(" " + answer + "\n", add_special_tokens=False)["input_ids"]
-
-
-def _right_pad(segs: Sequence[torch.Tensor], width: int | None = None):
-    """Right-pad [n_i, ...] tensors into [B, S, ...] and a bool mask [B, S]."""
-    S = max(len(s) for s in segs) if width is None else width
-    x = torch.zeros((len(segs), S) + tuple(segs[0].shape[1:]), dtype=segs[0].dtype, device=segs[0].device)
-    m = torch.zeros((len(segs), S), dtype=torch.bool, device=segs[0].device)
-    for i, s in enumerate(segs):
-        x[i, :len(s)] = s
-        m[i, :len(s)] = True
-    return x, m
-
-
-def _forward_after(lm, cache, n_past: int, x: torch.Tensor, mask: torch.Tensor, ids: bool):
-    """Run rows [B, S] (right-padded ids or embeddings) after a B-row cache of n_past positions."""
-    B, S = mask.shape
-    attn = torch.cat([torch.ones((B, n_past), dtype=torch.long, device=mask.device), mask.long()], 1)
-    pos = (n_past + torch.arange(S, device=mask.device))[None].expand(B, S)
-    kw = {"attention_mask": attn, "position_ids": pos, "use_cache": True, cache_kwarg(lm.model): cache}
-    return lm.model(input_ids=x, **kw) if ids else lm.model(inputs_embeds=x.to(lm.dtype), **kw)
 
 
 @torch.no_grad()
@@ -308,16 +255,16 @@ def teacher_topk(lm, hc, n_head: int, ctx: Sequence[int], rows: Sequence[tuple[l
     log-probabilities and ids [A, k] at the positions that predict the
     answer's tokens, reading [head][context][tail][answer] as text."""
     dev = lm.device
-    cache = _cache_copy(hc, 1)
+    cache = cache_copy(hc, 1)
     n = n_head
     if len(ctx):
         x = torch.tensor([list(ctx)], dtype=torch.long, device=dev)
-        cache = get_cache(_forward_after(lm, cache, n, x, torch.ones_like(x, dtype=torch.bool), True))
+        cache = get_cache(forward_after(lm, cache, n, x, torch.ones_like(x, dtype=torch.bool), True))
         n += len(ctx)
     cache.batch_repeat_interleave(len(rows))
     segs = [torch.tensor(t + a, dtype=torch.long, device=dev) for t, a in rows]
-    x, m = _right_pad(segs)
-    logits = _forward_after(lm, cache, n, x, m, True).logits
+    x, m = right_pad(segs)
+    logits = forward_after(lm, cache, n, x, m, True).logits
     out = []
     for i, (t, a) in enumerate(rows):
         lp = torch.log_softmax(logits[i, len(t) - 1:len(t) - 1 + len(a)].float(), -1)
@@ -380,8 +327,36 @@ def cached_items(lm, prompts, layer: int, topk: int, hc, n_head: int, folder: Pa
 # ------------------------------------------------------------- the loss
 
 def collate(items: Sequence[dict]) -> dict:
-    h, hm = _right_pad([it["h"].float() for it in items])
+    h, hm = right_pad([it["h"].float() for it in items])
     return {"h": h, "h_mask": hm, "items": list(items)}
+
+
+def window_targets(items: Sequence[dict], ratio: int, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each latent's window of context ids [B, M, r] and its mask (the last window may be short)."""
+    ids = torch.zeros((len(items), M * ratio), dtype=torch.long)
+    mask = torch.zeros((len(items), M * ratio), dtype=torch.bool)
+    for i, it in enumerate(items):
+        ids[i, :len(it["ctx"])] = torch.tensor(it["ctx"], dtype=torch.long)
+        mask[i, :len(it["ctx"])] = True
+    return ids.view(len(items), M, ratio), mask.view(len(items), M, ratio)
+
+
+def recon_loss(comp, batch: dict) -> dict[str, torch.Tensor]:
+    """Token reconstruction, no LLM (--seq-recon-steps; vocab decoder): each latent's logits over the
+    receiver's vocabulary against the tokens of its window -- CE (mean over tokens) and the share of windows
+    whose first token is the decoder's top choice. At r = 1 this is "send every token"; at r > 1 it asks for
+    the window's tokens at once (their mixture)."""
+    core = getattr(comp, "module", comp)  # under DDP: the wrapped compressor's ratio and device
+    dev = next(core.parameters()).device
+    logits, m = comp(batch["h"].to(dev), batch["h_mask"].to(dev), logits=True)
+    lp = torch.log_softmax(logits, -1)  # [B, M, V]
+    ids, mask = window_targets(batch["items"], core.ratio, logits.shape[1])
+    ids, mask = ids.to(dev), mask.to(dev)
+    got = lp.gather(-1, ids)  # [B, M, r]
+    ce = -(got * mask).sum() / mask.sum().clamp_min(1)
+    first = m & mask[..., 0]
+    acc = ((lp.argmax(-1) == ids[..., 0]) & first).sum() / first.sum().clamp_min(1)
+    return {"loss": ce, "ce": ce, "acc": acc.float(), "positions": batch["h_mask"].sum().float()}
 
 
 def autoencode_items(items: Sequence[dict], max_tokens: int = 128) -> list[dict]:
@@ -414,9 +389,10 @@ def seq_loss(lm, comp, batch: dict, hc, n_head: int, cfg: SeqConfig) -> dict[str
         segs.append(torch.cat([y[i, :M].float(), e]))
         start = M + len(it["tail"]) - 1
         where.append((start, len(it["ans"])))
-    x, m = _right_pad(segs)
-    logits = _forward_after(lm, _cache_copy(hc, len(items)), n_head, x, m, False).logits.float()
+    x, m = right_pad(segs)
+    logits = forward_after(lm, cache_copy(hc, len(items)), n_head, x, m, False).logits.float()
     terms = answer_terms(logits, items, where)
+    terms["positions"] = m.sum().float()  # what the LLM ran over (throughput), not a loss
     pre = "t_logp" not in items[0]
     terms["loss"] = terms["ce"] if pre else cfg.seq_w_ce * terms["ce"] + cfg.seq_w_kl * terms["kl"]
     return terms
@@ -461,8 +437,8 @@ def reference_losses(lm, items: Sequence[dict], hc, n_head: int, ratio: int, n: 
             chunk = pick[b:b + batch]
             ctxs = [cut(it["ctx"]) for it in chunk]
             rows = [c + it["tail"] + it["ans"] for c, it in zip(ctxs, chunk)]
-            x, m = _right_pad([torch.tensor(r, dtype=torch.long, device=lm.device) for r in rows])
-            logits = _forward_after(lm, _cache_copy(hc, len(chunk)), n_head, x, m, True).logits.float()
+            x, m = right_pad([torch.tensor(r, dtype=torch.long, device=lm.device) for r in rows])
+            logits = forward_after(lm, cache_copy(hc, len(chunk)), n_head, x, m, True).logits.float()
             where = [(len(c) + len(it["tail"]) - 1, len(it["ans"])) for c, it in zip(ctxs, chunk)]
             A = sum(len(it["ans"]) for it in chunk)
             for k, v in answer_terms(logits, chunk, where).items():
@@ -486,8 +462,12 @@ def train_seq(lm, comp: SeqCompressor, items: Sequence[dict], hc, n_head: int, c
     d = dist.current()
     if not items:
         raise LatentWireError("--sequence learned: no training questions to train on")
-    pre_items = autoencode_items(items) if cfg.seq_pretrain_steps else []
-    total = cfg.seq_pretrain_steps + cfg.seq_steps
+    R, P = cfg.seq_recon_steps, cfg.seq_pretrain_steps
+    pre_items = autoencode_items(items) if (P or R) else []
+    total = R + P + cfg.seq_steps
+
+    def stage(s: int) -> str:  # token reconstruction, then autoencoding through the LLM, then QA
+        return "recon" if s < R else "pretrain" if s < R + P else "qa"
     log = JsonlLogger(out_dir / "seq_train_log.jsonl") if d.is_main else NullLogger()
     mine = dist.slice_for_rank(cfg.seq_batch, d, "--seq-batch")
     g = torch.Generator().manual_seed(seed + 3)
@@ -495,6 +475,8 @@ def train_seq(lm, comp: SeqCompressor, items: Sequence[dict], hc, n_head: int, c
     opt = torch.optim.AdamW(params, lr=cfg.seq_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, cfg.seq_warmup))
     step, first, last = 0, None, None
+    positions = {"recon": 0.0, "pretrain": 0.0, "qa": 0.0}
+    seconds = {"recon": 0.0, "pretrain": 0.0, "qa": 0.0}
     ckpt_path = out_dir / "ckpt_seq.pt"
     ckpt = _Checkpoint(ckpt_path, comp, opt, sched, g, cfg, lambda: {"step": step, "first": first, "last": last},
                        d.is_main)
@@ -512,17 +494,22 @@ def train_seq(lm, comp: SeqCompressor, items: Sequence[dict], hc, n_head: int, c
                leave=False)
     with _StopFlag() as stop:
         while step < total:
-            pool = pre_items if step < cfg.seq_pretrain_steps else items  # autoencoding first, then QA
+            st = stage(step)
+            ts = time.time()
+            pool = items if st == "qa" else pre_items
             pick = torch.randint(0, len(pool), (cfg.seq_batch,), generator=g).tolist()[mine]
-            terms = seq_loss(lm, model, collate([pool[i] for i in pick]), hc, n_head, cfg)
+            batch = collate([pool[i] for i in pick])
+            terms = recon_loss(model, batch) if st == "recon" else seq_loss(lm, model, batch, hc, n_head, cfg)
             row = dist.mean_terms(terms, d)
             gn = checked_step(terms, row, params, opt, sched, 1.0, "seq training", step, ckpt_path)
+            positions[st] += row["positions"] * d.world
+            seconds[st] += time.time() - ts
             step += 1
-            if step > cfg.seq_pretrain_steps:  # the summary's first/last are QA losses
+            if st == "qa":  # the summary's first/last are QA losses
                 first = first or row
                 last = row
-            log.log(event="step", step=step, stage="pretrain" if step <= cfg.seq_pretrain_steps else "qa",
-                    lr=sched.get_last_lr()[0], grad_norm=float(gn), wall_s=time.time() - t0, **row)
+            log.log(event="step", step=step, stage=st, lr=sched.get_last_lr()[0], grad_norm=float(gn),
+                    wall_s=time.time() - t0, **row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             if step % cfg.seq_ckpt_every == 0 or step == total:
@@ -533,20 +520,23 @@ def train_seq(lm, comp: SeqCompressor, items: Sequence[dict], hc, n_head: int, c
                 return {"steps": step, "stopped_early": True}
     bar.close()
     comp.eval()
-    return {"steps": total, "pretrain_steps": cfg.seq_pretrain_steps, "first": first, "last": last,
-            "train_s": time.time() - t0}
+    return {"steps": total, "recon_steps": R, "pretrain_steps": P, "first": first, "last": last,
+            "train_s": time.time() - t0,
+            # throughput of each stage on this machine: positions the step ran over (the compressor's input for
+            # reconstruction; the LLM's latents + question + answer otherwise) per second (this run's steps)
+            "positions_per_s": {k: positions[k] / seconds[k] for k in positions if seconds[k]}}
 
 
 def shape_meta(comp: SeqCompressor, cfg: SeqConfig, layer: int) -> dict:
     return {"ratio": comp.ratio, "width": cfg.seq_width, "layers": cfg.seq_layers, "dim": comp.dim,
-            "bits": comp.bits, "layer": layer}
+            "bits": comp.bits, "layer": layer, "decoder": comp.decoder}
 
 
 def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], out_dir: Path, seed: int,
                     progress: bool, resume: bool, log=print, use_cache: bool = True,
-                    sender=None) -> tuple[LearnedSeqPipeline, dict]:
-    """Train (or load, --seq-path) the compressor and return its pipeline and
-    a summary. `sender`: another model on the sending side (default: the
+                    sender=None) -> tuple[SeqCompressor, int, dict]:
+    """Train (or load, --seq-path) the compressor and return it, the hidden-state
+    layer its sender reads, and a summary. `sender`: another model on the sending side (default: the
     receiver `lm`); with --seq-sender-path its trained encoder is loaded and
     frozen and only the decoder into `lm` trains. The teacher's outputs and
     the context states are read from $LATENTWIRE_CACHE/seq_teacher when an
@@ -555,9 +545,9 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
     layer = resolve_layer(sender or lm, cfg.seq_layer)
     where = lm.device if lm.device.type == "cuda" else "cpu"
     if cfg.seq_path:
-        comp, meta = load_compressor(lm, cfg.seq_path, cfg, sender)
+        comp, meta = load_compressor(lm, cfg.seq_path, sender)
         comp.to(where)
-        return LearnedSeqPipeline(lm, comp, meta["shape"]["layer"], sender=sender), {"loaded_from": cfg.seq_path}
+        return comp, meta["shape"]["layer"], {"loaded_from": cfg.seq_path}
     torch.manual_seed(seed)
     comp = build_compressor(lm, cfg, sender).to(where)
     if cfg.seq_sender_path:
@@ -589,10 +579,10 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
                         {"model": lm.fingerprint(), "sender": (sender or lm).fingerprint(),
                          "shape": shape_meta(comp, cfg, layer), "config": asdict(cfg),
                          "summary": {k: v for k, v in summary.items() if k not in ("first", "last")}})
-    return LearnedSeqPipeline(lm, comp, layer, sender=sender), summary
+    return comp, layer, summary
 
 
-__all__ = ["LearnedSeqPipeline", "SeqCompressor", "autoencode_items", "bounded_quantizer", "build_compressor", "build_items",
+__all__ = ["SeqCompressor", "autoencode_items", "bounded_quantizer", "build_compressor", "build_items",
            "cached_items", "collate",
            "context_states", "head_cache", "load_compressor", "prepare_learned", "resolve_layer", "save_compressor",
            "reference_losses", "seq_loss", "shared_sender", "teacher_topk", "train_seq"]

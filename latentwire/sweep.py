@@ -23,11 +23,10 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 
 from .config import GROUPS, RunConfig, apply_preset
 from .errors import LatentWireError
-from .metrics import bootstrap_ci
+from .metrics import paired_delta
 from .runio import atomic_write_text, read_jsonl
 
 RESULT_COLUMNS = ["name", "pipeline", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
@@ -146,7 +145,8 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
     reused only when its resolved config equals the entry's (so a changed
     `base` reruns what it changes); results.csv is rewritten from the runs'
     own metrics.json after each run."""
-    from .run import config_diff, finished_metrics, run_experiment
+    from .run import run_experiment
+    from .rundir import config_diff, finished_metrics
     from .runio import atomic_write_text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def compare_runs(rows: list[dict], pairs: list[list[str]], out: Path, n_boot: in
         pa, pb = (read_jsonl(Path(by[n]["run_dir"]) / "predictions_latentwire.jsonl") for n in (a, b))
         if [r["id"] for r in pa] != [r["id"] for r in pb]:
             raise LatentWireError(f"sweep compare: {a!r} and {b!r} were evaluated on different questions")
-        f, g = _paired(pa, pb, "f1", n_boot, seed), _paired(pa, pb, "agree", n_boot, seed)
+        f, g = paired_delta(pa, pb, "f1", n_boot, seed), paired_delta(pa, pb, "agree", n_boot, seed)
         lines.append(f"| {a} | {b} | {float(by[a]['f1']):.2f} | {float(by[b]['f1']):.2f} | {f[0]:+.2f} [{f[1]:+.1f}, "
                      f"{f[2]:+.1f}] | {100 * float(by[a]['agreement']):.1f} | {100 * float(by[b]['agreement']):.1f} | "
                      f"{g[0]:+.1f} [{g[1]:+.1f}, {g[2]:+.1f}] | F1 {_direction(f)}, agreement {_direction(g)} |")
@@ -304,14 +304,6 @@ HYPOTHESES = [
 ]
 
 
-def _paired(base_rows: list[dict], rows: list[dict], key: str, n_boot: int, seed: int) -> tuple[float, float, float]:
-    a = torch.tensor([float(r[key]) for r in base_rows], dtype=torch.float64)
-    b = torch.tensor([float(r[key]) for r in rows], dtype=torch.float64)
-    diff = (b - a).tolist()
-    lo, hi = bootstrap_ci(diff, n_boot, seed)
-    return 100.0 * float(b.mean() - a.mean()), lo, hi
-
-
 def verdict(d_f1: tuple, d_ag: tuple, min_effect: float = 2.0) -> str:
     """supported: an interval excludes 0 on the side of improvement;
     not supported: both intervals stay below +min_effect points;
@@ -343,8 +335,8 @@ def run_diagnose(base: RunConfig, out: str | Path, log=print, phase2_steps: int 
     results = []
     for i, (h, what, ov) in enumerate(hyps):
         n = f"h{i + 1}"
-        d_f1 = _paired(pred["baseline"], pred[n], "f1", nb, seed)
-        d_ag = _paired(pred["baseline"], pred[n], "agree", nb, seed)
+        d_f1 = paired_delta(pred["baseline"], pred[n], "f1", nb, seed)
+        d_ag = paired_delta(pred["baseline"], pred[n], "agree", nb, seed)
         results.append({"hypothesis": h, "test": what, "overrides": ov, "f1": float(by[n]["f1"]),
                         "agreement": 100 * float(by[n]["agreement"]), "delta_f1": d_f1, "delta_agreement": d_ag,
                         "verdict": verdict(d_f1, d_ag)})

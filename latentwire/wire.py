@@ -25,9 +25,9 @@ sum(-log2 p(token | prefix)).
 """
 from __future__ import annotations
 
+import contextlib
 import lzma
 import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -36,15 +36,24 @@ import torch
 from .errors import LatentWireError
 
 
-@dataclass
-class Payload:
-    """What crosses the wire for one context."""
-    data: bytes
-    positions: int  # vectors (or tokens) the receiver puts where the context was
+class Payload(bytes):
+    """What crosses the wire for one context: the bytes themselves (`bytes(p)`,
+    `len(p)`; write them to a file as they are), and `positions`, the vectors
+    or tokens the receiver puts where the context was (for the report; a
+    receiver learns it from the bytes)."""
+
+    def __new__(cls, data: bytes = b"", positions: int = 0):
+        obj = super().__new__(cls, data)
+        obj.positions = int(positions)
+        return obj
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self)
 
     @property
     def nbytes(self) -> int:
-        return len(self.data)
+        return len(self)
 
 
 # ------------------------------------------------------------- bit packing
@@ -173,6 +182,17 @@ class TokenIdCodec(TextCodec):
         return unpack_rows(data, self.bits, 1).reshape(-1).tolist()
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread inside the block (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class LMArithmeticCodec(TextCodec):
     """The frozen LLM as the probability model of an arithmetic (range)
     coder: each context token is coded with p(token | head, earlier tokens),
@@ -181,7 +201,14 @@ class LMArithmeticCodec(TextCodec):
     with a KV cache, so their floating-point numbers are identical (a
     teacher-forced single pass can differ in the last bits and break
     decoding). A varint token count leads the payload. One LLM step per token
-    each way: slow (~L forward passes), so reports run it on a sample."""
+    each way (~L forward passes of one token).
+
+    Both ends must compute bit-identical distributions, also in two processes
+    (`latentwire send`, then `ask`): on the CPU the forward passes run on one
+    thread, because a matrix product split over a different number of threads
+    sums in another order and changes the last bits of the logits. The model
+    file, library versions and CPU kind must match too, as for any LLM-coded
+    text: with other numbers the decoder reads other tokens."""
     name = "lm_arithmetic"
 
     def __init__(self, lm, head_ids: Sequence[int]):
@@ -203,7 +230,18 @@ class LMArithmeticCodec(TextCodec):
             out = model(input_ids=torch.tensor([[tok]], device=self.lm.device), use_cache=True,
                         **{kw: get_cache(out)})
 
+    def _threads(self):
+        return one_thread() if self.lm.device.type == "cpu" else contextlib.nullcontext()
+
     def encode(self, text, ids):
+        with self._threads():
+            return self._encode(ids)
+
+    def decode(self, data):
+        with self._threads():
+            return self._decode(data)
+
+    def _encode(self, ids):
         enc = self._c.stream.queue.RangeEncoder()
         steps = self._steps()
         p = next(steps)
@@ -213,7 +251,7 @@ class LMArithmeticCodec(TextCodec):
                 p = steps.send(int(t))
         return varint(len(ids)) + enc.get_compressed().tobytes()
 
-    def decode(self, data):
+    def _decode(self, data):
         n, used = read_varint(data)
         words = np.frombuffer(data[used:], dtype=np.uint32)
         dec = self._c.stream.queue.RangeDecoder(words)
@@ -378,6 +416,48 @@ class ScalarQuantizer(Quantizer):
         return super().state() | {"levels_": self.levels_}
 
 
+class RowQuantizer(Quantizer):
+    """Each row (a vector) scaled by its own absolute maximum, sent as an fp16
+    scale and `bits`-bit levels (2**bits uniform levels on [-max, max], cell
+    midpoints): nothing fitted, so nothing shared but `bits`. For
+    representations with no training distribution to fit levels on (a
+    per-paragraph fit, a K/V cache). Bytes: a varint row count, 2 per row
+    (the scales), then ceil(rows * k * bits / 8)."""
+    scheme = "row-absmax"
+
+    def __init__(self, bits: int):
+        if not 1 <= bits <= 8:
+            raise LatentWireError(f"row quantization takes 1..8 bits (got {bits})")
+        self.bits = bits
+
+    def _codes(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = z.detach().float().cpu()
+        scale = z.abs().amax(-1, keepdim=True).clamp_min(1e-8).half().float()
+        n = 1 << self.bits
+        idx = torch.floor((z / scale + 1) / 2 * n).clamp(0, n - 1).long()
+        return idx, scale
+
+    def _values(self, idx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        n = 1 << self.bits
+        return (-1 + (2 * idx.float() + 1) / n) * scale
+
+    def to_bytes(self, z):
+        idx, scale = self._codes(z)
+        return (varint(z.shape[0]) + scale.numpy().astype(np.float16).tobytes()
+                + pack_uints(idx.numpy().reshape(-1), self.bits))
+
+    def from_bytes(self, data, k):
+        n_rows, a = read_varint(data)
+        scale = torch.from_numpy(np.frombuffer(data[a:a + 2 * n_rows], dtype=np.float16).astype(np.float32).copy())
+        idx = torch.from_numpy(unpack_uints(data[a + 2 * n_rows:], self.bits, n_rows * k)).view(n_rows, k)
+        return self._values(idx, scale[:, None])
+
+    def roundtrip(self, z):
+        idx, scale = self._codes(z)
+        q = self._values(idx, scale).to(z.device, z.dtype)
+        return z + (q - z).detach() if z.requires_grad else q
+
+
 def make_quantizer(bits: int, scheme: str = "lloyd") -> Quantizer:
     return FloatQuantizer(bits) if bits in (16, 32) else ScalarQuantizer(bits, scheme)
 
@@ -390,91 +470,7 @@ def quantizer_from_state(s: dict) -> Quantizer:
     return q
 
 
-# ------------------------------------------------------------- pipelines
-
-class Pipeline:
-    """A sender and a receiver. `send` turns a context (its text and the
-    sender's token ids) into a Payload; `receive` turns a payload into what
-    the LLM reads in the context's place: a LongTensor [M] of ids (text
-    pipelines) or a float tensor [M, d] of embeddings. Payloads are memoised
-    per context: the sender never sees the question, so every question about
-    a paragraph reuses the same payload."""
-    name = "pipeline"
-    reads_ids = False  # True: receive() gives token ids (the LLM's input_ids path)
-
-    def __init__(self):
-        self._memo: dict[tuple, Payload] = {}
-
-    def send(self, ids: Sequence[int], text: str) -> Payload:
-        raise NotImplementedError
-
-    def receive(self, payload: Payload) -> torch.Tensor:
-        raise NotImplementedError
-
-    def payload(self, ids: Sequence[int], text: str) -> Payload:
-        key = tuple(ids)
-        if key not in self._memo:
-            self._memo[key] = self.send(ids, text)
-        return self._memo[key]
-
-    def describe(self) -> dict:
-        return {"name": self.name}
-
-
-class TextPipeline(Pipeline):
-    """The text itself: the receiver reads the context's own token ids. Its
-    wire is any lossless text encoding (`codec`, UTF-8 by default); the other
-    encodings give the same ids and are reported as references."""
-    name = "text"
-    reads_ids = True
-
-    def __init__(self, codec: TextCodec):
-        super().__init__()
-        self.codec = codec
-
-    def send(self, ids, text):
-        return Payload(self.codec.encode(text, ids), positions=len(ids))
-
-    def receive(self, payload):
-        return torch.tensor(self.codec.decode(payload.data), dtype=torch.long)
-
-    def describe(self):
-        return {"name": self.name, "codec": self.codec.name}
-
-
-class EmbeddingPipeline(Pipeline):
-    """Pipelines over embeddings: the sender embeds the context's ids with
-    the frozen LLM's table, `encode` maps [L, d] -> codes [M, k] (M = L for
-    a per-token code, fewer for a sequence compressor) and the quantizer
-    writes them as bytes; the receiver reads the bytes back and `decode`
-    maps [M, k] -> [M, d]. Stage 1 is encode = compressor.transform, decode
-    = adapter; `transform` is the same chain as one tensor function
-    (diagnostics, Phase 2), equal to receive(send(.)) (tested)."""
-
-    def __init__(self, name: str, embed: Callable[[torch.Tensor], torch.Tensor],
-                 encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
-                 quantizer: Quantizer, k: int, info: dict | None = None):
-        super().__init__()
-        self.name, self.embed, self.encode, self.decode = name, embed, encode, decode
-        self.quantizer, self.k, self.info = quantizer, k, info or {}
-
-    @torch.no_grad()
-    def send(self, ids, text):
-        x = self.embed(torch.tensor(list(ids), dtype=torch.long)).float()
-        z = self.encode(x)
-        return Payload(self.quantizer.to_bytes(z), positions=int(z.shape[0]))
-
-    @torch.no_grad()
-    def receive(self, payload):
-        return self.decode(self.quantizer.from_bytes(payload.data, self.k))
-
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.quantizer.roundtrip(self.encode(x)))
-
-    def describe(self):
-        return {"name": self.name, "dims": self.k, "bits": self.quantizer.bits,
-                "quantizer": self.quantizer.scheme} | self.info
-
+# ------------------------------------------------------------- accounting
 
 def wire_stats(sizes: Sequence[float], context_tokens: Sequence[int], positions: Sequence[int] | None = None) -> dict:
     """Bytes (and positions the receiver prefills) over distinct contexts,
@@ -489,3 +485,41 @@ def wire_stats(sizes: Sequence[float], context_tokens: Sequence[int], positions:
     if positions is not None:
         out["positions_mean"] = float(np.mean(positions))
     return out
+
+
+def text_references(lm, prompts, code_length: bool = True, ac_contexts: int = 0, batch_size: int = 8,
+                    log=print) -> dict:
+    """Bytes per context of every text reference on these prompts' contexts:
+    UTF-8, zstd, lzma, token ids, the LLM's code length (bound) and its
+    arithmetic coding (actual, on the first `ac_contexts` contexts, decoded
+    and checked). `prompts`: data.Prompt objects (one reference per distinct
+    context)."""
+    from .data import context_token_ids, distinct_contexts
+    ctx = distinct_contexts(prompts)
+    ntok = [len(p.context_ids) for p in ctx]
+    tokenize = lambda t: context_token_ids(lm.tokenizer, t)  # noqa: E731
+    refs = {}
+    codecs = [Utf8Codec(tokenize), LzmaCodec(tokenize), TokenIdCodec(lm.vocab_size)]
+    try:
+        codecs.insert(1, ZstdCodec(tokenize))
+    except ImportError as e:  # a declared dependency; a bare GPU image may lack it: say so, measure the rest
+        log(f"warning: {e}: the zstd reference is left out of this run's wire table")
+    for codec in codecs:
+        refs[codec.name] = wire_stats([len(codec.encode(p.context_text, p.context_ids)) for p in ctx], ntok)
+    if code_length and ctx:
+        head = ctx[0].head_ids
+        bits = lm_code_length_bits(lm, head, [p.context_ids for p in ctx], batch_size=batch_size)
+        refs["lm_code_length"] = wire_stats([b / 8 for b in bits], ntok) | {"bound": True}
+        n_ac = min(ac_contexts, len(ctx))
+        if n_ac:
+            codec = LMArithmeticCodec(lm, head)
+            sizes, ok = [], 0
+            for p in ctx[:n_ac]:
+                data = codec.encode(p.context_text, p.context_ids)
+                ok += codec.decode(data) == list(p.context_ids)
+                sizes.append(len(data))
+            refs["lm_arithmetic"] = wire_stats(sizes, ntok[:n_ac]) | {
+                "decoded_exactly": ok, "bound_same_contexts_mean": sum(bits[:n_ac]) / 8 / n_ac}
+            if ok != n_ac:
+                log(f"warning: LLM arithmetic coding decoded {ok} of {n_ac} contexts exactly")
+    return refs

@@ -118,7 +118,9 @@ def test_pair_grid_smoke(tmp_path):
     table = subprocess.run(run2, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert table.returncode == 0, table.stderr[-3000:]
     assert "wire_R: finished with the same settings" in table.stderr and "| R (own_R) | learned_r4 |" in table.stdout
-    assert "| R reading S (wire_R) | truncate_r4 |" not in table.stdout  # --wire-kinds learned
+    # --wire-kinds learned: no surprisal row (truncation and nothing come with the learned wire as its controls)
+    assert "| R reading S (wire_R) | surprisal_r4 |" not in table.stdout
+    assert "| R reading S (wire_R) | truncate_r4 |" in table.stdout
     wrong = subprocess.run(run2[:-4] + ["--sender-run", str(tmp_path / "pg" / "own_R")], capture_output=True,
                            text=True, timeout=600, cwd=tmp_path)
     assert wrong.returncode != 0 and "--sender-run" in wrong.stderr and "not of --model tiny-random-b" in wrong.stderr

@@ -12,7 +12,7 @@ import torch
 from latentwire import dist
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.evaluate import generate_predictions
+from latentwire.generate import generate_predictions
 
 ARGS = ["run", "--model", "tiny-random", "--epochs", "2", "--steps-per-epoch", "15", "--eval-every", "10",
         "--batch-tokens", "256", "--synthetic-articles", "6", "--max-eval", "9", "--batch-size", "2",

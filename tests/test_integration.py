@@ -7,7 +7,7 @@ from latentwire.adapters import build_adapter
 from latentwire.compress import PCA
 from latentwire.config import AdapterConfig
 from latentwire.data import PromptBuilder, interleave_by_title, load_squad_json, synthetic_squad
-from latentwire.evaluate import EvalSwitches, generate_predictions
+from latentwire.generate import EvalSwitches, generate_predictions
 from latentwire.train import recon_metrics
 
 pytestmark = pytest.mark.integration

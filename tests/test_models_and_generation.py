@@ -3,7 +3,7 @@ import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.evaluate import (EvalSwitches, generate_one_at_a_time, generate_predictions, generate_seed_loop,
+from latentwire.generate import (EvalSwitches, generate_one_at_a_time, generate_predictions, generate_seed_loop,
                                  greedy_generate, left_pad,
                                  pipeline_embeds, stop_token_ids)
 from latentwire.models import embedding_table, load_model, resolve_device, resolve_dtype, resolve_model_source

@@ -8,10 +8,10 @@ import torch
 from latentwire.config import RunConfig
 from latentwire.data import PromptBuilder, context_token_ids, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.evaluate import generate_predictions
-from latentwire.pair import CrossModelPipeline, SenderIdsPipeline, cross_pipelines, ids_to_text
-from latentwire.sequence import TokenSelectPipeline, budget, sequence_pipelines
-from latentwire.wire import FloatQuantizer
+from latentwire.generate import generate_predictions
+from latentwire.pipelines.cross import CrossModelPipeline, SenderIdsPipeline, cross_pipelines, ids_to_text
+from latentwire.pipelines.tokens import TokenSelectPipeline, budget
+from latentwire.pipelines import BuildContext, build
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_sender_ids_are_read_as_the_receivers_own(tiny, other, prompts):
 
 def test_cross_pipelines_batched_equals_one_at_a_time(tiny, other, prompts):
     s_head = PromptBuilder(other.tokenizer, "fewshot", 512).build(prompts[0].example).head_ids
-    pipes = cross_pipelines(other, tiny, sequence_pipelines(other, ["truncate", "none"], [2], s_head,
-                                                            FloatQuantizer(32)))
+    inner = {p.name: p for k in ("truncate", "none") for p in build(k, BuildContext(other, s_head, ratio=2))}
+    pipes = cross_pipelines(other, tiny, inner)
     assert set(pipes) == {"sender_ids", "truncate_r2", "none"}
     for p in pipes.values():
         batched = generate_predictions(tiny, prompts, p, batch_size=4, max_new_tokens=5, progress=False)

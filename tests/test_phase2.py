@@ -5,7 +5,7 @@ from latentwire.adapters import build_adapter
 from latentwire.compress import PCA
 from latentwire.config import AdapterConfig, TrainConfig
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.evaluate import EvalSwitches
+from latentwire.generate import EvalSwitches
 from latentwire.train import phase2_batch, phase2_loss, train_phase2
 
 

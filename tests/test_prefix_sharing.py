@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.evaluate import (generate_one_at_a_time, generate_predictions, greedy_generate, left_pad,
+from latentwire.generate import (generate_one_at_a_time, generate_predictions, greedy_generate, left_pad,
                                  plan_batches, prefix_tree, stop_token_ids, tree_cost, tree_generate)
 
 
@@ -87,7 +87,7 @@ def test_tree_generate_equals_full_prefill_ids_and_embeds(tiny):
 
 
 def test_shared_prefix_predictions_equal_unshared_and_one_at_a_time(tiny, monkeypatch):
-    import latentwire.evaluate as ev
+    import latentwire.generate as ev
     prompts = _prompts(tiny)
     calls = []
     real = ev.tree_generate
@@ -144,7 +144,7 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
     a batch whose tree is longer than the window is prefilled in full (with
     the tree, answers differ: checked by hand); inside the window the tree is
     exact, for Gemma 3's cache as for Llama's."""
-    import latentwire.evaluate as ev
+    import latentwire.generate as ev
     prompts = _prompts(tiny)[:12]
     real = ev.tree_generate
     for window, expect_tree in ((32, False), (1024, True)):
@@ -160,7 +160,7 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
 
 
 def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypatch):
-    import latentwire.evaluate as ev
+    import latentwire.generate as ev
     prompts = _prompts(tiny)[:8]
     ref = generate_predictions(tiny, prompts, max_new_tokens=6, progress=False, share_prefix=False)
 
@@ -172,7 +172,7 @@ def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypa
 
 
 def test_run_prefix_is_computed_once_and_answers_do_not_change(tiny, monkeypatch):
-    from latentwire import evaluate
+    from latentwire import generate as evaluate
     prompts = _prompts(tiny)
     seen = []
     orig = evaluate.RunPrefix.take

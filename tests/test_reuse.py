@@ -9,7 +9,9 @@ import pytest
 from latentwire.config import RunConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.run import finished_metrics, run_experiment, text_cache_key, text_predictions
+from latentwire.answers import text_cache_key, text_predictions
+from latentwire.run import run_experiment
+from latentwire.rundir import finished_metrics
 from latentwire.runio import JsonlLogger, read_jsonl
 
 
@@ -83,7 +85,7 @@ def test_data_paths_compared_as_files(tmp_path, monkeypatch):
     ../shared/... cleared a finished 2-hour run made with /work/shared/...;
     another file is still a difference."""
     from dataclasses import asdict
-    from latentwire.run import config_diff
+    from latentwire.rundir import config_diff
     (tmp_path / "d").mkdir()
     for n in ("train.json", "dev.json"):
         (tmp_path / "d" / n).write_text("{}")

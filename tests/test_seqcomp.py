@@ -9,10 +9,11 @@ import torch
 
 from latentwire.config import SeqConfig
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.evaluate import EvalSwitches, generate_predictions, span_payloads
+from latentwire.generate import EvalSwitches, generate_predictions, span_payloads
 from latentwire.runio import read_jsonl
-from latentwire.sequence import budget
-from latentwire.seqcomp import (LearnedSeqPipeline, SeqCompressor, answer_ids, bounded_quantizer, build_compressor,
+from latentwire.pipelines.learned import LearnedSeqPipeline
+from latentwire.pipelines.tokens import budget
+from latentwire.seqcomp import (SeqCompressor, answer_ids, bounded_quantizer, build_compressor,
                                 cached_items, collate, context_states, head_cache, load_compressor,
                                 prepare_learned, reference_losses, resolve_layer, save_compressor, seq_loss, teacher_topk,
                                 train_seq)
@@ -189,7 +190,7 @@ def test_save_load_and_batched_answers(tiny, prompts, setup, tmp_path):
     save_compressor(comp, tmp_path / "seq_compressor.pt", {"model": tiny.fingerprint(), "shape": {
         "ratio": 4, "width": cfg.seq_width, "layers": cfg.seq_layers, "dim": cfg.seq_dim, "bits": cfg.seq_bits,
         "layer": layer}})
-    back, meta = load_compressor(tiny, tmp_path / "seq_compressor.pt", cfg)
+    back, meta = load_compressor(tiny, tmp_path / "seq_compressor.pt")
     for k, v in comp.state_dict().items():
         assert torch.equal(v, back.state_dict()[k])
     pipe = LearnedSeqPipeline(tiny, back, meta["shape"]["layer"])
@@ -203,28 +204,38 @@ def test_save_load_and_batched_answers(tiny, prompts, setup, tmp_path):
 def test_prepare_learned_trains_saves_and_loads(tiny, prompts, tmp_path):
     cfg = SeqConfig(seq_ratio=2, seq_width=16, seq_dim=4, seq_bits=1, seq_steps=2, seq_batch=2, seq_teacher_topk=4,
                     seq_layers=0)
-    pipe, summary = prepare_learned(tiny, cfg, prompts[:4], prompts[0].head_ids, tmp_path, 0, False, False,
-                                    log=lambda *a: None)
+    comp, layer, summary = prepare_learned(tiny, cfg, prompts[:4], prompts[0].head_ids, tmp_path, 0, False, False,
+                                           log=lambda *a: None)
+    pipe = LearnedSeqPipeline(tiny, comp, layer)
     assert summary["steps"] == 2 and summary["questions"] == 4 and (tmp_path / "seq_compressor.pt").exists()
     assert (tmp_path / "seq_train_log.jsonl").exists() and not summary["cache_reused"]
     # a second training of another seed reads the teacher from the cache ($LATENTWIRE_CACHE, a temp dir in tests)
-    _, again = prepare_learned(tiny, SeqConfig(**{**cfg.__dict__, "seq_seed": 1}), prompts[:4], prompts[0].head_ids,
+    _, _, again = prepare_learned(tiny, SeqConfig(**{**cfg.__dict__, "seq_seed": 1}), prompts[:4], prompts[0].head_ids,
                                tmp_path / "b", 0, False, False, log=lambda *a: None)
     assert again["cache_reused"]
     cfg2 = SeqConfig(seq_path=str(tmp_path / "seq_compressor.pt"))
-    pipe2, s2 = prepare_learned(tiny, cfg2, [], [], tmp_path, 0, False, False)
+    comp2, layer2, s2 = prepare_learned(tiny, cfg2, [], [], tmp_path, 0, False, False)
+    pipe2 = LearnedSeqPipeline(tiny, comp2, layer2)
     p = prompts[0]
-    assert pipe2.payload(p.context_ids, "").data == pipe.payload(p.context_ids, "").data
+    assert pipe2.send("", p.context_ids) == pipe.send("", p.context_ids)
     assert pipe2.comp.ratio == 2 and s2["loaded_from"]
 
 
 def test_run_with_the_learned_compressor_only(tmp_path):
     """`latentwire run --sequence learned,truncate --no-stage1`: trains, saves,
-    evaluates on the wire beside the baseline; nothing of Stage 1 is made."""
+    evaluates on the wire beside the baseline and its controls (another
+    paragraph's payload, nothing -- added by the run); nothing of Stage 1 is made."""
     from conftest import tiny_learned_config
     from latentwire.run import run_experiment
     m = run_experiment(tiny_learned_config(tmp_path / "run"), use_cache=False, log=lambda *a: None)
-    assert set(m["pipelines"]) == {"text", "learned_r4", "truncate_r4"}
+    assert set(m["pipelines"]) == {"text", "learned_r4", "learned_r4:other", "truncate_r4", "none"}
+    assert m["controls"] == {"learned_r4": {"other": "learned_r4:other", "none": "none", "truncate": "truncate_r4"}}
+    ctl = m["pipelines"]["learned_r4"]["controls"]
+    assert set(ctl) == {"other", "none", "truncate"} and all(len(c["d_f1"]) == 3 for c in ctl.values())
+    for name in ("learned_r4", "learned_r4:other", "truncate_r4", "none", "text"):
+        probe = m["pipelines"][name]["reading_probe"]
+        assert 0 <= probe["recon_acc"] <= 1 and probe["contexts"] > 0
+    assert "against their controls" in (tmp_path / "run" / "report.md").read_text()
     e, t = m["pipelines"]["learned_r4"], m["pipelines"]["truncate_r4"]
     assert e["wire"]["positions_mean"] == t["wire"]["positions_mean"]  # equal positions: M = ceil(L / 4) both
     assert e["wire"]["bits_per_token"] == pytest.approx(4 * 2 / 4, rel=0.3)  # 4 dims x 2 bits per 4 tokens

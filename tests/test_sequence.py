@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.evaluate import EvalSwitches, generate_predictions, pipeline_rows, span_payloads
-from latentwire.sequence import TokenSelectPipeline, budget, mean_pool, meanpool_pipeline, surprisal
+from latentwire.generate import EvalSwitches, generate_predictions, pipeline_rows, span_payloads
+from latentwire.pipelines.pooled import mean_pool, meanpool_pipeline
+from latentwire.pipelines.tokens import TokenSelectPipeline, budget, surprisal
 from latentwire.wire import FloatQuantizer
 
 
@@ -104,8 +105,9 @@ def test_run_with_sequence_baselines(tmp_path):
 
 def test_none_sends_nothing(tiny, prompts):
     """`none`: 0 bytes, 0 positions; the receiver reads its own head and the question."""
-    from latentwire.sequence import sequence_pipelines
-    pipe = sequence_pipelines(tiny, ["none"], [2, 4], prompts[0].head_ids, FloatQuantizer(32))["none"]
+    from latentwire.pipelines import BuildContext, build
+    pipe = build("none", BuildContext(tiny, prompts[0].head_ids, ratio=2))[0]
+    assert pipe.name == "none"
     payloads, _ = span_payloads(pipe, prompts, EvalSwitches())
     assert all(pl.nbytes == 0 and pl.positions == 0 for pl in payloads)
     p = prompts[0]

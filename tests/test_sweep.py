@@ -96,7 +96,8 @@ def test_verdict_rules():
 
 def test_diagnose_on_tiny_model(tmp_path):
     from latentwire.runio import read_jsonl
-    from latentwire.sweep import HYPOTHESES, _paired, verdict
+    from latentwire.metrics import paired_delta as _paired
+    from latentwire.sweep import HYPOTHESES, verdict
     base = _base(tmp_path)
     base.adapter.preset = "seed"
     res = run_diagnose(base, tmp_path / "dg", log=lambda *a: None, phase2_steps=1)
@@ -152,7 +153,7 @@ def test_half_finished_run_resumes_or_restarts_when_its_flags_changed(tmp_path):
 
 
 def test_overwrite_clears_both_phases_checkpoints(tmp_path):
-    from latentwire.run import RUN_STATE_FILES, prepare_run_dir
+    from latentwire.rundir import RUN_STATE_FILES, prepare_run_dir
     for f in RUN_STATE_FILES:
         (tmp_path / f).write_text("x")
     with pytest.raises(LatentWireError, match="already holds a run"):

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from latentwire.compress import PCA
 from latentwire.data import PromptBuilder, context_token_ids, synthetic_squad
-from latentwire.evaluate import (EvalSwitches, as_pipeline, generate_predictions, pipeline_rows, span_payloads,
-                                 text_pipeline, wire_mask, wire_span)
-from latentwire.wire import (EmbeddingPipeline, FloatQuantizer, LMArithmeticCodec, LzmaCodec, ScalarQuantizer,
+from latentwire.generate import (EvalSwitches, as_pipeline, generate_predictions, pipeline_rows, span_payloads,
+                                 wire_mask, wire_span)
+from latentwire.pipelines.base import EmbeddingPipeline
+from latentwire.pipelines.text import text_pipeline
+from latentwire.wire import (FloatQuantizer, LMArithmeticCodec, LzmaCodec, ScalarQuantizer,
                              TokenIdCodec, Utf8Codec, ZstdCodec, lm_code_length_bits, make_quantizer, pack_rows,
                              read_varint, unpack_rows, varint, wire_stats)
 
@@ -186,15 +188,12 @@ def test_identity_pipeline_gives_text_answers(tiny, prompts):
 def test_wire_report_without_zstandard_leaves_out_only_zstd(tiny, prompts, monkeypatch):
     # a bare GPU image had torch + transformers but not zstandard: the run must
     # still measure every other reference and say what it left out
-    from latentwire.config import RunConfig
-    from latentwire.run import wire_report
-    cfg = RunConfig()
-    cfg.eval.lm_code_length = False
+    from latentwire.wire import text_references
     said = []
-    full = wire_report(tiny, prompts, cfg, log=said.append)
+    full = text_references(tiny, prompts, code_length=False, log=said.append)
     assert "zstd" in full and not said
     monkeypatch.setitem(sys.modules, "zstandard", None)  # `import zstandard` now raises ImportError
-    part = wire_report(tiny, prompts, cfg, log=said.append)
+    part = text_references(tiny, prompts, code_length=False, log=said.append)
     assert set(full) - set(part) == {"zstd"}
     assert part["utf8"] == full["utf8"] and part["token_ids"] == full["token_ids"]
     assert len(said) == 1 and "zstd reference is left out" in said[0]

@@ -15,7 +15,6 @@ Generation is a plain greedy loop with a KV cache rather than
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,12 +22,14 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Prompt, context_token_ids
+from .data import Prompt
 from .errors import LatentWireError
-from .metrics import aggregate, score_example
+from .forward import logits_kw
 from .models import cache_kwarg as _cache_kw
 from .models import get_cache as _get_cache
-from .wire import EmbeddingPipeline, FloatQuantizer, Payload, Pipeline, TextPipeline, Utf8Codec
+from .pipelines.base import EmbeddingPipeline, KVReading, Pipeline
+from .pipelines.text import text_pipeline
+from .wire import FloatQuantizer, Payload
 
 # [N, d] -> [N, d], row-wise: a row's output depends only on that row (every
 # compressor and adapter here is per token); diagnostics rely on it.
@@ -60,14 +61,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             ids[i, L - len(s):] = torch.tensor(list(s), dtype=torch.long)
             mask[i, L - len(s):] = 1
     return ids, mask
-
-
-def _logits_kw(model) -> dict:
-    """Ask for the last position's logits only, where the model supports it:
-    a prefill over [B, L] would otherwise materialise [B, L, vocab] logits
-    (for SmolLM2, 49k columns: a fifth of the prefill's FLOPs, all unused)."""
-    params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def _decode(model, out, mask: torch.Tensor, last_pos: torch.Tensor, use_ids: bool, max_new_tokens: int,
@@ -115,7 +108,7 @@ def greedy_generate(model, attention_mask: torch.Tensor, *, input_ids: torch.Ten
     dev = emb_layer.weight.device
     mask = attention_mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    kw = {"attention_mask": mask, "position_ids": pos, "use_cache": True, **_logits_kw(model)}
+    kw = {"attention_mask": mask, "position_ids": pos, "use_cache": True, **logits_kw(model)}
     if input_ids is not None:
         out = model(input_ids=input_ids.to(dev), **kw)
     else:
@@ -273,7 +266,7 @@ def tree_generate(model, levels: Sequence[Level], *, use_ids: bool, pad_id: int 
             mask = torch.ones((1, len(head)), dtype=torch.long, device=dev)
             x = head[None].to(dev) if use_ids else head[None].to(dev, dtype)
             kw = {"attention_mask": mask, "position_ids": torch.arange(len(head), device=dev)[None],
-                  "use_cache": True, **_logits_kw(model)}
+                  "use_cache": True, **logits_kw(model)}
             out = model(input_ids=x, **kw) if use_ids else model(inputs_embeds=x, **kw)
             cache = _get_cache(out)
             run_prefix.seg, run_prefix.cache = head.detach().clone(), copy.deepcopy(cache)
@@ -302,7 +295,7 @@ def tree_generate(model, levels: Sequence[Level], *, use_ids: bool, pad_id: int 
                 seg_mask[j, S - len(s):] = 1
         mask = torch.cat([mask, seg_mask], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        kw = {"attention_mask": mask, "position_ids": pos[:, -S:], "use_cache": True, **_logits_kw(model)}
+        kw = {"attention_mask": mask, "position_ids": pos[:, -S:], "use_cache": True, **logits_kw(model)}
         if cache is not None:
             kw[cache_name] = cache
         out = model(input_ids=x, **kw) if use_ids else model(inputs_embeds=x, **kw)
@@ -357,9 +350,10 @@ class EvalSwitches:
     scope: str = "context"
 
 
-def wire_span(prompt: Prompt, switches: EvalSwitches) -> tuple[int, int]:
-    """[start, end) of the prompt positions that cross the wire."""
-    if switches.scope == "context":
+def wire_span(prompt: Prompt, switches: EvalSwitches, pipeline=None) -> tuple[int, int]:
+    """[start, end) of the prompt positions that cross the wire (always the
+    context for a pipeline that reads ids or K/V: they travel as text)."""
+    if switches.scope == "context" or (pipeline is not None and pipeline.reads != "embeds"):
         return prompt.ctx_start, prompt.ctx_end
     L = len(prompt.ids)
     start = prompt.n_bos + switches.keep_prefix if (switches.keep_bos or switches.keep_prefix) else 0
@@ -375,14 +369,11 @@ def wire_mask(prompt: Prompt, switches: EvalSwitches) -> torch.Tensor:
     return m
 
 
-def wire_text(prompt: Prompt, switches: EvalSwitches) -> str:
+def wire_text(prompt: Prompt, switches: EvalSwitches, pipeline=None) -> str:
     """The text of the wire span (the context's text in the default scope)."""
-    return prompt.context_text if switches.scope == "context" else ""
-
-
-def text_pipeline(tokenizer) -> TextPipeline:
-    """The text baseline: the context sent as UTF-8, tokenized by the receiver."""
-    return TextPipeline(Utf8Codec(lambda t: context_token_ids(tokenizer, t)))
+    if switches.scope == "context" or (pipeline is not None and pipeline.reads != "embeds"):
+        return prompt.context_text
+    return ""
 
 
 def as_pipeline(lm, transform) -> Pipeline:
@@ -390,10 +381,10 @@ def as_pipeline(lm, transform) -> Pipeline:
     baseline); or a per-token tensor function [N, d] -> [N, d] (sent as the
     fp32 embeddings, transformed by the receiver)."""
     if transform is None:
-        return text_pipeline(lm.tokenizer)
-    if isinstance(transform, Pipeline):
+        return text_pipeline(lm.tokenizer, lm)
+    if isinstance(transform, Pipeline) or hasattr(transform, "receive"):
         return transform
-    return EmbeddingPipeline("transform", lm.embed, lambda x: x, transform, FloatQuantizer(32), lm.d_model)
+    return EmbeddingPipeline("transform", lm.embed, lambda x: x, transform, FloatQuantizer(32), lm.d_model, lm=lm)
 
 
 def span_payloads(pipeline: Pipeline, prompts: Sequence[Prompt], switches: EvalSwitches
@@ -402,31 +393,40 @@ def span_payloads(pipeline: Pipeline, prompts: Sequence[Prompt], switches: EvalS
     times is sent once) and the number of tokens each replaces."""
     seen: dict[tuple, Payload] = {}
     for p in prompts:
-        s, e = (p.ctx_start, p.ctx_end) if pipeline.reads_ids else wire_span(p, switches)
+        s, e = wire_span(p, switches, pipeline)
         key = tuple(p.ids[s:e])
         if key not in seen:
-            seen[key] = pipeline.payload(p.ids[s:e], wire_text(p, switches) if not pipeline.reads_ids
-                                         else p.context_text)
+            seen[key] = pipeline.send(wire_text(p, switches, pipeline), p.ids[s:e])
     return list(seen.values()), [len(k) for k in seen]
 
 
+def prompt_payloads(prompts: Sequence[Prompt], pipeline: Pipeline, switches: EvalSwitches) -> list[Payload]:
+    """Each prompt's payload (the pipeline memoises one per distinct wire span)."""
+    out = []
+    for p in prompts:
+        s, e = wire_span(p, switches, pipeline)
+        out.append(pipeline.send(wire_text(p, switches, pipeline), p.ids[s:e]))
+    return out
+
+
 @torch.no_grad()
-def pipeline_rows(lm, prompts: Sequence[Prompt], pipeline: Pipeline, switches: EvalSwitches) -> list[torch.Tensor]:
+def pipeline_rows(lm, prompts: Sequence[Prompt], pipeline: Pipeline, switches: EvalSwitches,
+                  payloads: Sequence[bytes] | None = None) -> list[torch.Tensor]:
     """What the LLM reads for each prompt: the prompt's own text before and
     after the wire span, and in between what the receiver made of the
-    payload. Ids ([L]) for a text pipeline, embeddings ([L, d], float32)
-    otherwise; a row may be shorter than the prompt (a sequence compressor
-    sends fewer positions than tokens)."""
+    payload (`payloads`: given per prompt, else each prompt's own). Ids ([L])
+    for a pipeline that reads ids, embeddings ([L, d], float32) otherwise; a
+    row may be shorter than the prompt (a sequence compressor sends fewer
+    positions than tokens). Not for K/V readings (see kv_rows)."""
+    payloads = prompt_payloads(prompts, pipeline, switches) if payloads is None else payloads
     rows = []
-    for p in prompts:
+    for p, pl in zip(prompts, payloads):
+        s, e = wire_span(p, switches, pipeline)
+        got = pipeline.receive(pl)
         if pipeline.reads_ids:
-            s, e = p.ctx_start, p.ctx_end
-            got = pipeline.receive(pipeline.payload(p.ids[s:e], p.context_text))
             rows.append(torch.cat([torch.tensor(p.ids[:s], dtype=torch.long), got.long().cpu(),
                                    torch.tensor(p.ids[e:], dtype=torch.long)]))
             continue
-        s, e = wire_span(p, switches)
-        got = pipeline.receive(pipeline.payload(p.ids[s:e], wire_text(p, switches)))
         ids = torch.tensor(p.ids, dtype=torch.long, device=lm.device)
         row = torch.cat([lm.embed(ids[:s]).float(), got.float().to(lm.device), lm.embed(ids[e:]).float()])
         limit = torch.finfo(lm.dtype).max if lm.dtype.is_floating_point else float("inf")
@@ -466,7 +466,7 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
                          switches: EvalSwitches | None = None, batch_size: int = 8, max_new_tokens: int = 16,
                          use_input_ids: bool = False, desc: str = "generate", progress: bool = True,
                          shard: tuple[int, int] = (0, 1), share_prefix: bool = True,
-                         run_prefix_cache: bool = True) -> list[str | None]:
+                         run_prefix_cache: bool = True, payloads: Sequence[bytes] | None = None) -> list[str | None]:
     """Answers for every prompt, batched (plan_batches), in order.
 
     `transform`: the pipeline (None: the text baseline; a per-token tensor
@@ -480,7 +480,9 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
     of the run (the shots) is prefilled once per run, not once per batch. `shard=(rank, n)`: generate only batches j with j % n == rank
     and leave None elsewhere (dist.gather_filled merges the ranks); every
     question is generated in exactly the batch it would have had in a single
-    process -- same padding, same numbers.
+    process -- same padding, same numbers. `payloads`: one per prompt, read
+    instead of the prompts' own contexts (`latentwire.ask`: a payload received
+    from elsewhere, the prompt built around an empty context).
     """
     tok = lm.tokenizer
     switches = switches or EvalSwitches()
@@ -496,9 +498,17 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
         first = torch.tensor(prompts[0].ids)
         run_prefix = RunPrefix(min(common_prefix_len(first, torch.tensor(p.ids)) for p in prompts))
     preds: list[str | None] = [None] * len(prompts)
+    heads: dict[tuple, object] = {}
     bar = tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, leave=False)
     for idx in batches:
-        rows = pipeline_rows(lm, [prompts[i] for i in idx], pipe, switches)
+        pls = None if payloads is None else [payloads[i] for i in idx]
+        if pipe.reads == "kv":
+            gen = kv_generate(lm, [prompts[i] for i in idx], pipe, pls, max_new_tokens, stops, heads)
+            for i, g in zip(idx, gen):
+                preds[i] = decode_answer(tok, g)
+            bar.update(len(idx))
+            continue
+        rows = pipeline_rows(lm, [prompts[i] for i in idx], pipe, switches, pls)
         if pipe.reads_ids and not use_input_ids:
             rows = [lm.embed(r.to(lm.device)).float() for r in rows]
         x, mask = pad_rows(rows, tok.pad_token_id)
@@ -519,6 +529,40 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
         bar.update(len(idx))
     bar.close()
     return preds
+
+
+@torch.no_grad()
+def kv_generate(lm, prompts: Sequence[Prompt], pipeline: Pipeline, payloads: Sequence[bytes] | None,
+                max_new_tokens: int, stop_ids: Sequence[int], heads: dict) -> list[list[int]]:
+    """Greedy answers for a pipeline whose receiver gives keys and values: the
+    cache of [head][reading] per row (readings padded to the longest, padding
+    masked), then each row's question and cue, left-padded so that every
+    row's last column is its cue; positions come from the mask, so a row sees
+    the positions it would alone. `heads`: the head caches computed so far."""
+    from .forward import head_cache, reading_cache
+    payloads = prompt_payloads(prompts, pipeline, EvalSwitches()) if payloads is None else payloads
+    readings = [pipeline.receive(pl) for pl in payloads]
+    head = tuple(prompts[0].head_ids)
+    if any(tuple(p.head_ids) != head for p in prompts):
+        raise ValueError("kv_generate: every prompt of a batch must share the prompt head")
+    for r in readings:
+        if not isinstance(r, KVReading):
+            raise LatentWireError(f"{pipeline.name}: reads 'kv' but its receiver gave {type(r).__name__}")
+        if r.positions and r.start != len(head):
+            raise LatentWireError(f"{pipeline.name}: its keys/values were placed after a {r.start}-token prompt "
+                                  f"head; this receiver's head has {len(head)} tokens (another template?)")
+    if head not in heads:
+        heads[head] = head_cache(lm, head)
+    cache, past = reading_cache(lm, heads[head], len(head), readings, "kv")
+    tails = [p.ids[p.ctx_end:] for p in prompts]
+    x, tmask = left_pad(tails, lm.tokenizer.pad_token_id)
+    dev = lm.device
+    mask = torch.cat([past.long(), tmask.to(dev)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    S = x.shape[1]
+    out = lm.model(input_ids=x.to(dev), attention_mask=mask, position_ids=pos[:, -S:], use_cache=True,
+                   **{_cache_kw(lm.model): cache}, **logits_kw(lm.model))
+    return _decode(lm.model, out, mask, pos[:, -1:], True, max_new_tokens, stop_ids)
 
 
 def generate_one_at_a_time(lm, prompts: Sequence[Prompt], max_new_tokens: int = 16, desc: str = "one-by-one",
@@ -545,14 +589,3 @@ def generate_seed_loop(lm, prompts: Sequence[Prompt], max_new_tokens: int = 16, 
                                 do_sample=False, pad_token_id=eos)
         out.append(decode_answer(lm.tokenizer, gen[0].tolist()))
     return out
-
-
-def score_predictions(prompts: Sequence[Prompt], preds: Sequence[str]) -> tuple[list[dict], dict]:
-    """Per-example rows (for predictions.jsonl) and the aggregate metrics."""
-    rows = []
-    for p, pred in zip(prompts, preds):
-        s = score_example(pred, p.example.answers)
-        rows.append({"id": p.example.id, "title": p.example.title, "question": p.example.question,
-                     "gold": p.example.answers, "prediction": pred, "em": s["em"], "f1": s["f1"],
-                     "prompt_tokens": len(p.ids), "truncated": p.truncated})
-    return rows, aggregate(rows)

@@ -23,8 +23,9 @@ from typing import Sequence
 
 import torch
 
-from .data import context_token_ids
-from .wire import Payload, Pipeline, TokenIdCodec
+from ..data import context_token_ids
+from ..wire import Payload, TokenIdCodec
+from .base import Pipeline
 
 
 def ids_to_text(tokenizer, ids: Sequence[int]) -> str:
@@ -36,10 +37,11 @@ def ids_to_text(tokenizer, ids: Sequence[int]) -> str:
 
 class CrossModelPipeline(Pipeline):
     """A sender-side token pipeline, read by another model through text."""
-    reads_ids = True
+    reads = "ids"
 
-    def __init__(self, inner: Pipeline, sender_tokenizer, receiver_tokenizer, sender: str):
+    def __init__(self, inner: Pipeline, sender_tokenizer, receiver_tokenizer, sender: str, lm=None):
         super().__init__()
+        self.lm = lm
         if not inner.reads_ids:
             raise ValueError(f"{inner.name}: only token pipelines cross models through text")
         self.inner, self.s_tok, self.r_tok, self.sender = inner, sender_tokenizer, receiver_tokenizer, sender
@@ -48,13 +50,13 @@ class CrossModelPipeline(Pipeline):
     def _receiver_ids(self, sender_ids: Sequence[int]) -> list[int]:
         return context_token_ids(self.r_tok, ids_to_text(self.s_tok, sender_ids)) if len(sender_ids) else []
 
-    def send(self, ids, text):
+    def encode(self, text, ids):
         # `ids` are the receiver's tokens of the context; the sender tokenizes the text itself
-        pl = self.inner.payload(context_token_ids(self.s_tok, text), text)
-        return Payload(pl.data, positions=len(self._receiver_ids(self.inner.receive(pl).tolist())))
+        pl = self.inner.send(text, context_token_ids(self.s_tok, text))
+        return Payload(pl, positions=len(self._receiver_ids(self.inner.receive(pl).tolist())))
 
-    def receive(self, payload):
-        return torch.tensor(self._receiver_ids(self.inner.receive(payload).tolist()), dtype=torch.long)
+    def decode(self, data):
+        return torch.tensor(self._receiver_ids(self.inner.receive(data).tolist()), dtype=torch.long)
 
     def describe(self):
         return self.inner.describe() | {"sender": self.sender, "via": "text (receiver re-tokenizes)"}
@@ -63,20 +65,21 @@ class CrossModelPipeline(Pipeline):
 class SenderIdsPipeline(Pipeline):
     """Every context token of the sender, as its id, read by the receiver as
     one of its own ids (ids beyond the receiver's vocabulary wrap modulo it)."""
-    reads_ids = True
+    reads = "ids"
     name = "sender_ids"
 
-    def __init__(self, sender_tokenizer, sender_vocab: int, receiver_vocab: int, sender: str):
+    def __init__(self, sender_tokenizer, sender_vocab: int, receiver_vocab: int, sender: str, lm=None):
         super().__init__()
+        self.lm = lm
         self.s_tok, self.v_r, self.sender = sender_tokenizer, receiver_vocab, sender
         self.codec = TokenIdCodec(sender_vocab)
 
-    def send(self, ids, text):
+    def encode(self, text, ids):
         s_ids = context_token_ids(self.s_tok, text)
         return Payload(self.codec.encode(text, s_ids), positions=len(s_ids))
 
-    def receive(self, payload):
-        return torch.tensor(self.codec.decode(payload.data), dtype=torch.long) % self.v_r
+    def decode(self, data):
+        return torch.tensor(self.codec.decode(data), dtype=torch.long) % self.v_r
 
     def describe(self):
         return {"name": self.name, "kind": "sender_ids", "sender": self.sender, "bits_per_id": self.codec.bits,
@@ -87,9 +90,9 @@ def cross_pipelines(sender, receiver, inner: dict[str, Pipeline]) -> dict[str, P
     """The --sequence token pipelines built on the sender model, each read by
     the receiver through text, plus the sender_ids row."""
     out: dict[str, Pipeline] = {"sender_ids": SenderIdsPipeline(sender.tokenizer, sender.vocab_size,
-                                                                receiver.vocab_size, sender.source)}
+                                                                receiver.vocab_size, sender.source, receiver)}
     for name, p in inner.items():
-        out[name] = CrossModelPipeline(p, sender.tokenizer, receiver.tokenizer, sender.source)
+        out[name] = CrossModelPipeline(p, sender.tokenizer, receiver.tokenizer, sender.source, receiver)
     return out
 
 

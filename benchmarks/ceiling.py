@@ -1,0 +1,139 @@
+"""The per-paragraph ceiling: what M = ceil(L / r) fitted positions can give
+the frozen receiver (SmolLM2-135M-Instruct by default) -- copying vs use,
+input vectors vs per-layer keys/values -- against truncation at equal
+positions, another paragraph's payload and nothing, on every question of the
+first N evaluation paragraphs (articles round-robin), with the bytes each
+costs raw and quantized.
+
+  python benchmarks/ceiling.py --squad-train ../shared/squad/train-v1.1-first44.json \\
+      --squad-eval ../shared/squad/dev-v1.1-part-a.json --contexts 26 --out runs/ceiling --md docs/ceiling.md
+
+One `latentwire run --no-stage1` (its own folder, report and logs; the
+per-paragraph fits are kept under it, so a killed run resumes where it
+stopped, and a finished run is reused only with an equal config -- the output
+says [reuse]). Prints and writes (--md) the ceiling table (F1 with its 95%
+interval, retention, paired ΔF1 against truncation / another paragraph /
+nothing, reconstruction accuracy and continuation CE, bytes, fit cost) and
+the squeeze table (the use-trained fits at --wire-bits).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stage1_grid import run_cell  # noqa: E402
+
+from latentwire.config import RunConfig  # noqa: E402
+from latentwire.runio import write_section  # noqa: E402
+
+KINDS = ("opt-emb-copy", "opt-emb-use", "opt-kv-copy", "opt-kv-use")
+OPT_FLAGS = {"opt_steps": int, "opt_lr": float, "opt_copy_steps": int, "opt_copy_lr": float, "opt_questions": int,
+             "opt_continue": int, "opt_batch": int, "opt_l2": float, "opt_patience": int}
+
+
+def ceiling_config(args) -> RunConfig:
+    c = RunConfig()
+    c.model.model, c.model.dtype = args.model, args.dtype
+    c.data.squad_train, c.data.squad_eval = args.squad_train, args.squad_eval
+    c.data.max_eval, c.data.max_eval_contexts, c.data.seed = 0, args.contexts, args.seed
+    c.eval.stage1, c.eval.ac_contexts, c.eval.probe_contexts = False, 0, args.contexts
+    c.eval.sequence = ",".join(["truncate", "none"] + list(args.kinds))
+    c.eval.sequence_ratios = ",".join(f"{r:g}" for r in args.ratios)
+    c.opt.opt_wire_bits = args.wire_bits
+    for name in OPT_FLAGS:
+        if getattr(args, name) is not None:
+            setattr(c.opt, name, getattr(args, name))
+    c.progress = not args.no_progress
+    c.out = args.out
+    return c
+
+
+def fmt_ci(x) -> str:
+    return "-" if not x else f"{x[0]:+.2f} [{x[1]:+.1f}, {x[2]:+.1f}]"
+
+
+def tables(m: dict) -> tuple[str, str]:
+    P, ctl = m["pipelines"], m.get("controls") or {}
+    t = P["text"]
+    head = ["| pipeline | bytes/context | F1 [95% CI] | retention | ΔF1 vs truncation | vs another paragraph | "
+            "vs nothing | reconstruction acc | continuation CE | fit s/paragraph | steps (best) | probes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str) -> str:
+        e = P[name]
+        c = e.get("controls") or {}
+        rp = e.get("reading_probe") or {}
+        fits = e.get("fits") or {}
+        ret = "-" if e.get("f1_retention") is None else f"{100 * e['f1_retention']:.1f}%"
+        rec = "-" if rp.get("recon_acc") is None else f"{100 * rp['recon_acc']:.1f}%"
+        cont = "-" if rp.get("cont_ce") is None else f"{rp['cont_ce']:.2f}"
+        fit = "-" if fits.get("fit_s_mean") is None else f"{fits['fit_s_mean']:.0f}"
+        steps = "-" if fits.get("steps_mean") is None else f"{fits['steps_mean']:.0f} ({fits['best_step_mean']:.0f})"
+        probes = "-" if fits.get("probes_mean") is None else f"{fits['probes_mean']:.0f}"
+        return (f"| {name} | {e['wire']['bytes_mean']:,.0f} | {e['f1']:.2f} [{e['f1_ci95'][0]:.1f}, "
+                f"{e['f1_ci95'][1]:.1f}] | {ret} | {fmt_ci((c.get('truncate') or {}).get('d_f1'))} | "
+                f"{fmt_ci((c.get('other') or {}).get('d_f1'))} | {fmt_ci((c.get('none') or {}).get('d_f1'))} | "
+                f"{rec} | {cont} | {fit} | {steps} | {probes} |")
+    lines = list(head)
+    refs = [n for n in P if n == "text" or n == "none" or n.startswith("truncate_")]
+    for n in refs:
+        lines.append(row(n))
+    for n in ctl:
+        if "_b" not in n.rsplit("_r", 1)[-1]:  # the wire's first (raw) bits; the squeeze table has the rest
+            lines.append(row(n))
+            lines.append(row(f"{n}:other"))
+    main = "\n".join(lines)
+    sq = ["| pipeline | bits per value | bytes/context | F1 [95% CI] | ΔF1 vs truncation |", "|---|---|---|---|---|"]
+    for n in ctl:
+        e = P[n]
+        sq.append(f"| {n} | {e['wire'].get('bits')} | {e['wire']['bytes_mean']:,.0f} | {e['f1']:.2f} "
+                  f"[{e['f1_ci95'][0]:.1f}, {e['f1_ci95'][1]:.1f}] | "
+                  f"{fmt_ci(((e.get('controls') or {}).get('truncate') or {}).get('d_f1'))} |")
+    note = (f"{m['n_eval']} questions on {m['data'].get('eval_articles')} articles "
+            f"({P['text']['wire']['contexts']} paragraphs) of {m['data']['eval']}; text F1 {t['f1']:.2f}, "
+            f"{t['wire']['bytes_mean']:,.0f} UTF-8 bytes and {t['wire']['positions_mean']:.1f} positions per context.")
+    return note + "\n\n" + main, "\n".join(sq)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--squad-train", required=True)
+    ap.add_argument("--squad-eval", required=True)
+    ap.add_argument("--contexts", type=int, default=26, help="evaluation paragraphs (every question on each)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[4.0])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--wire-bits", default="16,8,4,2", help="--opt-wire-bits: the squeeze")
+    ap.add_argument("--seed", type=int, default=0)
+    for name, t in OPT_FLAGS.items():
+        ap.add_argument("--" + name.replace("_", "-"), dest=name, type=t, default=None,
+                        help=f"--{name.replace('_', '-')} of the run (default: latentwire run's)")
+    ap.add_argument("--out", default="runs/ceiling")
+    ap.add_argument("--md", default=None, help="also write the tables, with this command, into this markdown file "
+                                               "(between its `ceiling.py` markers; the prose around them is kept)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    m = run_cell(ceiling_config(args))
+    main_t, squeeze = tables(m)
+    text = f"{main_t}\n\nThe squeeze (the same fits at fewer bits per value):\n\n{squeeze}\n"
+    print(text)
+    if args.md:
+        cmd = "python benchmarks/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+        head = (f"This section is the unedited output of\n\n```\n{cmd}\n```\n\n({when} UTC, {platform.machine()}, "
+                f"{os.cpu_count()} CPUs, model {m['model']}, data seed {args.seed}; run folder {args.out}, its "
+                "report.md beside it.)\n")
+        write_section(args.md, "ceiling.py", head + "\n" + text)
+        print(f"wrote {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
