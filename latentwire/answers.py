@@ -26,7 +26,7 @@ def _fingerprint_sources() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in ("generate.py", "forward.py", "wire.py", "data.py", "models.py", "pipelines/base.py",
-                 "pipelines/text.py"):
+                 "pipelines/text.py", "pipelines/tokens.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 
@@ -40,8 +40,9 @@ _GENERATION_FINGERPRINT = _fingerprint_sources()
 def generation_fingerprint() -> str:
     """sha256 of the source files whose code decides a text answer: the
     generation loop and prefix tree (generate, forward), the wire the text
-    takes (wire, pipelines/base, pipelines/text), prompt construction (data)
-    and model loading (models), as they were when LatentWire was imported."""
+    and the token pipelines take (wire, pipelines/base, text, tokens), prompt
+    construction (data) and model loading (models), as they were when
+    LatentWire was imported."""
     return _GENERATION_FINGERPRINT
 
 
@@ -58,8 +59,8 @@ def text_cache_key(lm, cfg: RunConfig) -> dict:
 
 
 def _text_cache_path(key: dict) -> Path:
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return cache_root() / "text_baseline" / f"{h[:24]}.jsonl"
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_root() / "answers" / f"{h[:24]}.jsonl"
 
 
 def _prompt_key(p) -> str:
@@ -68,13 +69,19 @@ def _prompt_key(p) -> str:
 
 def text_predictions(lm, prompts, cfg: RunConfig, read_cache: bool = True, write_cache: bool = True,
                      stats: dict | None = None) -> list[str]:
-    """Text-baseline answers. Greedy decoding is deterministic, so answers
-    are cached per prompt under a key of everything that can change them
-    (`text_cache_key`) and reused by later runs on the same questions
-    (`--no-cache` to recompute). `stats` receives the hits and misses (for
-    metrics.json). Rank 0 alone reads the cache and decides what to
-    generate, so processes under a launcher cannot diverge."""
-    key = text_cache_key(lm, cfg)
+    """Text-baseline answers, cached (see cached_predictions)."""
+    return cached_predictions(lm, prompts, cfg, None, read_cache, write_cache, stats)
+
+
+def cached_predictions(lm, prompts, cfg: RunConfig, pipe=None, read_cache: bool = True, write_cache: bool = True,
+                       stats: dict | None = None) -> list[str]:
+    """Answers of the text pipeline (`pipe` None) or of a pipeline whose answers its description, the model and
+    the code decide (`deterministic_answers`: the token pipelines, the LLM-coded text). Greedy decoding is
+    deterministic, so answers are cached per prompt under a key of everything that can change them
+    (`text_cache_key`, plus the pipeline's description) and reused by later runs on the same questions
+    (`--no-cache` to recompute). `stats` receives the hits and misses (for metrics.json). Rank 0 alone reads
+    the cache and decides what to generate, so processes under a launcher cannot diverge."""
+    key = text_cache_key(lm, cfg) | ({} if pipe is None else {"pipeline": pipe.describe()})
     path = _text_cache_path(key)
     d = dist.current()
     cache: dict[str, str] = {}
@@ -87,7 +94,8 @@ def text_predictions(lm, prompts, cfg: RunConfig, read_cache: bool = True, write
     cache = dist.broadcast(cache, d)
     todo = [i for i, k in enumerate(keys) if k not in cache]
     if todo:
-        new = sharded_predictions(lm, [prompts[i] for i in todo], None, None, cfg, desc="text baseline")
+        new = sharded_predictions(lm, [prompts[i] for i in todo], pipe, None, cfg,
+                                  desc="text baseline" if pipe is None else pipe.name)
         if write_cache and d.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not (path.parent / (path.stem + ".key.json")).exists():

@@ -123,14 +123,16 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="runs/latest", help="run folder (default: runs/latest)")
     pr.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                     help="also evaluate the linear-PCA-inverse control (default: on)")
-    pr.add_argument("--no-cache", action="store_true", help="recompute the text baseline instead of reusing it")
+    pr.add_argument("--no-cache", action="store_true",
+                    help="generate every answer afresh instead of reading the answer cache (text, token pipelines, ac)")
     pr.add_argument("--resume", action="store_true", help="continue training from the run folder's checkpoints (ckpt.pt, ckpt_phase2.pt)")
     pr.add_argument("--overwrite", action="store_true", help="start over in a run folder that already holds a run")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     ps = sub.add_parser("sweep", help="many runs from a YAML/TOML file; results.csv, resumable, plots")
     ps.add_argument("file", help="sweep file (out/base/grid/runs)")
     ps.add_argument("--out", default=None, help="sweep folder (default: the file's `out`, else runs/sweep)")
-    ps.add_argument("--no-cache", action="store_true", help="recompute the text baseline instead of reusing it")
+    ps.add_argument("--no-cache", action="store_true",
+                    help="generate every answer afresh instead of reading the answer cache (text, token pipelines, ac)")
     pd = sub.add_parser("diagnose", help="test the seed's five hypotheses against a configuration (seed preset)")
     for key in _GROUPS:
         _add_group(pd, key, _GROUPS[key])

@@ -125,8 +125,9 @@ class EvalConfig:
     """Comma-separated ratios r for --sequence (e.g. 2,4,8,16)."""
     pipeline: str = ""
     """More pipelines, comma-separated: a kind (`latentwire pipelines`; e.g. ac, truncate+ac -- kinds that take a
-    ratio are built at every --sequence-ratios r), a run folder (its trained pipeline), or package.module:Factory
-    (your own; imported from the working directory or the Python path)."""
+    ratio are built at every --sequence-ratios r, or at one with KIND@r, e.g. surprisal+ac@4), a run folder (its
+    trained pipeline), or package.module:Factory (your own; imported from the working directory or the Python
+    path)."""
     probe_contexts: int = 32
     """Evaluation paragraphs on which a learned pipeline's reading is probed without questions (reconstruction,
     continuation), beside its controls; 0 = skip."""
@@ -177,6 +178,16 @@ class EvalConfig:
         for k in self.sequence_kinds():
             _choice("sequence", k, ratio_kinds)
         for spec in self.pipeline_specs():
+            kind, at, r = spec.partition("@")
+            if at:
+                if kind not in KINDS or not KINDS[kind].ratio:
+                    raise LatentWireError(f"--pipeline {spec}: KIND@r needs a kind that takes a ratio")
+                try:
+                    if not float(r) >= 1:
+                        raise ValueError
+                except ValueError:
+                    raise LatentWireError(f"--pipeline {spec}: the ratio after @ must be a number >= 1") from None
+                continue
             if spec not in KINDS and not Path(spec).is_dir() and not is_plugin(spec):
                 raise LatentWireError(f"--pipeline {spec}: not a pipeline kind ({', '.join(KINDS)}), a run folder, "
                                       "or package.module:Factory")
@@ -456,7 +467,7 @@ class OptConfig:
     --opt-patience evaluations)."""
     opt_copy_steps: int = 60
     """copy: Adam steps per paragraph at most (it stops at 100% teacher-forced token accuracy)."""
-    opt_copy_lr: float = 1e-2
+    opt_copy_lr: float = 5e-2
     """copy: Adam's step size in units of each tensor's RMS (copying needs larger moves than use)."""
     opt_lr: float = 1e-3
     """Adam's step size, in units of each fitted tensor's RMS at the start (per layer, keys and values apart; the

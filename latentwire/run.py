@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from . import dist
-from .answers import sharded_predictions, text_predictions
+from .answers import cached_predictions, sharded_predictions, text_predictions
 from .compare import (add_controls, control_deltas, measure_readings, pipeline_entry, probe_set, score_rows, send_all,
                       wire_entry)
 from .config import RunConfig
@@ -211,7 +211,8 @@ def build_pipelines(cfg: RunConfig, lm, prompts, builder: PromptBuilder, out: Pa
         if spec == "learned" and learned is not None:
             pipes[learned.name] = learned
             continue
-        for p in make(spec, ratios[0]):
+        kind, at, r = spec.partition("@")  # KIND@r: that kind at that ratio only
+        for p in make(kind, float(r)) if at else make(spec, ratios[0]):
             pipes[p.name] = p
     for r in ratios:
         for spec in per_ratio:
@@ -328,15 +329,22 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
     for name, pipe in pipes.items():
         send_all(pipe, prompts, sw, cfg.progress and d.is_main)
         wire = wire_entry(pipe, prompts, sw)
-        tg = time.time()
-        preds = sharded_predictions(lm, prompts, pipe, sw, cfg, desc=name)
+        tg, cached = time.time(), {}
+        if getattr(pipe, "deterministic_answers", False):  # read from the answer cache when made before
+            preds = cached_predictions(lm, prompts, cfg, pipe, read_cache=use_cache, stats=cached)
+        else:
+            preds = sharded_predictions(lm, prompts, pipe, sw, cfg, desc=name)
         gen_s = time.time() - tg
         if not d.is_main:
             continue  # scoring, diagnostics and writing happen once, on rank 0
         rows = score_rows(prompts, preds, text_preds)
         write_predictions(out, f"predictions_{name}", rows)
         rows_by[name] = rows
-        entry = pipeline_entry(rows, text_rows, nb, seed) | {"s_per_question": gen_s / len(rows), "wire": wire}
+        entry = pipeline_entry(rows, text_rows, nb, seed) | {
+            "s_per_question": gen_s / len(rows) if not cached.get("hits") else None, "wire": wire}
+        if cached:
+            entry["answer_cache"] = {k: cached[k] for k in ("hits", "misses", "path")}
+            log(f"{name}: {cached['misses']} answers generated, {cached['hits']} read from the answer cache")
         if hasattr(pipe, "fitter"):
             from .pipelines.optimized import fit_summary
             entry["fits"] = fit_summary(pipe.fitter)

@@ -260,7 +260,8 @@ def test_plugin_pipeline_is_evaluated_beside_ours(tmp_path):
     """`latentwire run --pipeline examples.first_last:FirstLast`: the example plug-in goes through the same
     evaluation and report, with its bytes and positions."""
     out = tmp_path / "run"
-    r = cli("run", "--model", "tiny-random", "--no-stage1", "--pipeline", "examples.first_last:FirstLast,truncate",
+    r = cli("run", "--model", "tiny-random", "--no-stage1", "--pipeline",
+            "examples.first_last:FirstLast,truncate,truncate+ac@2",
             "--synthetic-articles", "6", "--max-eval", "6", "--max-new-tokens", "4", "--n-boot", "20",
             "--ac-contexts", "0", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -269,3 +270,16 @@ def test_plugin_pipeline_is_evaluated_beside_ours(tmp_path):
     w = m["pipelines"]["first_last"]["wire"]
     assert w["bytes_mean"] > 0 and 0 < w["positions_mean"] <= m["pipelines"]["text"]["wire"]["positions_mean"]
     assert "| first_last |" in (out / "report.md").read_text()
+    assert {"truncate_r4", "truncate_r2+ac"} <= set(m["pipelines"])  # KIND@r: that kind at that ratio only
+
+
+def test_max_eval_contexts_keeps_every_question_of_the_first_paragraphs():
+    from latentwire.run import load_data
+    c = RunConfig()
+    c.data.synthetic_articles, c.data.max_eval_contexts, c.data.max_eval = 20, 3, 0
+    _, ev, _ = load_data(c)
+    ctxs = list(dict.fromkeys(e.context for e in ev))
+    assert len(ctxs) == 3
+    c.data.max_eval_contexts = 0
+    _, full, _ = load_data(c)
+    assert len(ev) == sum(e.context in ctxs for e in full)

@@ -21,6 +21,7 @@ from .base import Pipeline
 class TextPipeline(Pipeline):
     """The context's text through a lossless `codec`; the receiver reads its own token ids of it."""
     reads = "ids"
+    deterministic_answers = True  # the description, the model and the code decide them: cacheable
 
     def __init__(self, codec: TextCodec, lm=None, name: str = "text"):
         super().__init__()

@@ -52,6 +52,7 @@ class TokenSelectPipeline(Pipeline):
     """Keep M of the context's tokens and send their ids (`coding` ids: ceil(log2 V) bits each; ac: the LLM's
     arithmetic code); the receiver reads them as text."""
     reads = "ids"
+    deterministic_answers = True  # the description, the model and the code decide them: cacheable
 
     def __init__(self, kind: str, ratio: float, vocab_size: int, lm=None, head_ids: Sequence[int] = (),
                  coding: str = "ids"):
