@@ -46,7 +46,7 @@ from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 
 from latentwire.config import RunConfig, apply_preset  # noqa: E402
 from latentwire.report import controls_table, plot_f1_vs_bytes, reference_text, references_table  # noqa: E402
-from latentwire.runio import atomic_write_text, read_jsonl  # noqa: E402
+from latentwire.runio import atomic_write_text, read_jsonl, write_section  # noqa: E402
 from latentwire.metrics import paired_delta  # noqa: E402
 
 
@@ -266,11 +266,13 @@ def write_md(path: Path, argv, text: str, lines: list[str], plot: Path) -> None:
     png = path.with_name(path.stem + "-f1_vs_bytes.png")
     shutil.copyfile(plot, png)
     cmd = "python benchmarks/seq_grid.py " + " ".join(argv)
-    head = (f"# Sequence compression\n\nThis file is the unedited output of\n\n```\n{cmd}\n```\n\n"
+    head = (f"This section is the unedited output of\n\n```\n{cmd}\n```\n\n"
             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs; finished runs "
             "in the out folder are reused only with an equal config, and the command's log says [reuse]; each run's "
             "folder holds its config, report, predictions and logs).\n")
-    atomic_write_text(path, "\n".join([head, text, "Learned runs:\n", *lines, "", f"![F1 vs bytes]({png.name})", ""]))
+    # between the file's `seq_grid.py` markers: the prose around them (written by hand) is kept
+    write_section(path, "seq_grid.py", "\n".join([head, text, "Learned runs:\n", *lines, "",
+                                                   f"![F1 vs bytes]({png.name})", ""]))
     print(f"wrote {path} and {png}")
 
 

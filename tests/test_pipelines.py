@@ -14,7 +14,7 @@ import latentwire as lw
 from latentwire.config import OptConfig, RunConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.generate import EvalSwitches, generate_predictions, span_payloads
+from latentwire.generate import generate_predictions
 from latentwire.forward import context_kv, head_cache
 from latentwire.pipelines import KINDS, BuildContext, KVReading, Pipeline, build
 from latentwire.pipelines.optimized import OptimizedPipeline, ParagraphFitter
@@ -283,3 +283,28 @@ def test_max_eval_contexts_keeps_every_question_of_the_first_paragraphs():
     c.data.max_eval_contexts = 0
     _, full, _ = load_data(c)
     assert len(ev) == sum(e.context in ctxs for e in full)
+
+
+def test_learned_run_folder_send_ask_round_trip(tmp_path):
+    """A learned run folder is a pipeline: `send --pipeline RUN_DIR` writes its payload (the run's model by
+    default), `ask` answers from it as the evaluation path does for that question."""
+    from conftest import tiny_learned_config
+
+    from latentwire.run import run_experiment
+    run = tmp_path / "run"
+    m = run_experiment(tiny_learned_config(run), use_cache=False, log=lambda *a: None)
+    pipe = lw.load_pipeline(str(run))
+    assert pipe.name == "learned_r4" and pipe.lm.name == "tiny-random"
+    from latentwire.run import load_data
+    _, ev, _ = load_data(tiny_learned_config(run))
+    p = pipe.builder.build(ev[0])
+    para = tmp_path / "para.txt"
+    para.write_text(p.context_text)
+    r = cli("send", "--pipeline", str(run), str(para), "-o", str(tmp_path / "p.bin"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.bin").read_bytes() == bytes(pipe.send(p.context_text))
+    r = cli("ask", "--pipeline", str(run), str(tmp_path / "p.bin"), p.example.question, "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    want = generate_predictions(pipe.lm, [p], pipe, max_new_tokens=4, progress=False)[0]
+    assert r.stdout.rstrip("\n") == want
+    assert m["pipelines"]["learned_r4"]["wire"]["bytes_mean"] > 0

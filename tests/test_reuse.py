@@ -48,7 +48,7 @@ def test_text_cache_hits_and_misses_are_reported(tiny, tmp_path, monkeypatch):
     text_predictions(tiny, prompts, _cfg(tmp_path, batch_size=2), stats=s3)
     assert s3["misses"] == 5  # another batch size: another key, nothing reused
     # a torn last line (a killed run) costs that answer only
-    path = tmp_path / "cache" / "text_baseline"
+    path = tmp_path / "cache" / "answers"
     f = next(p for p in path.glob("*.jsonl") if p.name != "digests.json")
     f.write_text(f.read_text() + '{"key": "abc", "predi')
     s4 = {}

@@ -123,7 +123,7 @@ def test_loss_matches_a_direct_computation(tiny, prompts, setup):
         ce -= float(lp[s:s + len(it["ans"])].gather(-1, torch.tensor(it["ans"])[:, None]).sum())
         n += len(it["ans"])
     assert abs(float(terms["ce"].detach()) - ce / n) < 1e-3
-    assert float(terms["kl"]) >= -1e-5 and set(terms) == {"ce", "kl", "loss"}
+    assert float(terms["kl"]) >= -1e-5 and set(terms) == {"ce", "kl", "loss", "positions"}
 
 
 def test_reference_losses_match_plain_forwards(tiny, prompts, setup):
