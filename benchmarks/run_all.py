@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         "",
         "## 1. Quality vs compression",
         "",
-        f"Text baseline on the same {text['n']} questions: F1 {text['f1']:.2f} "
+        f"Data: {data}. Text baseline on the same {text['n']} questions: F1 {text['f1']:.2f} "
         f"[{text['f1_ci95'][0]:.1f}, {text['f1_ci95'][1]:.1f}], EM {text['exact_match']:.2f}. "
         f"Each cell is one `latentwire run` (PCA fitted on the training text, Phase 1 for {args.epochs} epoch(s)); "
         "f1_retention = reconstructed F1 / text F1; agreement = identical answer to the text pipeline; "
@@ -246,11 +246,14 @@ def main(argv=None) -> int:
         "",
         "## 3. Compressor fit",
         "",
+        f"Data: the first {args.pca_tokens:,} context tokens of "
+        + (f"`{tr}`." if tr else "the built-in synthetic set's training articles."),
+        "",
         format_result(pca),
         "",
         "## 4. Training cost to 95% F1 retention",
         "",
-        f"Probe: the first {args.max_eval} evaluation questions; retention checked before training and after "
+        f"Data: {data}. Probe: the first {args.max_eval} evaluation questions; retention checked before training and after "
         "every epoch; training wall time excludes the probe generations, includes the per-epoch selection-set "
         "evaluation.",
         "",
@@ -258,7 +261,8 @@ def main(argv=None) -> int:
         "",
         "## 5. Memory of `latentwire run` at its default size",
         "",
-        "`latentwire run` with no flags (built-in synthetic set, 200 evaluation questions, 4x, vocab adapter), "
+        "Data: the built-in synthetic set, whatever the other sections read (the default job's data). "
+        "`latentwire run` with no flags (200 evaluation questions, 4x, vocab adapter), "
         "one torch thread:",
         "",
         "| peak resident memory | wall time | text F1 | LatentWire F1 | agreement |",

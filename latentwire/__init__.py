@@ -17,7 +17,7 @@ __version__ = "0.2.0"
 
 from .api import ask, evaluate, load_pipeline  # noqa: E402
 from .errors import LatentWireError  # noqa: E402
-from .pipelines import KINDS, BuildContext, KVReading, Payload, Pipeline  # noqa: E402
+from .pipelines import KINDS, BuildContext, KVReading, Payload, Pipeline, check_pipeline  # noqa: E402
 
-__all__ = ["BuildContext", "KINDS", "KVReading", "LatentWireError", "Payload", "Pipeline", "ask", "evaluate",
-           "load_pipeline", "__version__"]
+__all__ = ["BuildContext", "KINDS", "KVReading", "LatentWireError", "Payload", "Pipeline", "ask",
+           "check_pipeline", "evaluate", "load_pipeline", "__version__"]

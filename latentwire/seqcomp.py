@@ -184,6 +184,8 @@ def context_states(lm, ids: Sequence[int], layer: int) -> torch.Tensor:
     if not len(ids):
         return torch.zeros((0, lm.d_model))
     x = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
+    if layer == 0:  # the input embeddings (hidden_states[0]): no forward pass needed
+        return lm.model.get_input_embeddings()(x)[0].detach().float().cpu()
     out = lm.model(input_ids=x, output_hidden_states=True, use_cache=False, **logits_kw(lm.model))
     return out.hidden_states[layer][0].float().cpu()
 
@@ -280,6 +282,7 @@ def teacher_topk(lm, hc, n_head: int, ctx: Sequence[int], rows: Sequence[tuple[l
 
 def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: bool = True,
                 sender=None) -> list[dict]:
+    # topk 0: no teacher (the runs that only reconstruct or autoencode the context never read it)
     """One training item per question: the sender's input (its context's
     hidden states, shared by the paragraph's questions; `sender`: another
     model, reading its own tokens of the context's text), the tail (question
@@ -289,10 +292,14 @@ def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: b
     for p in prompts:
         groups.setdefault(tuple(p.context_ids), []).append(p)
     items = []
-    for ctx, ps in tqdm(groups.items(), desc="seq: teacher + context states", disable=not progress, leave=False):
+    desc = "seq: teacher + context states" if topk else "seq: context states"
+    for ctx, ps in tqdm(groups.items(), desc=desc, disable=not progress, leave=False):
         h = (context_states(lm, ctx, layer) if sender is None else
              context_states(sender, context_token_ids(sender.tokenizer, ps[0].context_text), layer)).half()
         rows = [(list(p.ids[p.ctx_end:]), answer_ids(lm.tokenizer, p.example.answers[0])) for p in ps]
+        if not topk:
+            items += [{"qid": p.example.id, "h": h, "ctx": list(ctx), "tail": t, "ans": a} for p, (t, a) in zip(ps, rows)]
+            continue
         for p, (t, a), (v, ix) in zip(ps, rows, teacher_topk(lm, hc, n_head, ctx, rows, topk)):
             items.append({"qid": p.example.id, "h": h, "ctx": list(ctx), "tail": t, "ans": a, "t_logp": v.half(),
                           "t_ids": ix.int()})
@@ -561,14 +568,16 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
             "decoder only")
     hc = head_cache(lm, head_ids)
     t0 = time.time()
-    items, reused = cached_items(lm, train_prompts[:cfg.seq_max_questions], layer, cfg.seq_teacher_topk, hc,
+    # the teacher is read by the QA stage only: a run that only reconstructs or autoencodes skips it
+    topk = cfg.seq_teacher_topk if cfg.seq_steps > 0 else 0
+    items, reused = cached_items(lm, train_prompts[:cfg.seq_max_questions], layer, topk, hc,
                                  len(head_ids), cache_root() / "seq_teacher" if use_cache else None, progress,
                                  sender)
     cache_s = time.time() - t0
-    log(f"seq compressor: {len(items)} training questions, teacher + context states "
+    log(f"seq compressor: {len(items)} training questions, {'teacher + ' if topk else ''}context states "
         f"{'read from the cache (same model, layer, top-k, questions)' if reused else f'computed in {cache_s:.0f} s'}; "
         f"r={comp.ratio}, {comp.dim} dims x {comp.bits} bits, layer {layer}")
-    refs = reference_losses(lm, items, hc, len(head_ids), comp.ratio, cfg.seq_ref_questions, seed)
+    refs = reference_losses(lm, items, hc, len(head_ids), comp.ratio, cfg.seq_ref_questions if topk else 0, seed)
     if refs:
         log(f"seq reference losses (CE / KL per answer token, {refs['text']['questions']} training questions): "
             + reference_text(refs))

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Set up, then run the main job on the embedded default model and the
-# built-in synthetic QA set (offline). Extra arguments go to `latentwire run`;
-# without --out, each call gets a fresh run folder runs/run-YYYYmmdd-HHMMSS.
+# Set up, then run the main job on the embedded default model (SmolLM2-135M-Instruct)
+# and the built-in synthetic QA set (offline): on the same questions, the text,
+# the LLM-coded text (ac), truncation and surprisal selection at r = 4 (raw ids
+# and arithmetic-coded), nothing, and the Stage 1 vocab adapter at 4x. Its
+# report's first table is one row per pipeline sorted by bytes.
+# Extra arguments go to `latentwire run` after these defaults (a flag given
+# twice: the last wins); without --out, each call gets a fresh run folder
+# runs/run-YYYYmmdd-HHMMSS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DEFAULTS=(--pipeline ac --sequence truncate,truncate+ac,surprisal,surprisal+ac,none --sequence-ratios 4 --no-controls)
 case " $* " in
-  *" --out "*|*" --out="*) exec .venv/bin/latentwire run "$@" ;;
-  *) exec .venv/bin/latentwire run --out "runs/run-$(date +%Y%m%d-%H%M%S)" "$@" ;;
+  *" --out "*|*" --out="*) exec .venv/bin/latentwire run "${DEFAULTS[@]}" "$@" ;;
+  *) exec .venv/bin/latentwire run "${DEFAULTS[@]}" --out "runs/run-$(date +%Y%m%d-%H%M%S)" "$@" ;;
 esac

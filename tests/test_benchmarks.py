@@ -169,3 +169,53 @@ def test_seq_probe_other_paragraph_gives_each_question_another_contexts_latents(
     assert items[0]["h"] == "A"  # the input is not modified
     with pytest.raises(SystemExit):
         other_paragraph(items[:2])
+
+
+def _squad_files(tmp_path):
+    """The built-in synthetic set written as two SQuAD v1.1 files (train / eval articles apart)."""
+    import json
+    from collections import defaultdict
+
+    from latentwire.data import synthetic_squad
+    arts = defaultdict(lambda: defaultdict(list))
+    for e in synthetic_squad(12, seed=3):
+        arts[e.title][e.context].append({"id": e.id, "question": e.question,
+                                         "answers": [{"text": a, "answer_start": e.context.find(a)}
+                                                     for a in e.answers]})
+    data = [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in ps.items()]} for t, ps in arts.items()]
+    paths = []
+    for name, part in (("train.json", data[:6]), ("dev.json", data[6:])):
+        (tmp_path / name).write_text(json.dumps({"version": "1.1", "data": part}))
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+def test_ceiling_smoke(tmp_path):
+    """benchmarks/ceiling.py on the tiny model: a copy and a use kind, their controls and the squeeze, written
+    between the docs page's markers with the command (the prose around them kept)."""
+    tr, ev = _squad_files(tmp_path)
+    md = tmp_path / "CEIL.md"
+    md.write_text("# prose kept\n\n<!-- ceiling.py: begin -->\nSTALE-TABLE\n<!-- ceiling.py: end -->\n\nafter\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--model", "tiny-random", "--squad-train", tr,
+           "--squad-eval", ev, "--contexts", "2", "--kinds", "opt-emb-copy", "opt-kv-use", "--wire-bits", "16,4",
+           "--opt-steps", "2", "--opt-copy-steps", "2", "--opt-questions", "2", "--opt-continue", "2",
+           "--out", str(tmp_path / "c"), "--md", str(md), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for row in ("| opt-emb-copy_r4 |", "| opt-emb-copy_r4:other |", "| opt-kv-use_r4 |", "| opt-kv-use_r4:other |",
+                "| truncate_r4 |", "| none |", "| opt-kv-use_r4_b4 | 4 |"):
+        assert row in p.stdout, row
+    text = md.read_text()
+    assert text.startswith("# prose kept") and text.rstrip().endswith("after") and "STALE-TABLE" not in text
+    assert "python benchmarks/ceiling.py --model tiny-random" in text and "| opt-kv-use_r4 |" in text
+
+
+def test_layer_probe_smoke(tmp_path):
+    """benchmarks/layer_probe.py on the tiny model: one row per layer, token recovery in percent."""
+    tr, ev = _squad_files(tmp_path)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layer_probe.py"), "--model", "tiny-random",
+                        "--squad-train", tr, "--squad-eval", ev, "--train-paragraphs", "6", "--eval-paragraphs", "3",
+                        "--md", str(tmp_path / "L.md")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "<!-- layer_probe.py: begin -->" in (tmp_path / "L.md").read_text()
+    assert p.stdout.count("\n| ") >= 3, p.stdout  # a header, and layers 0.. of the 2-layer model

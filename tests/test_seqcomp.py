@@ -313,3 +313,19 @@ def test_token_reconstruction_learns_to_send_every_token(tiny, prompts, setup, t
     assert back.decoder == "vocab" and torch.equal(back.decode(torch.zeros(1, 16)), comp.decode(torch.zeros(1, 16)))
     with pytest.raises(Exception, match="--seq-decoder vocab"):
         replace(cfg, seq_decoder="mlp").validate()
+
+
+def test_layer_zero_states_are_the_input_embeddings(tiny, prompts):
+    """Layer 0 skips the forward pass; it must equal hidden_states[0] of one."""
+    ids = prompts[0].context_ids
+    with torch.no_grad():
+        full = tiny.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    assert torch.allclose(context_states(tiny, ids, 0), full[0][0].float(), atol=1e-6)
+    assert torch.allclose(context_states(tiny, ids, 1), full[1][0].float(), atol=1e-5)
+
+
+def test_reconstruction_only_runs_skip_the_teacher(tiny, prompts, setup):
+    """Without QA steps nothing reads the teacher: items carry no top-k."""
+    cfg, layer, hc = setup
+    items, _ = cached_items(tiny, prompts[:3], layer, 0, hc, len(prompts[0].head_ids), None, progress=False)
+    assert len(items) == 3 and "t_logp" not in items[0] and items[0]["ctx"] == list(prompts[0].context_ids)
