@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then run the main job on the embedded default model (SmolLM2-135M-Instruct)
-# and the built-in synthetic QA set (offline): on the same 60 questions, the text,
+# and the built-in synthetic QA set (offline): on the same questions (every question
+# of the first 12 evaluation paragraphs), the text,
 # the LLM-coded text (ac), truncation and surprisal selection at r = 4 (raw ids
 # and arithmetic-coded), nothing, and the Stage 1 vocab adapter at 4x. Its
 # report's first table is one row per pipeline sorted by bytes.
@@ -11,9 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# 60 questions keep it within ~10 minutes here: the LLM-coded rows cost one LLM step per token at each end
+# 12 paragraphs keep it short here: the LLM-coded rows cost one LLM step per token at each end, per paragraph
 DEFAULTS=(--pipeline ac --sequence truncate,truncate+ac,surprisal,surprisal+ac,none --sequence-ratios 4 --no-controls
-          --max-eval 60)
+          --max-eval-contexts 12)
 case " $* " in
   *" --out "*|*" --out="*) exec .venv/bin/latentwire run "${DEFAULTS[@]}" "$@" ;;
   *) exec .venv/bin/latentwire run "${DEFAULTS[@]}" --out "runs/run-$(date +%Y%m%d-%H%M%S)" "$@" ;;
