@@ -223,9 +223,10 @@ def make_compressor(kind: str, k: int, seed: int = 0) -> Compressor:
 def check_meta(what: str, path: str | Path, meta: dict, expect: dict) -> None:
     """A saved artifact must match this run: model, d_model, vocabulary size,
     compression dim (and kind). The message names both sides."""
+    from .models import same_model_source
     for key, want in expect.items():
         have = meta.get(key)
-        if have is not None and have != want:
+        if have is not None and have != want and not (key == "model" and same_model_source(have, want)):
             raise LatentWireError(f"{what} {path}: {key} is {have!r} there but {want!r} in this run")
 
 

@@ -77,6 +77,18 @@ class LoadedModel:
         return {"model": self.source, "d_model": self.d_model, "vocab_size": self.vocab_size}
 
 
+def same_model_source(saved, current) -> bool:
+    """Whether a saved artifact's `model` names the model loaded now. A GGUF is dequantized into a folder named
+    after the file and its content digest under $LATENTWIRE_CACHE, so the same model under another cache folder
+    (another machine, a test's temporary cache) has the same folder name: compare names, not whole paths."""
+    if saved == current:
+        return True
+    if not isinstance(saved, str) or not isinstance(current, str):
+        return False
+    a, b = Path(saved), Path(current)
+    return a.parent.name == b.parent.name == "gguf" and a.name == b.name
+
+
 def cache_kwarg(model) -> str:
     """The forward() keyword of the KV cache: `cache` in newer transformers
     (where `past_key_values` is deprecated), else `past_key_values`."""

@@ -204,9 +204,11 @@ def read_compressor_file(path: str | Path, flag: str = "--seq-path") -> dict:
 
 
 def _check_model(flag: str, path, saved: dict | None, lm, role: str) -> None:
+    from .models import same_model_source
     fp = lm.fingerprint()
     for k in ("model", "d_model", "vocab_size"):
-        if (saved or {}).get(k) != fp[k]:
+        have = (saved or {}).get(k)
+        if have != fp[k] and not (k == "model" and same_model_source(have, fp[k])):
             raise LatentWireError(f"{flag} {path}: its {role} has {k}={(saved or {}).get(k)!r}, "
                                   f"this run's {role} has {fp[k]!r}")
 

@@ -308,3 +308,12 @@ def test_learned_run_folder_send_ask_round_trip(tmp_path):
     want = generate_predictions(pipe.lm, [p], pipe, max_new_tokens=4, progress=False)[0]
     assert r.stdout.rstrip("\n") == want
     assert m["pipelines"]["learned_r4"]["wire"]["bytes_mean"] > 0
+
+
+def test_a_run_folder_loads_under_another_cache_folder():
+    """A GGUF dequantized under another $LATENTWIRE_CACHE is the same model (its folder name carries the GGUF's
+    content digest); another model, or another folder name, is not."""
+    from latentwire.models import same_model_source
+    assert same_model_source("/root/.cache/latentwire/gguf/SmolLM2.Q4_1-b179", "/tmp/c/gguf/SmolLM2.Q4_1-b179")
+    assert not same_model_source("/root/.cache/latentwire/gguf/SmolLM2.Q4_1-b179", "/tmp/c/gguf/SmolLM2.Q4_1-ffff")
+    assert not same_model_source("/a/models/m", "/b/models/m") and same_model_source("org/m", "org/m")
