@@ -209,7 +209,7 @@ def _check_model(flag: str, path, saved: dict | None, lm, role: str) -> None:
     for k in ("model", "d_model", "vocab_size"):
         have = (saved or {}).get(k)
         if have != fp[k] and not (k == "model" and same_model_source(have, fp[k])):
-            raise LatentWireError(f"{flag} {path}: its {role} has {k}={(saved or {}).get(k)!r}, "
+            raise LatentWireError(f"{flag} {path}: its {role} has {k}={have!r}, "
                                   f"this run's {role} has {fp[k]!r}")
 
 
@@ -284,12 +284,12 @@ def teacher_topk(lm, hc, n_head: int, ctx: Sequence[int], rows: Sequence[tuple[l
 
 def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: bool = True,
                 sender=None) -> list[dict]:
-    # topk 0: no teacher (the runs that only reconstruct or autoencode the context never read it)
     """One training item per question: the sender's input (its context's
     hidden states, shared by the paragraph's questions; `sender`: another
     model, reading its own tokens of the context's text), the tail (question
     and cue), the gold answer ids and the teacher's top-k at the answer (the
-    teacher is always the receiver `lm` reading the text)."""
+    teacher is always the receiver `lm` reading the text). `topk` 0: no
+    teacher (runs that only reconstruct or autoencode the context never read it)."""
     groups: dict[tuple, list] = {}
     for p in prompts:
         groups.setdefault(tuple(p.context_ids), []).append(p)
@@ -299,12 +299,12 @@ def build_items(lm, prompts, layer: int, topk: int, hc, n_head: int, progress: b
         h = (context_states(lm, ctx, layer) if sender is None else
              context_states(sender, context_token_ids(sender.tokenizer, ps[0].context_text), layer)).half()
         rows = [(list(p.ids[p.ctx_end:]), answer_ids(lm.tokenizer, p.example.answers[0])) for p in ps]
-        if not topk:
-            items += [{"qid": p.example.id, "h": h, "ctx": list(ctx), "tail": t, "ans": a} for p, (t, a) in zip(ps, rows)]
-            continue
-        for p, (t, a), (v, ix) in zip(ps, rows, teacher_topk(lm, hc, n_head, ctx, rows, topk)):
-            items.append({"qid": p.example.id, "h": h, "ctx": list(ctx), "tail": t, "ans": a, "t_logp": v.half(),
-                          "t_ids": ix.int()})
+        teacher = teacher_topk(lm, hc, n_head, ctx, rows, topk) if topk else [None] * len(rows)
+        for p, (t, a), tk in zip(ps, rows, teacher):
+            item = {"qid": p.example.id, "h": h, "ctx": list(ctx), "tail": t, "ans": a}
+            if tk is not None:
+                item |= {"t_logp": tk[0].half(), "t_ids": tk[1].int()}
+            items.append(item)
     return items
 
 
