@@ -78,16 +78,27 @@ def wire_entry(pipe, prompts, sw: EvalSwitches) -> dict:
         | pipe.describe() | timing | {"prompt_positions_mean": sum(prefill) / max(1, len(prefill))}
 
 
-def send_all(pipe, prompts, sw: EvalSwitches, progress: bool) -> None:
-    """Every distinct context's payload, before generation (a progress bar for slow senders: fits, LLM coding)."""
+def send_all(pipe, prompts, sw: EvalSwitches, progress: bool, chunk: int = 32) -> None:
+    """Every distinct context's payload, sent and received before generation (a progress bar for slow senders:
+    fits, LLM coding), `chunk` contexts at a time through send_many / receive_many where the pipeline has them
+    (the LLM-coded wires step 8 contexts together; they sort each chunk by length)."""
     from .generate import wire_span, wire_text
     seen = {}
     for p in prompts:
         s, e = wire_span(p, sw, pipe)
         seen.setdefault(tuple(p.ids[s:e]), p)
-    for p in tqdm(seen.values(), desc=f"{pipe.name}: send", disable=not progress, leave=False):
-        s, e = wire_span(p, sw, pipe)
-        pipe.receive(pipe.send(wire_text(p, sw, pipe), p.ids[s:e]))
+    items = [(wire_text(p, sw, pipe), p.ids[slice(*wire_span(p, sw, pipe))]) for p in seen.values()]
+    batched = callable(getattr(pipe, "send_many", None)) and callable(getattr(pipe, "receive_many", None))
+    step = chunk if batched else 1
+    bar = tqdm(total=len(items), desc=f"{pipe.name}: send", disable=not progress, leave=False)
+    for i in range(0, len(items), step):
+        part = items[i:i + step]
+        if batched:
+            pipe.receive_many(pipe.send_many(part))
+        else:
+            pipe.receive(pipe.send(*part[0]))
+        bar.update(len(part))
+    bar.close()
 
 
 def score_rows(prompts, preds: Sequence[str], text_preds: Sequence[str] | None = None) -> list[dict]:

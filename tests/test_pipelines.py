@@ -90,6 +90,21 @@ def test_truncate_ac_sends_the_truncated_ids(tiny, ctx, prompts):
     assert answers(tiny, prompts, tac) == answers(tiny, prompts, t)
 
 
+def test_send_many_equals_send_and_memoises(tiny, ctx, prompts):
+    """The batched sender/receiver (what a run uses) give the payloads and readings send/receive give, encode
+    each distinct context once, and count it once in the seconds per context."""
+    items = [(p.context_text, p.context_ids) for p in prompts[:5]]
+    for kind in ("ac", "truncate+ac", "truncate"):
+        one, many = build(kind, ctx)[0], build(kind, ctx)[0]
+        want = [one.send(t, i) for t, i in items]
+        got = many.send_many(items + items[:2])
+        assert got == want + want[:2] and [g.positions for g in got[:5]] == [w.positions for w in want]
+        assert many.send_n == len({tuple(i) for _, i in items})
+        assert [r.tolist() for r in many.receive_many(got)] == [one.receive(w).tolist() for w in want + want[:2]]
+        assert many.receive_n == len(set(got))
+        assert many.send(*items[0]) is got[0]  # memoised
+
+
 class ContextKV(Pipeline):
     """A test receiver that reads the receiver's own K/V of the context's first `keep` tokens."""
     reads = "kv"

@@ -70,6 +70,21 @@ def test_lm_arithmetic_coding_round_trip_near_the_bound(tiny, prompts):
         assert bits / 8 - 1 <= len(data) <= bits / 8 + len(varint(len(p.context_ids))) + 12
 
 
+def test_lm_arithmetic_lanes_code_each_context_as_alone(tiny, prompts):
+    """Contexts coded 8 at a time (lockstep lanes, other contexts beside them) give the same bytes as each
+    coded alone, and decode alone or in any other grouping: a payload does not depend on its neighbours."""
+    head = prompts[0].head_ids
+    codec = LMArithmeticCodec(tiny, head)
+    ctxs = [list(p.context_ids) for p in prompts] * 2
+    ctxs = [c[:len(c) - i] for i, c in enumerate(ctxs)] + [[]]  # different lengths, and an empty context
+    assert len(ctxs) > codec.LANES  # more than one group of lanes
+    many = codec.encode_many(ctxs)
+    assert many[-1] == varint(0)
+    assert [codec.encode("", c) for c in ctxs[:3]] == many[:3]
+    assert codec.decode_many(many[::-1]) == ctxs[::-1]
+    assert [codec.decode(d) for d in many[:3]] == ctxs[:3]
+
+
 def test_lm_code_length_matches_a_direct_computation(tiny, prompts):
     p = prompts[0]
     ids = torch.tensor([p.head_ids + p.context_ids])

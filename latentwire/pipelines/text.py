@@ -33,6 +33,17 @@ class TextPipeline(Pipeline):
     def decode(self, data):
         return torch.tensor(self.codec.decode(data), dtype=torch.long)
 
+    def encode_many(self, items):
+        if not hasattr(self.codec, "encode_many"):
+            return super().encode_many(items)
+        return [Payload(d, positions=len(ids)) for d, (_, ids) in zip(self.codec.encode_many([i for _, i in items]),
+                                                                        items)]
+
+    def decode_many(self, datas):
+        if not hasattr(self.codec, "decode_many"):
+            return super().decode_many(datas)
+        return [torch.tensor(x, dtype=torch.long) for x in self.codec.decode_many(datas)]
+
     def describe(self):
         return {"name": self.name, "kind": self.name, "codec": self.codec.name}
 

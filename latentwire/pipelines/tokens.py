@@ -86,6 +86,20 @@ class TokenSelectPipeline(Pipeline):
     def decode(self, data):
         return torch.tensor(self.codec.decode(data) if data else [], dtype=torch.long)
 
+    def encode_many(self, items):
+        if self.coding != "ac":
+            return super().encode_many(items)
+        kept = [[ids[i] for i in self.keep(ids)] for _, ids in items]
+        datas = self.codec.encode_many([k for k in kept if k])
+        it = iter(datas)
+        return [Payload(next(it), positions=len(k)) if k else Payload(b"", 0) for k in kept]
+
+    def decode_many(self, datas):
+        if self.coding != "ac":
+            return super().decode_many(datas)
+        got = iter(self.codec.decode_many([d for d in datas if d]))
+        return [torch.tensor(next(got) if d else [], dtype=torch.long) for d in datas]
+
     def describe(self):
         d = {"name": self.name, "kind": self.kind, "ratio": self.ratio, "coding": self.coding}
         return d | ({"bits_per_id": self.codec.bits} if self.coding == "ids" else {})
