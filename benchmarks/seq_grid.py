@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 
 from latentwire.config import RunConfig, apply_preset  # noqa: E402
+from latentwire.models import display_name  # noqa: E402
 from latentwire.report import controls_table, plot_f1_vs_bytes, reference_text, references_table  # noqa: E402
 from latentwire.runio import atomic_write_text, read_jsonl, write_section  # noqa: E402
 from latentwire.metrics import paired_delta  # noqa: E402
@@ -212,11 +213,12 @@ def main(argv=None) -> int:
         w.writerows(rows)
     m0 = runs["baselines"][1]
     refs = m0.get("wire_references") or {}
-    head = (f"Model {m0['model']}, {m0['n_eval']} questions of {m0['data']['eval']} ({m0['data']['eval_articles']} "
-            f"articles), data seed {args.seed}; learned compressor r={args.learned_ratio}, preset {args.preset}, "
-            f"seeds {args.seeds}.")
+    learned = any(name.startswith("learned") for name in runs)
+    head = (f"Model {display_name(m0['model'])}, {m0['n_eval']} questions of {m0['data']['eval']} ({m0['data']['eval_articles']} "
+            f"articles), data seed {args.seed}" + (f"; learned compressor r={args.learned_ratio}, preset {args.preset}, "
+                                                   f"seeds {args.seeds}." if learned else "."))
     table = markdown_table(rows, COLS)
-    paired, _ = paired_table(args, runs) if len(runs) > 1 else ("", [])
+    paired, _ = paired_table(args, runs) if learned else ("(no learned run in this grid)", [])
     ctl = [f"`{name}`:\n\n{controls_table(m)}" for name, (_, m) in runs.items() if m.get("controls")]
     text = "\n\n".join([head, table, "Text references on the same contexts:\n\n" + references_table(refs),
                         "Paired over the same questions (learned minus baseline):\n" + paired,
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
             "agreement": None if r["agreement"] is None else r["agreement"] / 100} for r in rows
            if r["bytes_per_context"] is not None]
     plot_f1_vs_bytes(out / "f1_vs_bytes.png", pts, refs,
-                     title=f"sequence compression ({m0['model']}, {m0['n_eval']} questions)")
+                     title=f"sequence compression ({display_name(m0['model'])}, {m0['n_eval']} questions)")
     lines = training_lines(runs)
     print(text + "\n" + "\n".join(lines))
     print(f"\nwrote {out}/results.md, results.csv, paired.md, f1_vs_bytes.png")

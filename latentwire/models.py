@@ -232,6 +232,16 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{gguf_digest(gguf)[:16]}"
 
 
+def display_name(source: str) -> str:
+    """A model source as a person reads it in a title: a dequantized GGUF's cache folder
+    (`<file stem>-<16 hex digits>`) is named by the GGUF file; a hub id or another path as given."""
+    name = Path(str(source)).name
+    stem, _, digest = name.rpartition("-")
+    if Path(str(source)).parent.name == "gguf" and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest):
+        return stem
+    return str(source)
+
+
 def _dequantize_gguf_to_cache(gguf: Path) -> Path:
     """Dequantize once, write safetensors+config+tokenizer atomically (temp dir
     then rename), so a killed conversion never leaves a half cache behind."""

@@ -175,8 +175,10 @@ def plot_f1_vs_bytes(path: Path, points: list[dict], refs: dict, title: str = ""
     ax[0].set_ylabel("SQuAD F1 (95% CI)")
     ax[1].set_ylabel("agreement with the text pipeline, %")
     ax[1].set_ylim(-2, 102)
-    ax[0].set_title(title or "F1 against bytes on the wire")
+    ax[0].set_title("F1 against bytes on the wire")
     ax[1].set_title("agreement against bytes on the wire")
+    if title:  # above both panels (a long model path would run over them)
+        fig.suptitle(title, fontsize=9)
     if len(points) <= 14:
         ax[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()

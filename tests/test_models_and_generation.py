@@ -173,3 +173,11 @@ def test_seed_loop_gives_the_batched_answers(tiny):
     batched = generate_predictions(tiny, prompts, batch_size=3, max_new_tokens=6, progress=False)
     assert generate_seed_loop(tiny, prompts, max_new_tokens=6, progress=False) == batched
     assert len(set(batched)) > 1
+
+
+def test_display_name_drops_the_cache_folder_of_a_gguf():
+    from latentwire.models import display_name
+    assert display_name("/root/.cache/latentwire/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f") == \
+        "SmolLM2-135M-Instruct.Q4_1"
+    assert display_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert display_name("/models/my-model-0123456789abcdef") == "/models/my-model-0123456789abcdef"  # not the cache
