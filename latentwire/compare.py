@@ -86,8 +86,8 @@ def send_all(pipe, prompts, sw: EvalSwitches, progress: bool, chunk: int = 32) -
     seen = {}
     for p in prompts:
         s, e = wire_span(p, sw, pipe)
-        seen.setdefault(tuple(p.ids[s:e]), p)
-    items = [(wire_text(p, sw, pipe), p.ids[slice(*wire_span(p, sw, pipe))]) for p in seen.values()]
+        seen.setdefault(tuple(p.ids[s:e]), wire_text(p, sw, pipe))
+    items = [(text, list(span)) for span, text in seen.items()]
     batched = callable(getattr(pipe, "send_many", None)) and callable(getattr(pipe, "receive_many", None))
     step = chunk if batched else 1
     bar = tqdm(total=len(items), desc=f"{pipe.name}: send", disable=not progress, leave=False)

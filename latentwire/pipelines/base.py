@@ -95,18 +95,11 @@ class Pipeline:
         tokens of `text` when the caller has them; else the receiver's tokenizer makes them."""
         if ids is None:
             ids = self.context_ids(text)
-        key = (tuple(ids), text)
-        if key not in self._sent:
-            t0 = time.perf_counter()
-            pl = self.encode(text, ids)
-            self.send_s += time.perf_counter() - t0
-            self.send_n += 1
-            self._sent[key] = pl if isinstance(pl, Payload) else Payload(pl)
-        return self._sent[key]
+        return self.send_many([(text, ids)])[0]
 
     def send_many(self, items: Sequence[tuple[str, Sequence[int]]]) -> list[Payload]:
-        """send() for several contexts ((text, ids) pairs), through encode_many; the seconds are shared out
-        evenly over the contexts it encoded."""
+        """The payloads of several contexts ((text, ids) pairs), through encode_many (memoised: each distinct
+        context is encoded once); the seconds are shared out evenly over the contexts it encoded."""
         keys = [(tuple(ids), text) for text, ids in items]
         todo = list(dict.fromkeys(k for k in keys if k not in self._sent))
         if todo:
@@ -119,7 +112,7 @@ class Pipeline:
         return [self._sent[k] for k in keys]
 
     def receive_many(self, payloads: Sequence[bytes]) -> list:
-        """receive() for several payloads, through decode_many."""
+        """What the LLM reads for several payloads, through decode_many (memoised: each payload is decoded once)."""
         keys = [bytes(p) for p in payloads]
         todo = list(dict.fromkeys(k for k in keys if k not in self._read))
         if todo:
@@ -132,14 +125,7 @@ class Pipeline:
 
     def receive(self, payload: bytes):
         """What the LLM reads for a payload (memoised per payload: a receiver decodes each once)."""
-        key = bytes(payload)
-        if key not in self._read:
-            t0 = time.perf_counter()
-            got = self.decode(key)
-            self.receive_s += time.perf_counter() - t0
-            self.receive_n += 1
-            self._read[key] = got
-        return self._read[key]
+        return self.receive_many([payload])[0]
 
     def context_ids(self, text: str) -> list[int]:
         """The receiver's tokens of a context as it sits in a prompt (after 'Context:')."""
