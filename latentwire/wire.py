@@ -125,6 +125,16 @@ class TextCodec:
     def decode(self, data: bytes) -> list[int]:
         raise NotImplementedError
 
+    # Several contexts at once: one by one here; a codec whose work batches
+    # (the LLM-coded wire steps 8 contexts together) overrides the pair.
+    def encode_many(self, items: Sequence[tuple[str, Sequence[int]]]) -> list[bytes]:
+        """The payload of each (text, ids) pair (UTF-8 codecs need the text, id codecs the ids)."""
+        return [self.encode(text, ids) for text, ids in items]
+
+    def decode_many(self, datas: Sequence[bytes]) -> list[list[int]]:
+        """The token ids of each payload."""
+        return [self.decode(d) for d in datas]
+
 
 class Utf8Codec(TextCodec):
     name = "utf8"
@@ -264,14 +274,14 @@ class LMArithmeticCodec(TextCodec):
         return [order[s:s + self.LANES] for s in range(0, len(order), self.LANES)]
 
     def encode(self, text, ids):
-        return self.encode_many([ids])[0]
+        return self.encode_many([(text, ids)])[0]
 
     def decode(self, data):
         return self.decode_many([data])[0]
 
-    def encode_many(self, ids_list: Sequence[Sequence[int]]) -> list[bytes]:
-        """The payload of each context (token ids), LANES at a time."""
-        ids_list = [list(map(int, ids)) for ids in ids_list]
+    def encode_many(self, items: Sequence[tuple[str, Sequence[int]]]) -> list[bytes]:
+        """The payload of each (text, ids) context (the ids are coded), LANES at a time."""
+        ids_list = [list(map(int, ids)) for _, ids in items]
         out: list[bytes] = [b""] * len(ids_list)
         with self._threads():
             for group in self._chunks([len(x) for x in ids_list]):
@@ -551,7 +561,7 @@ def text_references(lm, prompts, code_length: bool = True, ac_contexts: int = 0,
         if n_ac:
             codec = LMArithmeticCodec(lm, head)
             want = [list(p.context_ids) for p in ctx[:n_ac]]
-            datas = codec.encode_many(want)
+            datas = codec.encode_many([(p.context_text, w) for p, w in zip(ctx, want)])
             ok = sum(got == w for got, w in zip(codec.decode_many(datas), want))
             sizes = [len(d) for d in datas]
             refs["lm_arithmetic"] = wire_stats(sizes, ntok[:n_ac]) | {

@@ -78,7 +78,7 @@ def test_lm_arithmetic_lanes_code_each_context_as_alone(tiny, prompts):
     ctxs = [list(p.context_ids) for p in prompts] * 2
     ctxs = [c[:len(c) - i] for i, c in enumerate(ctxs)] + [[]]  # different lengths, and an empty context
     assert len(ctxs) > codec.LANES  # more than one group of lanes
-    many = codec.encode_many(ctxs)
+    many = codec.encode_many([("", c) for c in ctxs])
     assert many[-1] == varint(0)
     assert [codec.encode("", c) for c in ctxs[:3]] == many[:3]
     assert codec.decode_many(many[::-1]) == ctxs[::-1]

@@ -28,20 +28,15 @@ class TextPipeline(Pipeline):
         self.codec, self.lm, self.name = codec, lm, name
 
     def encode(self, text, ids):
-        return Payload(self.codec.encode(text, ids), positions=len(ids))
+        return self.encode_many([(text, ids)])[0]
 
     def decode(self, data):
-        return torch.tensor(self.codec.decode(data), dtype=torch.long)
+        return self.decode_many([data])[0]
 
     def encode_many(self, items):
-        if not hasattr(self.codec, "encode_many"):
-            return super().encode_many(items)
-        return [Payload(d, positions=len(ids)) for d, (_, ids) in zip(self.codec.encode_many([i for _, i in items]),
-                                                                        items)]
+        return [Payload(d, positions=len(ids)) for d, (_, ids) in zip(self.codec.encode_many(items), items)]
 
     def decode_many(self, datas):
-        if not hasattr(self.codec, "decode_many"):
-            return super().decode_many(datas)
         return [torch.tensor(x, dtype=torch.long) for x in self.codec.decode_many(datas)]
 
     def describe(self):

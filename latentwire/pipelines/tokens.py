@@ -78,25 +78,17 @@ class TokenSelectPipeline(Pipeline):
         return sorted(order.tolist())
 
     def encode(self, text, ids):
-        kept = [ids[i] for i in self.keep(ids)]
-        if not kept:
-            return Payload(b"", 0)
-        return Payload(self.codec.encode("", kept), positions=len(kept))
+        return self.encode_many([(text, ids)])[0]
 
     def decode(self, data):
-        return torch.tensor(self.codec.decode(data) if data else [], dtype=torch.long)
+        return self.decode_many([data])[0]
 
     def encode_many(self, items):
-        if self.coding != "ac":
-            return super().encode_many(items)
         kept = [[ids[i] for i in self.keep(ids)] for _, ids in items]
-        datas = self.codec.encode_many([k for k in kept if k])
-        it = iter(datas)
+        it = iter(self.codec.encode_many([("", k) for k in kept if k]))  # nothing kept: an empty payload
         return [Payload(next(it), positions=len(k)) if k else Payload(b"", 0) for k in kept]
 
     def decode_many(self, datas):
-        if self.coding != "ac":
-            return super().decode_many(datas)
         got = iter(self.codec.decode_many([d for d in datas if d]))
         return [torch.tensor(next(got) if d else [], dtype=torch.long) for d in datas]
 
