@@ -15,10 +15,26 @@ says [reuse]). Prints and writes (--md) the ceiling table (F1 with its 95%
 interval, retention, paired ΔF1 against truncation / another paragraph /
 nothing, reconstruction accuracy and continuation CE, bytes, fit cost) and
 the squeeze table (the use-trained fits at --wire-bits).
+
+On a machine with a few cores the kinds can run as separate processes, one
+thread each, each with its own --out and --kinds, and be merged afterwards:
+
+  OMP_NUM_THREADS=1 python benchmarks/ceiling.py ... --kinds opt-kv-use --out runs/ceiling_a &
+  OMP_NUM_THREADS=1 python benchmarks/ceiling.py ... --kinds opt-emb-copy opt-kv-copy --out runs/ceiling_b &
+  wait; python benchmarks/ceiling.py --merge runs/ceiling_a runs/ceiling_b --md docs/ceiling.md
+
+--merge reads the finished folders' metrics.json (nothing is rerun) and
+refuses folders whose questions, model, data or reference answers (text,
+nothing, truncation: deterministic, so equal answer for answer) differ; every
+paired interval was computed inside its own run against those same answers,
+so the merged table is the one a single run would print. The written
+section names the command of every merged folder, rebuilt from its
+config.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -30,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage1_grid import run_cell  # noqa: E402
 
 from latentwire.config import RunConfig  # noqa: E402
-from latentwire.runio import write_section  # noqa: E402
+from latentwire.errors import LatentWireError  # noqa: E402
+from latentwire.models import display_name  # noqa: E402
+from latentwire.runio import read_jsonl, write_section  # noqa: E402
 
 KINDS = ("opt-emb-copy", "opt-emb-use", "opt-kv-copy", "opt-kv-use")
 OPT_FLAGS = {"opt_steps": int, "opt_lr": float, "opt_copy_steps": int, "opt_copy_lr": float, "opt_questions": int,
@@ -101,12 +119,86 @@ def tables(m: dict) -> tuple[str, str]:
     return note + "\n\n" + main, "\n".join(sq)
 
 
+def command_of(folder: str, cfg: dict) -> str:
+    """The ceiling.py command that made a run folder, rebuilt from its config.json (flags at their defaults
+    left out), so a merged table names every run it was made from."""
+    d, e, o, mo = cfg["data"], cfg["eval"], cfg["opt"], cfg["model"]
+    kinds = [k for k in e["sequence"].split(",") if k in KINDS]
+    parts = ["python benchmarks/ceiling.py"]
+    if mo["model"] != "smollm2-135m":
+        parts.append(f"--model {mo['model']}")
+    if mo["dtype"] != "float32":
+        parts.append(f"--dtype {mo['dtype']}")
+    parts += [f"--squad-train {d['squad_train']}", f"--squad-eval {d['squad_eval']}",
+              f"--contexts {d['max_eval_contexts']}"]
+    if e["sequence_ratios"] != "4":
+        parts.append("--ratios " + e["sequence_ratios"].replace(",", " "))
+    parts += ["--kinds " + " ".join(kinds), f"--wire-bits {o['opt_wire_bits']}"]
+    if d["seed"] != 0:
+        parts.append(f"--seed {d['seed']}")
+    default = RunConfig().opt
+    for name in OPT_FLAGS:
+        if o[name] != getattr(default, name):
+            parts.append(f"--{name.replace('_', '-')} {o[name]}")
+    return " ".join(parts + [f"--out {folder}", "--no-progress"])
+
+
+def _reference_answers(folder: Path, name: str) -> list:
+    path = folder / f"predictions_{name}.jsonl"
+    if not path.is_file():
+        raise LatentWireError(f"--merge {folder}: {path.name} is missing (an unfinished or foreign run?)")
+    return [(r.get("id"), r.get("prediction")) for r in read_jsonl(path)]
+
+
+def merge_metrics(folders: list[str]) -> dict:
+    """One metrics dict from finished ceiling runs over the same questions: the first folder's references
+    (text, none, truncation), then every folder's fitted kinds with their controls. A folder whose questions,
+    model, data settings or reference answers differ from the first's is refused (one line naming it)."""
+    ms = []
+    for f in folders:
+        mpath = Path(f) / "metrics.json"
+        if not mpath.is_file():
+            raise LatentWireError(f"--merge {f}: no metrics.json (not a finished run folder)")
+        try:
+            ms.append(json.loads(mpath.read_text()))
+        except ValueError as err:
+            raise LatentWireError(f"--merge {f}: metrics.json is unreadable ({err})") from None
+    base, bf = ms[0], Path(folders[0])
+    refs = [n for n in base["pipelines"] if n == "text" or n == "none" or n.startswith("truncate_")]
+    for f, m in zip(folders[1:], ms[1:]):
+        bc, mc = base.get("config") or {}, m.get("config") or {}
+        for what, a, b in (("the model", bc.get("model"), mc.get("model")),
+                           ("the model file", base.get("model"), m.get("model")),
+                           ("the data settings", bc.get("data"), mc.get("data")),
+                           ("the question count", base.get("n_eval"), m.get("n_eval")),
+                           ("the generation settings", {k: v for k, v in (bc.get("eval") or {}).items() if k != "sequence"},
+                            {k: v for k, v in (mc.get("eval") or {}).items() if k != "sequence"})):
+            if a != b:
+                raise LatentWireError(f"--merge {f}: {what} differ from {folders[0]}'s; merge runs of one setting only")
+        for n in refs:
+            if n not in m["pipelines"] or _reference_answers(Path(f), n) != _reference_answers(bf, n):
+                raise LatentWireError(f"--merge {f}: its {n} answers differ from {folders[0]}'s (other questions, "
+                                      "model or code); its paired intervals would not be comparable")
+    out = dict(base)
+    out["pipelines"] = {n: base["pipelines"][n] for n in refs}
+    out["controls"] = {}
+    for f, m in zip(folders, ms):
+        for n, e in m["pipelines"].items():
+            if n in refs:
+                continue
+            if n in out["pipelines"]:
+                raise LatentWireError(f"--merge {f}: pipeline {n} is also in an earlier folder; merge each kind once")
+            out["pipelines"][n] = e
+        out["controls"].update(m.get("controls") or {})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--squad-train", required=True)
-    ap.add_argument("--squad-eval", required=True)
+    ap.add_argument("--squad-train", default=None, help="required (unless --merge)")
+    ap.add_argument("--squad-eval", default=None, help="required (unless --merge)")
     ap.add_argument("--contexts", type=int, default=26, help="evaluation paragraphs (every question on each)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[4.0])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
@@ -119,17 +211,37 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=None, help="also write the tables, with this command, into this markdown file "
                                                "(between its `ceiling.py` markers; the prose around them is kept)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RUN_FOLDER",
+                    help="run nothing: one table from these finished ceiling runs (same questions; see above)")
     args = ap.parse_args(argv)
-    m = run_cell(ceiling_config(args))
+    if args.merge:
+        try:
+            m = merge_metrics(args.merge)
+        except LatentWireError as err:
+            ap.exit(2, f"error: {err}\n")
+        made = "\n".join(command_of(f, (json.loads((Path(f) / "metrics.json").read_text()).get("config") or {}))
+                         for f in args.merge)
+    else:
+        for flag in ("squad_train", "squad_eval"):
+            if getattr(args, flag) is None:
+                ap.error(f"--{flag.replace('_', '-')} is required (unless --merge)")
+        m = run_cell(ceiling_config(args))
+        made = None
     main_t, squeeze = tables(m)
     text = f"{main_t}\n\nThe squeeze (the same fits at fewer bits per value):\n\n{squeeze}\n"
     print(text)
     if args.md:
         cmd = "python benchmarks/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:])
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+        seed = (m.get("config") or {}).get("data", {}).get("seed", args.seed)
+        if made is None:
+            where = f"run folder {args.out}, its report.md beside it"
+        else:
+            cmd = made + "\n" + cmd
+            where = (f"run folder{'s' if len(args.merge) > 1 else ''} {', '.join(args.merge)}, merged; each has "
+                     "its report.md")
         head = (f"This section is the unedited output of\n\n```\n{cmd}\n```\n\n({when} UTC, {platform.machine()}, "
-                f"{os.cpu_count()} CPUs, model {m['model']}, data seed {args.seed}; run folder {args.out}, its "
-                "report.md beside it.)\n")
+                f"{os.cpu_count()} CPUs, model {display_name(m['model'])}, data seed {seed}; {where}.)\n")
         write_section(args.md, "ceiling.py", head + "\n" + text)
         print(f"wrote {args.md}")
     return 0

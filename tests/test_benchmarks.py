@@ -1,6 +1,8 @@
 """The benchmark entry point runs end to end (tiny model, built-in data) and
 writes every section of its Markdown; the numbers themselves are measured
 by running it, never asserted."""
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +210,29 @@ def test_ceiling_smoke(tmp_path):
     text = md.read_text()
     assert text.startswith("# prose kept") and text.rstrip().endswith("after") and "STALE-TABLE" not in text
     assert "python benchmarks/ceiling.py --model tiny-random" in text and "| opt-kv-use_r4 |" in text
+
+    # another kind in its own process and folder, then one table from both (--merge runs nothing)
+    c2 = cmd[:cmd.index("--kinds")] + ["--kinds", "opt-kv-copy", "--wire-bits", "16", "--opt-copy-steps", "2",
+                                       "--out", str(tmp_path / "c2"), "--no-progress"]
+    p = subprocess.run(c2, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    merge = [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--merge", str(tmp_path / "c"),
+             str(tmp_path / "c2"), "--md", str(md)]
+    p = subprocess.run(merge, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for row in ("| opt-emb-copy_r4 |", "| opt-kv-use_r4 |", "| opt-kv-copy_r4 |", "| opt-kv-copy_r4:other |",
+                "| opt-kv-use_r4_b4 | 4 |"):
+        assert row in p.stdout, row
+    assert p.stdout.count("| truncate_r4 |") == 1
+    text = md.read_text()
+    assert f"--kinds opt-kv-copy --wire-bits 16 --opt-copy-steps 2 --out {tmp_path / 'c2'}" in text  # its command
+    # a folder whose reference answers differ is refused, in one line naming it
+    shutil.copytree(tmp_path / "c2", tmp_path / "c3")
+    rows = (tmp_path / "c3" / "predictions_truncate_r4.jsonl").read_text().splitlines()
+    first = json.loads(rows[0]) | {"prediction": "something else"}
+    (tmp_path / "c3" / "predictions_truncate_r4.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]) + "\n")
+    p = subprocess.run(merge[:-3] + [str(tmp_path / "c3")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 2 and "--merge" in p.stderr and "truncate_r4 answers differ" in p.stderr, p.stderr
 
 
 def test_layer_probe_smoke(tmp_path):
