@@ -47,7 +47,9 @@ from stage1_grid import run_cell  # noqa: E402
 
 from latentwire.config import RunConfig  # noqa: E402
 from latentwire.errors import LatentWireError  # noqa: E402
-from latentwire.models import display_name  # noqa: E402
+from latentwire.metrics import paired_delta  # noqa: E402
+from latentwire.models import display_name, load_model  # noqa: E402
+from latentwire.pipelines.tokens import budget  # noqa: E402
 from latentwire.runio import read_jsonl, write_section  # noqa: E402
 
 KINDS = ("opt-emb-copy", "opt-emb-use", "opt-kv-copy", "opt-kv-use")
@@ -119,6 +121,57 @@ def tables(m: dict) -> tuple[str, str]:
     return note + "\n\n" + main, "\n".join(sq)
 
 
+def answer_inside(m: dict) -> tuple[dict[str, bool], float]:
+    """Question id -> whether one of its gold answers lies wholly inside the first M = ceil(L / r) context
+    tokens -- what truncation keeps -- at the run's first ratio r (the receiver's own tokenizer, the context
+    as a prompt holds it: `data.context_token_ids`)."""
+    cfg = m["config"]
+    r = float(cfg["eval"]["sequence_ratios"].split(",")[0])
+    tok = load_model(cfg["model"]["model"], device="cpu", dtype="float32").tokenizer
+    squad = json.loads(Path(cfg["data"]["squad_eval"]).read_text())
+    out = {}
+    for art in squad["data"]:
+        for par in art["paragraphs"]:
+            enc = tok(" " + par["context"], add_special_tokens=False, return_offsets_mapping=True)
+            M = budget(len(enc["input_ids"]), r)
+            kept = enc["offset_mapping"][M - 1][1] - 1 if M else 0  # characters of the context the M tokens cover
+            for q in par["qas"]:
+                out[q["id"]] = any(a["answer_start"] + len(a["text"]) <= kept for a in q["answers"])
+    return out, r
+
+
+def split_table(m: dict, folders: dict[str, Path]) -> str:
+    """F1 and ΔF1 against truncation on the questions whose answer truncation keeps, and on the rest: a fitted
+    state can only beat truncation by carrying what lies beyond its first M tokens."""
+    inside, r = answer_inside(m)
+    tname = f"truncate_r{r:g}"
+
+    def rows(name):
+        return [json.loads(x) for x in (folders[name] / f"predictions_{name}.jsonl").read_text().splitlines() if x]
+    base = rows(tname)
+    parts = {True: [i for i, x in enumerate(base) if inside[x["id"]]],
+             False: [i for i, x in enumerate(base) if not inside[x["id"]]]}
+    lines = [f"| pipeline | F1, answer in the first M tokens (n={len(parts[True])}) | ΔF1 vs truncation | "
+             f"F1, answer beyond them (n={len(parts[False])}) | ΔF1 vs truncation |", "|---|---|---|---|---|"]
+    seed = m["config"]["data"]["seed"]
+    for name in m["pipelines"]:
+        if "_b" in name.rsplit("_r", 1)[-1]:
+            continue  # the squeeze: same fits
+        rs = rows(name)
+        if [x["id"] for x in rs] != [x["id"] for x in base]:
+            raise LatentWireError(f"{folders[name]}: predictions_{name}.jsonl holds other questions than {tname}'s")
+        cells = []
+        for part in (True, False):
+            a, b = [base[i] for i in parts[part]], [rs[i] for i in parts[part]]
+            if not a:
+                cells += ["-", "-"]
+                continue
+            d = paired_delta(a, b, "f1", m["config"]["eval"]["n_boot"], seed)
+            cells += [f"{100 * sum(x['f1'] for x in b) / len(b):.2f}", "-" if name == tname else fmt_ci(d)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def command_of(folder: str, cfg: dict) -> str:
     """The ceiling.py command that made a run folder, rebuilt from its config.json (flags at their defaults
     left out), so a merged table names every run it was made from."""
@@ -182,6 +235,7 @@ def merge_metrics(folders: list[str]) -> dict:
     out = dict(base)
     out["pipelines"] = {n: base["pipelines"][n] for n in refs}
     out["controls"] = {}
+    out["folders"] = {n: bf for n in refs}
     for f, m in zip(folders, ms):
         for n, e in m["pipelines"].items():
             if n in refs:
@@ -189,6 +243,7 @@ def merge_metrics(folders: list[str]) -> dict:
             if n in out["pipelines"]:
                 raise LatentWireError(f"--merge {f}: pipeline {n} is also in an earlier folder; merge each kind once")
             out["pipelines"][n] = e
+            out["folders"][n] = Path(f)
         out["controls"].update(m.get("controls") or {})
     return out
 
@@ -226,9 +281,13 @@ def main(argv=None) -> int:
             if getattr(args, flag) is None:
                 ap.error(f"--{flag.replace('_', '-')} is required (unless --merge)")
         m = run_cell(ceiling_config(args))
+        m["folders"] = {n: Path(args.out) for n in m["pipelines"]}
         made = None
     main_t, squeeze = tables(m)
-    text = f"{main_t}\n\nThe squeeze (the same fits at fewer bits per value):\n\n{squeeze}\n"
+    text = (f"{main_t}\n\nThe squeeze (the same fits at fewer bits per value):\n\n{squeeze}\n\n"
+            "Where the answer lies: the questions whose gold answer sits inside the context's first M tokens (what "
+            "truncation keeps) and the rest, on which only a state that carries more of the paragraph than its "
+            f"first M tokens can beat truncation:\n\n{split_table(m, m['folders'])}\n")
     print(text)
     if args.md:
         cmd = "python benchmarks/ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:])

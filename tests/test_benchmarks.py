@@ -223,7 +223,9 @@ def test_ceiling_smoke(tmp_path):
     for row in ("| opt-emb-copy_r4 |", "| opt-kv-use_r4 |", "| opt-kv-copy_r4 |", "| opt-kv-copy_r4:other |",
                 "| opt-kv-use_r4_b4 | 4 |"):
         assert row in p.stdout, row
-    assert p.stdout.count("| truncate_r4 |") == 1
+    assert p.stdout.count("| truncate_r4 |") == 2  # the ceiling table and the where-the-answer-lies table
+    split = p.stdout.split("Where the answer lies")[1]
+    assert "| opt-kv-copy_r4 |" in split and "| opt-emb-copy_r4 |" in split and "_b4" not in split
     text = md.read_text()
     assert f"--kinds opt-kv-copy --wire-bits 16 --opt-copy-steps 2 --out {tmp_path / 'c2'}" in text  # its command
     # a folder whose reference answers differ is refused, in one line naming it
