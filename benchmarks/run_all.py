@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     from pca_fit import compare, format_result
     from text_baseline import eval_prompts, format_throughput, throughput
 
-    from latentwire.models import load_model
+    from latentwire.models import display_name, load_model
     lm = load_model(args.model)
     thr = []
     for n in args.throughput_n:
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
         "single-thread workers; 2 and 3 afterwards, alone). This file is that command's unedited output.",
         "",
         f"* machine: {_machine()}",
-        f"* model: `{args.model}` ({dm['model']}), fp32 on CPU, greedy decoding, at most 16 new tokens, stop at "
+        f"* model: `{args.model}` ({display_name(dm['model'])}), fp32 on CPU, greedy decoding, at most 16 new tokens, stop at "
         "newline, few-shot template",
         f"* data: {data}",
         f"* seed {args.seed}; 95% intervals: bootstrap over questions, 1,000 resamples (retention: paired)",
