@@ -203,6 +203,10 @@ def _reference_answers(folder: Path, name: str) -> list:
     return [(r.get("id"), r.get("prediction")) for r in read_jsonl(path)]
 
 
+def _eval_settings(cfg: dict) -> dict:
+    return {k: v for k, v in (cfg.get("eval") or {}).items() if k != "sequence"}  # all but the kinds
+
+
 def merge_metrics(folders: list[str]) -> dict:
     """One metrics dict from finished ceiling runs over the same questions: the first folder's references
     (text, none, truncation), then every folder's fitted kinds with their controls. A folder whose questions,
@@ -224,8 +228,7 @@ def merge_metrics(folders: list[str]) -> dict:
                            ("the model file", base.get("model"), m.get("model")),
                            ("the data settings", bc.get("data"), mc.get("data")),
                            ("the question count", base.get("n_eval"), m.get("n_eval")),
-                           ("the generation settings", {k: v for k, v in (bc.get("eval") or {}).items() if k != "sequence"},
-                            {k: v for k, v in (mc.get("eval") or {}).items() if k != "sequence"})):
+                           ("the generation settings", _eval_settings(bc), _eval_settings(mc))):
             if a != b:
                 raise LatentWireError(f"--merge {f}: {what} differ from {folders[0]}'s; merge runs of one setting only")
         for n in refs:
@@ -265,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/ceiling")
     ap.add_argument("--md", default=None, help="also write the tables, with this command, into this markdown file "
                                                "(between its `ceiling.py` markers; the prose around them is kept)")
+    ap.add_argument("--md-section", default="ceiling.py",
+                    help="the markers (`<!-- NAME: begin -->`) to write between, for a page with two tables")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--merge", nargs="+", default=None, metavar="RUN_FOLDER",
                     help="run nothing: one table from these finished ceiling runs (same questions; see above)")
@@ -301,7 +306,7 @@ def main(argv=None) -> int:
                      "its report.md")
         head = (f"This section is the unedited output of\n\n```\n{cmd}\n```\n\n({when} UTC, {platform.machine()}, "
                 f"{os.cpu_count()} CPUs, model {display_name(m['model'])}, data seed {seed}; {where}.)\n")
-        write_section(args.md, "ceiling.py", head + "\n" + text)
+        write_section(args.md, args.md_section, head + "\n" + text)
         print(f"wrote {args.md}")
     return 0
 
