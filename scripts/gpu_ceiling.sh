@@ -3,7 +3,7 @@
 # full question set of the first CONTEXTS evaluation paragraphs (103 = the
 # first 500 questions' paragraphs, articles round-robin): the four kinds side
 # by side (one process each: the loops are overhead-bound and share a GPU
-# well), then the tables from the four finished runs. One archive OUT.tgz at
+# well), then one table from the finished runs (ceiling.py --merge). One archive OUT.tgz at
 # the end (a device that returns few files returns this one).
 #   bash scripts/gpu_ceiling.sh SQUAD_TRAIN SQUAD_EVAL [OUT]
 # env: CONTEXTS (103), LIMIT (seconds before the runs are stopped; 540), PY.
@@ -19,5 +19,8 @@ done
 while [ -n "$(jobs -r)" ]; do sleep 30; echo "t=$((SECONDS - t0)) s"; done
 wait
 for f in "$O"/*.log; do echo "== $f"; tail -n 30 "$f"; done
+done_runs=$(for k in opt-kv-use opt-emb-use opt-kv-copy opt-emb-copy; do [ -f "$O/$k/metrics.json" ] && echo "$O/$k"; done)
+# shellcheck disable=SC2086  # one folder per word
+[ -n "$done_runs" ] && $PY benchmarks/ceiling.py --merge $done_runs --md "$O/ceiling.md" | tee "$O/merged.txt"
 echo "all done in $((SECONDS - t0)) s"
 tar czf "$O.tgz" --exclude='*.pt' -C "$(dirname "$O")" "$(basename "$O")"
