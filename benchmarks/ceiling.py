@@ -23,6 +23,10 @@ thread each, each with its own --out and --kinds, and be merged afterwards:
   OMP_NUM_THREADS=1 python benchmarks/ceiling.py ... --kinds opt-emb-copy opt-kv-copy --out runs/ceiling_b &
   wait; python benchmarks/ceiling.py --merge runs/ceiling_a runs/ceiling_b --md docs/ceiling.md
 
+or, in one command, `--jobs 2`: the kinds are split into 2 groups of about
+equal cost (a use fit costs ~3 copy fits), each run as its own process with
+cpu_count / 2 threads in --out/<its kinds>, then merged as above.
+
 --merge reads the finished folders' metrics.json (nothing is rerun) and
 refuses folders whose questions, model, data or reference answers (text,
 nothing, truncation: deterministic, so equal answer for answer) differ; every
@@ -251,6 +255,46 @@ def merge_metrics(folders: list[str]) -> dict:
     return out
 
 
+def kind_groups(kinds: list[str], jobs: int) -> list[list[str]]:
+    """The kinds in at most `jobs` groups of about equal cost (a use fit ~3x a copy fit), costliest first."""
+    cost = {k: 3 if k.endswith("-use") else 1 for k in kinds}
+    groups: list[list[str]] = [[] for _ in range(max(1, min(jobs, len(kinds))))]
+    for k in sorted(kinds, key=lambda k: -cost[k]):
+        min(groups, key=lambda g: sum(cost[x] for x in g)).append(k)
+    return [g for g in groups if g]
+
+
+def run_jobs(args) -> list[str]:
+    """--jobs: each kind group in its own process (its own run folder under --out, log beside it), all at once,
+    each with cpu_count / jobs threads; the finished folders, for --merge."""
+    import subprocess
+    groups = kind_groups(list(args.kinds), args.jobs)
+    threads = str(max(1, (os.cpu_count() or 1) // len(groups)))
+    procs = []
+    for g in groups:
+        out = Path(args.out) / "+".join(g)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--dtype", args.dtype,
+               "--squad-train", args.squad_train, "--squad-eval", args.squad_eval, "--contexts", str(args.contexts),
+               "--ratios", *[f"{r:g}" for r in args.ratios], "--kinds", *g, "--wire-bits", args.wire_bits,
+               "--seed", str(args.seed), "--out", str(out), "--no-progress"]
+        for name in OPT_FLAGS:
+            if getattr(args, name) is not None:
+                cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+        log = open(out.with_suffix(".log"), "w")
+        print(f"[job ] {' '.join(g)} -> {out} ({threads} thread(s), log {log.name})", file=sys.stderr, flush=True)
+        procs.append((out, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                 env=os.environ | {"OMP_NUM_THREADS": threads})))
+    failed = []
+    for out, log, proc in procs:
+        if proc.wait() != 0:
+            failed.append(log.name)
+        log.close()
+    if failed:
+        raise LatentWireError(f"--jobs: {len(failed)} job(s) failed; see {', '.join(failed)}")
+    return [str(out) for out, _, _ in procs]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -273,7 +317,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--merge", nargs="+", default=None, metavar="RUN_FOLDER",
                     help="run nothing: one table from these finished ceiling runs (same questions; see above)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the kinds in this many processes at once (one run folder each under --out), then merge")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and not args.merge:
+        for flag in ("squad_train", "squad_eval"):
+            if getattr(args, flag) is None:
+                ap.error(f"--{flag.replace('_', '-')} is required (unless --merge)")
+        try:
+            args.merge = run_jobs(args)
+        except LatentWireError as err:
+            ap.exit(2, f"error: {err}\n")
     if args.merge:
         try:
             m = merge_metrics(args.merge)
@@ -303,7 +359,7 @@ def main(argv=None) -> int:
         else:
             cmd = made + "\n" + cmd
             where = (f"run folder{'s' if len(args.merge) > 1 else ''} {', '.join(args.merge)}, merged; each has "
-                     "its report.md")
+                     "its report.md" + (f", run {args.jobs} at a time" if args.jobs > 1 else ""))
         head = (f"This section is the unedited output of\n\n```\n{cmd}\n```\n\n({when} UTC, {platform.machine()}, "
                 f"{os.cpu_count()} CPUs, model {display_name(m['model'])}, data seed {seed}; {where}.)\n")
         write_section(args.md, args.md_section, head + "\n" + text)

@@ -237,6 +237,30 @@ def test_ceiling_smoke(tmp_path):
     assert p.returncode == 2 and "--merge" in p.stderr and "truncate_r4 answers differ" in p.stderr, p.stderr
 
 
+def test_ceiling_jobs_split_run_and_merge(tmp_path):
+    """--jobs 2: the kinds split by cost into two processes (one run folder each under --out), then one merged
+    table; the written section names each job's command."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ceiling import kind_groups
+    assert kind_groups(["opt-emb-copy", "opt-emb-use", "opt-kv-copy", "opt-kv-use"], 2) == \
+        [["opt-emb-use", "opt-emb-copy"], ["opt-kv-use", "opt-kv-copy"]]
+    assert kind_groups(["opt-kv-use", "opt-emb-copy", "opt-kv-copy"], 2) == \
+        [["opt-kv-use"], ["opt-emb-copy", "opt-kv-copy"]]
+    tr, ev = _squad_files(tmp_path)
+    md = tmp_path / "J.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--model", "tiny-random", "--squad-train", tr,
+           "--squad-eval", ev, "--contexts", "2", "--kinds", "opt-emb-copy", "opt-kv-copy", "--wire-bits", "16",
+           "--opt-copy-steps", "2", "--jobs", "2", "--out", str(tmp_path / "j"), "--md", str(md), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for k in ("opt-emb-copy", "opt-kv-copy"):
+        assert (tmp_path / "j" / k / "metrics.json").is_file() and (tmp_path / "j" / f"{k}.log").is_file()
+        assert f"| {k}_r4 |" in p.stdout and f"| {k}_r4:other |" in p.stdout
+    text = md.read_text()
+    assert f"--kinds opt-kv-copy --wire-bits 16 --opt-copy-steps 2 --out {tmp_path / 'j' / 'opt-kv-copy'}" in text
+    assert "--jobs 2" in text and "run 2 at a time" in text
+
+
 def test_layer_probe_smoke(tmp_path):
     """benchmarks/layer_probe.py on the tiny model: one row per layer, token recovery in percent."""
     tr, ev = _squad_files(tmp_path)
