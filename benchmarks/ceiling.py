@@ -151,7 +151,7 @@ def split_table(m: dict, folders: dict[str, Path]) -> str:
     tname = f"truncate_r{r:g}"
 
     def rows(name):
-        return [json.loads(x) for x in (folders[name] / f"predictions_{name}.jsonl").read_text().splitlines() if x]
+        return read_jsonl(folders[name] / f"predictions_{name}.jsonl")
     base = rows(tname)
     parts = {True: [i for i, x in enumerate(base) if inside[x["id"]]],
              False: [i for i, x in enumerate(base) if not inside[x["id"]]]}
@@ -243,6 +243,7 @@ def merge_metrics(folders: list[str]) -> dict:
     out["pipelines"] = {n: base["pipelines"][n] for n in refs}
     out["controls"] = {}
     out["folders"] = {n: bf for n in refs}
+    out["configs"] = [m.get("config") or {} for m in ms]  # each folder's, for the commands that made them
     for f, m in zip(folders, ms):
         for n, e in m["pipelines"].items():
             if n in refs:
@@ -335,8 +336,7 @@ def main(argv=None) -> int:
             m = merge_metrics(args.merge)
         except LatentWireError as err:
             ap.exit(2, f"error: {err}\n")
-        made = "\n".join(command_of(f, (json.loads((Path(f) / "metrics.json").read_text()).get("config") or {}))
-                         for f in args.merge)
+        made = "\n".join(command_of(f, c) for f, c in zip(args.merge, m["configs"]))
     else:
         for flag in ("squad_train", "squad_eval"):
             if getattr(args, flag) is None:
