@@ -67,9 +67,13 @@ def _exit_on_sigterm() -> None:
 
 
 def _worker_init() -> None:
+    # A worker keeps SIGTERM's default action: Pool.terminate() must kill it
+    # whatever it is doing. A Python handler (SIGTERM -> SystemExit) only runs
+    # when the interpreter next checks for signals; a signal that lands just
+    # before an idle worker blocks on the task queue's lock is never acted on,
+    # and terminate() then waits for that worker forever (seen: 1 run in ~4).
     import torch
     torch.set_num_threads(1)
-    _exit_on_sigterm()
 
 
 def _task(kind: str, payload: dict) -> dict:
@@ -100,7 +104,11 @@ def _task(kind: str, payload: dict) -> dict:
         return {"kind": kind, "row": cost_to_retention(**payload), "wall_s": time.time() - t0}
     if kind == "memory":
         out = payload["out"]
-        code = ("import resource, sys, json\n"
+        # the child asks Linux for SIGTERM when its worker dies (prctl
+        # PR_SET_PDEATHSIG = 1), so that killing the benchmark ends this run
+        # too instead of orphaning it; elsewhere the call fails and is skipped
+        code = ("import resource, sys, json, ctypes, signal\n"
+                "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\nexcept (OSError, AttributeError):\n    pass\n"
                 "from latentwire.cli import main\n"
                 f"rc = main(['run', '--model', {payload['model']!r}, '--out', {out!r}, '--overwrite', '--no-progress'])\n"
                 "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n")
@@ -176,9 +184,11 @@ def main(argv=None) -> int:
     _exit_on_sigterm()
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' torch at import
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.jobs, initializer=_worker_init) as pool:
-        pool.apply(_task, ("warm", grid_args))
+    with ctx.Pool(args.jobs, initializer=_worker_init) as pool:  # on an exception: terminate()
+        list(_imap(pool, [("warm", grid_args)]))
         results = list(_imap(pool, tasks))
+        pool.close()  # done: the workers exit on their own, no signal sent
+        pool.join()
     os.environ.pop("OMP_NUM_THREADS", None)
     t_parallel = time.time() - t_all
 
@@ -285,7 +295,12 @@ def _imap(pool, tasks):
     """Results in task order, with a line per finished task (long jobs first)."""
     pending = [pool.apply_async(_task, t) for t in tasks]
     for (kind, payload), p in zip(tasks, pending):
-        r = p.get()
+        while True:  # wake every second: a SIGTERM handler runs only between waits
+            try:
+                r = p.get(timeout=1.0)
+                break
+            except mp.TimeoutError:
+                pass
         what = payload.get("adapter", "") + (f" x{payload['ratio']:g}" if "ratio" in payload else "")
         print(f"[bench] {kind} {what} done ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
         yield r

@@ -60,3 +60,58 @@ def tiny_learned_config(out, sequence: str = "learned,truncate"):
     c.seq.seq_steps, c.seq.seq_batch, c.seq.seq_width, c.seq.seq_dim, c.seq.seq_max_questions = 2, 2, 16, 4, 6
     c.out, c.progress = str(out), False
     return c
+
+
+
+def _as_a_process(main, argv, cwd=None):
+    """main(argv) in this process, answered as subprocess.run would answer
+    for a process running it: .returncode, .stdout, .stderr. A SystemExit's
+    message goes to stderr with code 1, an uncaught exception's traceback
+    too, as the interpreter does. Saves a process start and its imports
+    (~4 s) per call; the few tests about the process itself -- `python -m
+    latentwire`, signals, environment variables read at import -- start one."""
+    import contextlib
+    import io
+    import sys
+    import traceback
+    from types import SimpleNamespace
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse (--help, a rejected flag) or a script's own exit
+                if e.code is None or isinstance(e.code, int):
+                    rc = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    rc = 1
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.chdir(old)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_cli(*args, cwd=None):
+    """`latentwire ARGS`, in this process."""
+    from latentwire.cli import main
+    return _as_a_process(main, args, cwd)
+
+
+def run_script(cmd, cwd=None, **_ignored):
+    """A benchmark script, in this process: `cmd` = [sys.executable,
+    "benchmarks/NAME.py", *args] as subprocess.run takes it (its keyword
+    arguments ignored). A script's own subprocesses write to the real stderr."""
+    import importlib
+    import sys
+
+    script = Path(cmd[1])
+    if str(script.parent) not in sys.path:
+        sys.path.insert(0, str(script.parent))  # the scripts import each other by name
+    return _as_a_process(importlib.import_module(script.stem).main, cmd[2:], cwd)

@@ -226,7 +226,8 @@ def test_api_evaluate_runs_given_pipelines(tiny, tmp_path):
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "latentwire", *args], capture_output=True, text=True, cwd=cwd)
+    from conftest import run_cli
+    return run_cli(*args, cwd=cwd)
 
 
 def test_cli_send_ask_round_trip(tiny, tmp_path):
@@ -265,7 +266,8 @@ def test_cli_bad_input_is_one_line(args, msg):
 
 
 def test_cli_lists_the_pipelines():
-    r = cli("pipelines")
+    """`python -m latentwire` as its own process (the other CLI tests call its main in-process)."""
+    r = subprocess.run([sys.executable, "-m", "latentwire", "pipelines"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0
     for name in KINDS:
         assert any(line.split()[0] == name for line in r.stdout.splitlines() if line.strip())

@@ -1,7 +1,5 @@
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -83,7 +81,8 @@ def test_sweep_cli_from_toml(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(f'out = "{tmp_path / "o"}"\n[base]\nmodel = "tiny-random"\nsynthetic_articles = 6\nmax_eval = 4\n'
                  'epochs = 1\nsteps_per_epoch = 3\nmax_new_tokens = 3\nn_boot = 20\n[grid]\nratio = [4]\n')
-    p = subprocess.run([sys.executable, "-m", "latentwire", "sweep", str(f)], capture_output=True, text=True)
+    from conftest import run_cli
+    p = run_cli("sweep", f)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "o" / "results.csv").exists()
 

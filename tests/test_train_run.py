@@ -151,8 +151,12 @@ def test_quantized_codes_on_the_wire(tmp_path):
 def test_cli_bad_flags_one_line_error(tmp_path):
     import os
 
+    from conftest import run_cli
+
     def run(*args, env=None):
-        p = subprocess.run([sys.executable, "-m", "latentwire.cli", *args], capture_output=True, text=True, env=env)
+        # in-process, but for the case about the environment (read at import)
+        p = (subprocess.run([sys.executable, "-m", "latentwire.cli", *args], capture_output=True, text=True, env=env)
+             if env is not None else run_cli(*args))
         return p.returncode, p.stderr.strip().splitlines()
 
     bad = tmp_path / "bad.json"
@@ -197,9 +201,9 @@ def test_cli_bad_flags_one_line_error(tmp_path):
 
 def test_cli_eval_writes_predictions_and_metrics(tmp_path):
     out = tmp_path / "ev"
-    p = subprocess.run([sys.executable, "-m", "latentwire", "eval", "--model", "tiny-random", "--synthetic-articles",
-                        "4", "--max-eval", "5", "--max-new-tokens", "4", "--n-boot", "20", "--no-progress",
-                        "--out", str(out)], capture_output=True, text=True)
+    from conftest import run_cli
+    p = run_cli("eval", "--model", "tiny-random", "--synthetic-articles", "4", "--max-eval", "5", "--max-new-tokens",
+                "4", "--n-boot", "20", "--no-progress", "--out", out)
     assert p.returncode == 0, p.stderr
     assert "| text | 5 |" in p.stdout
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -295,5 +299,6 @@ def test_diagnostic_stats_match_position_by_position(tiny):
 
 @pytest.mark.parametrize("cmd", ["eval", "run", "sweep", "diagnose"])
 def test_cli_help(cmd):
-    p = subprocess.run([sys.executable, "-m", "latentwire", cmd, "--help"], capture_output=True, text=True)
+    from conftest import run_cli
+    p = run_cli(cmd, "--help")
     assert p.returncode == 0 and "usage: latentwire" in p.stdout, p.stderr
