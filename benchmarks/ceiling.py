@@ -52,7 +52,8 @@ from stage1_grid import run_cell  # noqa: E402
 from latentwire.config import RunConfig  # noqa: E402
 from latentwire.errors import LatentWireError  # noqa: E402
 from latentwire.metrics import paired_delta  # noqa: E402
-from latentwire.models import display_name, load_model  # noqa: E402
+from latentwire.data import load_squad_json  # noqa: E402
+from latentwire.models import display_name, load_tokenizer  # noqa: E402
 from latentwire.pipelines.tokens import budget  # noqa: E402
 from latentwire.runio import read_jsonl, write_section  # noqa: E402
 
@@ -131,16 +132,15 @@ def answer_inside(m: dict) -> tuple[dict[str, bool], float]:
     as a prompt holds it: `data.context_token_ids`)."""
     cfg = m["config"]
     r = float(cfg["eval"]["sequence_ratios"].split(",")[0])
-    tok = load_model(cfg["model"]["model"], device="cpu", dtype="float32").tokenizer
-    squad = json.loads(Path(cfg["data"]["squad_eval"]).read_text())
-    out = {}
-    for art in squad["data"]:
-        for par in art["paragraphs"]:
-            enc = tok(" " + par["context"], add_special_tokens=False, return_offsets_mapping=True)
-            M = budget(len(enc["input_ids"]), r)
-            kept = enc["offset_mapping"][M - 1][1] - 1 if M else 0  # characters of the context the M tokens cover
-            for q in par["qas"]:
-                out[q["id"]] = any(a["answer_start"] + len(a["text"]) <= kept for a in q["answers"])
+    tok = load_tokenizer(cfg["model"]["model"])
+    examples, _ = load_squad_json(cfg["data"]["squad_eval"], "--squad-eval")
+    out, kept = {}, {}
+    for e in examples:
+        if e.context not in kept:
+            offsets = tok(" " + e.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            M = budget(len(offsets), r)
+            kept[e.context] = offsets[M - 1][1] - 1 if M else 0  # characters of the context the M tokens cover
+        out[e.id] = any(s + len(a) <= kept[e.context] for a, s in zip(e.answers, e.answer_starts))
     return out, r
 
 

@@ -445,11 +445,35 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if tok.pad_token_id is None:
-        # left padding is always masked out; any id will do, EOS is conventional
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    _prepare_tokenizer(tok)
     if kind != "tiny" and (w := tokenizer_warning(tok, name)):
         print(w, file=sys.stderr)
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=dev, dtype=dt,
                        weight_files=files)
+
+
+def _prepare_tokenizer(tok) -> None:
+    if tok.pad_token_id is None:
+        # left padding is always masked out; any id will do, EOS is conventional
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer `load_model(name)` would give, without the weights: for
+    counting and locating tokens (a bundled GGUF is converted once, as for
+    load_model; a hub id is read from the local cache only)."""
+    kind, path = resolve_model_source(name)
+    if kind == "tiny":
+        from .testing import tiny_tokenizer
+        tok = tiny_tokenizer(**{k: v for k, v in TINY_MODELS[name].items() if k == "vocab_size"})
+    else:
+        from transformers import AutoTokenizer
+        source = str(_dequantize_gguf_to_cache(path) if kind == "gguf" else path) if path is not None else name
+        try:
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=kind == "hub")
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LatentWireError(f"--model {name}: could not load its tokenizer ({first})") from None
+    _prepare_tokenizer(tok)
+    return tok

@@ -17,6 +17,9 @@ def test_default_model_loads_frozen_from_cache(smollm):
     assert smollm.d_model == 576 and smollm.vocab_size == 49152
     assert all(not p.requires_grad for p in smollm.model.parameters())
     assert "gguf" in smollm.source  # dequantized once into the cache
+    from latentwire.models import load_tokenizer
+    text = " Super Bowl 50 was an American football game."
+    assert load_tokenizer("smollm2-135m")(text)["input_ids"] == smollm.tokenizer(text)["input_ids"]  # no weights
 
 
 def test_sound_tokenizer_passes_the_probe_and_a_near_character_one_is_flagged(smollm):

@@ -6,7 +6,8 @@ from latentwire.errors import LatentWireError
 from latentwire.generate import (EvalSwitches, generate_one_at_a_time, generate_predictions, generate_seed_loop,
                                  greedy_generate, left_pad,
                                  pipeline_embeds, stop_token_ids)
-from latentwire.models import embedding_table, load_model, resolve_device, resolve_dtype, resolve_model_source
+from latentwire.models import (embedding_table, load_model, load_tokenizer, resolve_device, resolve_dtype,
+                               resolve_model_source)
 
 
 def test_tiny_model_is_frozen(tiny):
@@ -162,6 +163,15 @@ def test_local_folder_model_loads(tiny, tmp_path):
     prompts = _prompts(tiny, 2)
     assert generate_predictions(lm, prompts, max_new_tokens=5, progress=False) == \
         generate_predictions(tiny, prompts, max_new_tokens=5, progress=False)
+    # the tokenizer alone, without the weights: the same ids, padding side and pad token as load_model's
+    text = " The clock tower was built in 1901 by Ada."
+    for name in (str(tmp_path), "tiny-random-b"):
+        full, alone = load_model(name).tokenizer, load_tokenizer(name)
+        assert alone(text)["input_ids"] == full(text)["input_ids"]
+        assert alone.padding_side == full.padding_side == "left"
+        assert alone.pad_token_id == full.pad_token_id is not None
+    with pytest.raises(LatentWireError, match="--model ./nope"):
+        load_tokenizer("./nope")
 
 
 def test_seed_loop_gives_the_batched_answers(tiny):
