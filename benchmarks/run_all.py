@@ -106,9 +106,11 @@ def _task(kind: str, payload: dict) -> dict:
         out = payload["out"]
         # the child asks Linux for SIGTERM when its worker dies (prctl
         # PR_SET_PDEATHSIG = 1), so that killing the benchmark ends this run
-        # too instead of orphaning it; elsewhere the call fails and is skipped
-        code = ("import resource, sys, json, ctypes, signal\n"
+        # too instead of orphaning it, and exits at once if the worker died
+        # before it asked (elsewhere the call fails and is skipped)
+        code = ("import os, resource, sys, json, ctypes, signal\n"
                 "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\nexcept (OSError, AttributeError):\n    pass\n"
+                f"if os.getppid() != {os.getpid()}:\n    sys.exit(128 + signal.SIGTERM)\n"
                 "from latentwire.cli import main\n"
                 f"rc = main(['run', '--model', {payload['model']!r}, '--out', {out!r}, '--overwrite', '--no-progress'])\n"
                 "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n")
