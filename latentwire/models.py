@@ -29,7 +29,7 @@ from .errors import LatentWireError
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
 TINY_MODELS = {TINY_MODEL: {}, "tiny-random-b": {"seed": 1, "hidden_size": 96, "vocab_size": 512}}
-"""The in-process random models (latentwire/testing.py) by alias: keyword arguments of tiny_model_and_tokenizer."""
+"""The in-process random models (latentwire/tiny.py) by alias: keyword arguments of tiny_model_and_tokenizer."""
 GEMMA_MODEL = "gemma3-270m"
 _ALIASES = {DEFAULT_MODEL, "smollm2", "default"}
 
@@ -388,7 +388,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         if d.enabled and d.is_main:
             dist.barrier(d)
     if kind == "tiny":
-        from .testing import tiny_model_and_tokenizer
+        from .tiny import tiny_model_and_tokenizer
         model, tok = tiny_model_and_tokenizer(**TINY_MODELS[name])
         source = name
     else:
@@ -465,7 +465,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     load_model; a hub id is read from the local cache only)."""
     kind, path = resolve_model_source(name)
     if kind == "tiny":
-        from .testing import tiny_tokenizer
+        from .tiny import tiny_tokenizer
         tok = tiny_tokenizer(**{k: v for k, v in TINY_MODELS[name].items() if k == "vocab_size"})
     else:
         from transformers import AutoTokenizer

@@ -26,7 +26,7 @@ def test_sound_tokenizer_passes_the_probe_and_a_near_character_one_is_flagged(sm
     """The load-time tokenizer probe: silent for the real tokenizer, a one-line warning for one that splits
     English into near-characters (the tiny test tokenizer: ~1.6 bytes per token), naming the flag."""
     from latentwire.models import tokenizer_warning
-    from latentwire.testing import tiny_tokenizer
+    from latentwire.tiny import tiny_tokenizer
     assert tokenizer_warning(smollm.tokenizer, "smollm2-135m") is None
     w = tokenizer_warning(tiny_tokenizer(384), "some-model")
     assert w is not None and w.startswith("warning: --model some-model:") and "bytes per token" in w

@@ -1,7 +1,12 @@
-"""A tiny random-weight causal LM with a real byte-level BPE tokenizer, built
-in-process in a fraction of a second. Used by the test-suite and by
+"""The built-in smoke model: a tiny random-weight causal LM with a real
+byte-level BPE tokenizer, built in-process in a fraction of a second, for
 `--model tiny-random` (and `tiny-random-b`, another vocabulary and width,
-for sender/receiver pairs) for smoke runs; it never touches the network.
+for sender/receiver pairs). It lets any command run end to end in seconds
+on any machine -- `scripts/gpu_check.sh` checks a device with it -- and it
+never touches the network. Its answers are noise: never a result. The
+test-suite uses it through the same aliases (tests/conftest.py), so that
+processes the tests start (torchrun, kills, the benchmark scripts) resolve
+it as a user's command would.
 """
 from __future__ import annotations
 
