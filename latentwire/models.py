@@ -422,10 +422,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LatentWireError(
                 f"--model {name}: could not load it as a local file/folder, a known alias "
-                f"({DEFAULT_MODEL}, {TINY_MODEL}) or a Hugging Face hub id ({first})") from None
+                f"({DEFAULT_MODEL}, {TINY_MODEL}) or a Hugging Face hub id ({_first_line(e)})") from None
     files: tuple = ()
     if kind == "gguf":
         files = (str(gguf_file),)  # the .gguf itself: the cache is derived from it
@@ -452,6 +451,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                        weight_files=files)
 
 
+def _first_line(e: Exception) -> str:
+    """A loader's exception as one line of an error message (its text can run to pages)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _prepare_tokenizer(tok) -> None:
     if tok.pad_token_id is None:
         # left padding is always masked out; any id will do, EOS is conventional
@@ -473,7 +477,6 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=kind == "hub")
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LatentWireError(f"--model {name}: could not load its tokenizer ({first})") from None
+            raise LatentWireError(f"--model {name}: could not load its tokenizer ({_first_line(e)})") from None
     _prepare_tokenizer(tok)
     return tok

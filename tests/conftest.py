@@ -62,7 +62,6 @@ def tiny_learned_config(out, sequence: str = "learned,truncate"):
     return c
 
 
-
 def _as_a_process(main, argv, cwd=None):
     """main(argv) in this process, answered as subprocess.run would answer
     for a process running it: .returncode, .stdout, .stderr. A SystemExit's
@@ -104,10 +103,10 @@ def run_cli(*args, cwd=None):
     return _as_a_process(main, args, cwd)
 
 
-def run_script(cmd, cwd=None, **_ignored):
+def run_script(cmd, cwd=None):
     """A benchmark script, in this process: `cmd` = [sys.executable,
-    "benchmarks/NAME.py", *args] as subprocess.run takes it (its keyword
-    arguments ignored). A script's own subprocesses write to the real stderr."""
+    "benchmarks/NAME.py", *args] as subprocess.run takes it. A script's own
+    subprocesses write to the real stderr."""
     import importlib
     import sys
 

@@ -22,7 +22,8 @@ def test_run_all_writes_every_section(tmp_path):
                             str(tmp_path / "b"), "--md", str(md)],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     except subprocess.TimeoutExpired as e:  # ~1 min here: a hang, not a slow machine
-        pytest.fail(f"run_all.py did not end in 600 s; its stderr ended with: {(e.stderr or b'').decode(errors='replace')[-3000:] if isinstance(e.stderr, bytes) else e.stderr}")
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(f"run_all.py did not end in 600 s; its stderr ended with: {err[-3000:]}")
     assert p.returncode == 0, p.stderr[-3000:]
     text = md.read_text()
     for head in ("## 1. Quality vs compression", "## 2. Generation throughput", "## 3. Compressor fit",
@@ -71,11 +72,11 @@ def test_wire_grid_smoke(tmp_path):
     table, the plot; a second call reuses the cell (same settings)."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "wire_grid.py"), "--model", "tiny-random", "--max-eval", "6",
            "--cells", "vocab:8:2", "--ac-contexts", "1", "--out", str(tmp_path / "wg")]
-    p = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(cmd, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| vocab | 8 | 2 |" in p.stdout and "LLM arithmetic coding" in p.stdout
     assert (tmp_path / "wg" / "f1_vs_bytes.png").exists()
-    again = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    again = run_script(cmd, cwd=tmp_path)
     assert again.returncode == 0 and "[reuse] " in again.stderr
 
 
@@ -86,7 +87,7 @@ def test_seq_grid_smoke(tmp_path):
            "--ratios", "2", "4", "--seeds", "0", "1", "--learned-ratios", "2", "--seq-steps", "2",
            "--seq-max-questions", "8",
            "--out", str(tmp_path / "sg"), "--md", str(tmp_path / "SEQ.md")]
-    p = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(cmd, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| learned_r4 | learned_r4_s1 |" in p.stdout and "| truncate_r2 | baselines |" in p.stdout
     assert "| learned_r2 | learned_r2_s0 |" in p.stdout and "| none | nocontext | 0.0 | 0 |" in p.stdout
@@ -106,7 +107,7 @@ def test_pair_grid_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pair_grid.py"), "--model", "tiny-random-b", "--receiver",
            "tiny-random", "--max-eval", "6", "--seq-steps", "2", "--seq-max-questions", "6", "--seq-dim", "4",
            "--out", str(tmp_path / "pg"), "--md", str(tmp_path / "PAIR.md")]
-    p = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(cmd, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| S tiny-random-b |" in p.stdout and "| R tiny-random |" in p.stdout
     assert "| R reading S (wire_R) | sender_ids |" in p.stdout and "| R (own_R) | learned_r4 |" in p.stdout
@@ -116,21 +117,20 @@ def test_pair_grid_smoke(tmp_path):
     assert w[0] == w[1]  # one wire: the same payload bytes for both receivers
     assert "python benchmarks/pair_grid.py --model tiny-random-b" in (tmp_path / "PAIR.md").read_text()
     assert "its upper bound, the better of the two answers" in p.stdout
-    again = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    again = run_script(cmd, cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count("[reuse]") == 3
     # S's own compressor from an earlier run (--sender-run); cells one at a time (--only), then the table
     run2 = cmd[:cmd.index("--out")] + ["--out", str(tmp_path / "pg2"), "--sender-run", str(tmp_path / "pg" / "own_S"),
                                        "--wire-kinds", "learned"]
-    only = run_script(run2 + ["--only", "wire_R"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    only = run_script(run2 + ["--only", "wire_R"], cwd=tmp_path)
     assert only.returncode == 0 and "[run ]" in only.stderr and not (tmp_path / "pg2" / "own_R").exists()
-    table = run_script(run2, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    table = run_script(run2, cwd=tmp_path)
     assert table.returncode == 0, table.stderr[-3000:]
     assert "wire_R: finished with the same settings" in table.stderr and "| R (own_R) | learned_r4 |" in table.stdout
     # --wire-kinds learned: no surprisal row (truncation and nothing come with the learned wire as its controls)
     assert "| R reading S (wire_R) | surprisal_r4 |" not in table.stdout
     assert "| R reading S (wire_R) | truncate_r4 |" in table.stdout
-    wrong = run_script(run2[:-4] + ["--sender-run", str(tmp_path / "pg" / "own_R")], capture_output=True,
-                           text=True, timeout=600, cwd=tmp_path)
+    wrong = run_script(run2[:-4] + ["--sender-run", str(tmp_path / "pg" / "own_R")], cwd=tmp_path)
     assert wrong.returncode != 0 and "--sender-run" in wrong.stderr and "not of --model tiny-random-b" in wrong.stderr
 
 
@@ -141,12 +141,11 @@ def test_seq_probe_smoke(tmp_path):
     from latentwire.run import run_experiment
     run_experiment(tiny_learned_config(tmp_path / "run", "learned"), use_cache=False, log=lambda *a: None)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path / "run"), "--n", "4"]
-    p = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(cmd, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| training |" in p.stdout and "| dev |" in p.stdout and "none" in p.stdout
     assert "another paragraph" in p.stdout
-    bad = run_script([sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    bad = run_script([sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path)], cwd=tmp_path)
     assert bad.returncode != 0 and "not a learned run" in bad.stderr
 
 
@@ -208,7 +207,7 @@ def test_ceiling_smoke(tmp_path):
            "--squad-eval", ev, "--contexts", "2", "--kinds", "opt-emb-copy", "opt-kv-use", "--wire-bits", "16,4",
            "--opt-steps", "2", "--opt-copy-steps", "2", "--opt-questions", "2", "--opt-continue", "2",
            "--out", str(tmp_path / "c"), "--md", str(md), "--no-progress"]
-    p = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(cmd, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     for row in ("| opt-emb-copy_r4 |", "| opt-emb-copy_r4:other |", "| opt-kv-use_r4 |", "| opt-kv-use_r4:other |",
                 "| truncate_r4 |", "| none |", "| opt-kv-use_r4_b4 | 4 |"):
@@ -220,11 +219,11 @@ def test_ceiling_smoke(tmp_path):
     # another kind in its own process and folder, then one table from both (--merge runs nothing)
     c2 = cmd[:cmd.index("--kinds")] + ["--kinds", "opt-kv-copy", "--wire-bits", "16", "--opt-copy-steps", "2",
                                        "--out", str(tmp_path / "c2"), "--no-progress"]
-    p = run_script(c2, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(c2, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     merge = [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--merge", str(tmp_path / "c"),
              str(tmp_path / "c2"), "--md", str(md)]
-    p = run_script(merge, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(merge, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     for row in ("| opt-emb-copy_r4 |", "| opt-kv-use_r4 |", "| opt-kv-copy_r4 |", "| opt-kv-copy_r4:other |",
                 "| opt-kv-use_r4_b4 | 4 |"):
@@ -239,7 +238,7 @@ def test_ceiling_smoke(tmp_path):
     rows = (tmp_path / "c3" / "predictions_truncate_r4.jsonl").read_text().splitlines()
     first = json.loads(rows[0]) | {"prediction": "something else"}
     (tmp_path / "c3" / "predictions_truncate_r4.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]) + "\n")
-    p = run_script(merge[:-3] + [str(tmp_path / "c3")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(merge[:-3] + [str(tmp_path / "c3")], cwd=tmp_path)
     assert p.returncode == 2 and "--merge" in p.stderr and "truncate_r4 answers differ" in p.stderr, p.stderr
 
 
@@ -257,7 +256,7 @@ def test_ceiling_jobs_split_run_and_merge(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--model", "tiny-random", "--squad-train", tr,
            "--squad-eval", ev, "--contexts", "2", "--kinds", "opt-emb-copy", "opt-kv-copy", "--wire-bits", "16",
            "--opt-copy-steps", "2", "--jobs", "2", "--out", str(tmp_path / "j"), "--md", str(md), "--no-progress"]
-    p = run_script(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    p = run_script(cmd, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     for k in ("opt-emb-copy", "opt-kv-copy"):
         assert (tmp_path / "j" / k / "metrics.json").is_file() and (tmp_path / "j" / f"{k}.log").is_file()
@@ -271,8 +270,8 @@ def test_layer_probe_smoke(tmp_path):
     """benchmarks/layer_probe.py on the tiny model: one row per layer, token recovery in percent."""
     tr, ev = _squad_files(tmp_path)
     p = run_script([sys.executable, str(ROOT / "benchmarks" / "layer_probe.py"), "--model", "tiny-random",
-                        "--squad-train", tr, "--squad-eval", ev, "--train-paragraphs", "6", "--eval-paragraphs", "3",
-                        "--md", str(tmp_path / "L.md")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                    "--squad-train", tr, "--squad-eval", ev, "--train-paragraphs", "6", "--eval-paragraphs", "3",
+                    "--md", str(tmp_path / "L.md")], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "<!-- layer_probe.py: begin -->" in (tmp_path / "L.md").read_text()
     assert p.stdout.count("\n| ") >= 3, p.stdout  # a header, and layers 0.. of the 2-layer model
