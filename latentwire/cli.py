@@ -5,6 +5,7 @@
   latentwire send       a paragraph -> a payload file (its bytes, positions, and the text's sizes)
   latentwire ask        a payload file + a question -> the frozen LLM's answer
   latentwire pipelines  the kinds of pipeline, one line each
+  latentwire train-encoder  train the pooled LM encoder (the learned wire); its folder is a --pipeline
   latentwire eval       the text pipeline alone on SQuAD / the built-in set
   latentwire sweep      many runs from a YAML/TOML file
   latentwire diagnose   the seed's five hypotheses, tested
@@ -107,6 +108,20 @@ def make_parser() -> argparse.ArgumentParser:
     pa.add_argument("payload", help="a payload file written by `latentwire send` with the same pipeline flags")
     pa.add_argument("question", help="the question")
     pa.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default: 16)")
+    pt = sub.add_parser("train-encoder", help="train the pooled LM encoder; its folder is then a --pipeline",
+                        description="Train the pooled LM encoder (docs/encoder.md): a trainable copy of the receiver's "
+                                    "LM reads each paragraph, its final states mean-pooled over every r tokens, "
+                                    "through a projector into the frozen receiver's embedding space; stage A "
+                                    "(reconstruction + continuation), stage B (answers, KL to the text); the best "
+                                    "held-out state is saved as safetensors + encoder.json in --out.")
+    for key in ("model", "data"):
+        _add_group(pt, key, _GROUPS[key])
+    from .config import EncConfig
+    _add_group(pt, "enc", EncConfig)
+    pt.add_argument("--out", required=True, help="the encoder's folder (weights, encoder.json, logs, ckpt.pt)")
+    pt.add_argument("--resume", action="store_true",
+                    help="continue from the folder's ckpt.pt (or, without one, from its saved weights)")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("pipelines", help="the kinds of pipeline, one line each",
                    description="The kinds --pipeline / --sequence / `send` / `ask` accept, one line each.")
     pe = sub.add_parser("eval", help="the text pipeline alone: batched greedy generation, SQuAD EM/F1")
@@ -204,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'pkg.mod:Factory':<{w}}  your own: Factory(BuildContext) -> a latentwire.Pipeline")
         elif args.cmd in ("send", "ask"):
             _wire_command(args)
+        elif args.cmd == "train-encoder":
+            from .config import EncConfig
+            from .lmtrain import train_job
+            cfg = _build(args, ("model", "data"))
+            enc = EncConfig(**{f.name: getattr(args, f"enc.{f.name}") for f in fields(EncConfig)})
+            meta = train_job(cfg, enc, args.out, resume=args.resume, progress=not args.no_progress,
+                             argv=argv if argv is not None else sys.argv[1:])
+            r = meta["record"]
+            print(f"{args.out}: {r['steps']} steps in {r['seconds']:.0f} s, best held-out F1 {r['heldout_f1']:.2f} "
+                  f"(step {r['best_step']}); {meta['bytes']:,} bytes of weights in {len(meta['files'])} file(s)")
         elif args.cmd == "eval":
             from .run import text_baseline_eval
             cfg = _build(args, ("model", "data", "eval"))

@@ -10,6 +10,9 @@ beside its controls:
   *this* paragraph only if its own payload does clearly better;
 * **nothing** (`none`) and **truncation at equal positions**
   (`truncate_r{r}`), added to the run when missing;
+* **the first-M control** when the run has one (a pooled LM encoder trained
+  the same way but sent only the first M tokens: what training adds with no
+  content beyond truncation's);
 * **reading probes** on held-out (evaluation) paragraphs, question-free:
   reconstruction (token accuracy and CE of the receiver writing the
   paragraph back after "Repeat the context:") and continuation (CE of the
@@ -18,6 +21,10 @@ beside its controls:
 
 Paired differences against each control (95% bootstrap intervals over
 questions) go to metrics.json (`controls`), the report and the console.
+Every run with a truncation row also splits every row's F1 by where the gold
+answer lies -- within the first M tokens (what truncation keeps) or beyond
+them -- paired against truncation (`answer_split`, metrics.json
+`answer_split`).
 """
 from __future__ import annotations
 
@@ -125,14 +132,19 @@ def pipeline_entry(rows: list[dict], text_rows: list[dict], n_boot: int, seed: i
 
 def add_controls(pipelines: dict, prompts, build_baseline) -> dict[str, dict]:
     """For every learned pipeline: its other-paragraph control (added to `pipelines` right after it) and the
-    names of its nothing / truncation controls (built with `build_baseline(kind, ratio)` when missing).
-    Returns {learned name: {"other": name, "none": name, "truncate": name or None}}."""
+    names of its nothing / truncation controls (built with `build_baseline(kind, ratio)` when missing), and, when
+    the run has one, its first-M control (a pipeline whose `first_m_of` names it: the same encoder trained the
+    same way but sent only the first M tokens).
+    Returns {learned name: {"other": name, "none": name, "truncate": name or None[, "first_m": name]}}."""
     out: dict[str, dict] = {}
+    first_m = {getattr(p, "first_m_of", None): n for n, p in pipelines.items() if getattr(p, "first_m_of", None)}
     for name, p in list(pipelines.items()):
         if not is_learned(p):
             continue
         r = pipeline_ratio(p)
         ctl = {"other": f"{name}:other", "none": "none", "truncate": None if r is None else f"truncate_r{r:g}"}
+        if name in first_m:
+            ctl["first_m"] = first_m[name]
         if "none" not in pipelines:
             pipelines["none"] = build_baseline("none", 1.0)
         if ctl["truncate"] and ctl["truncate"] not in pipelines:
@@ -165,6 +177,54 @@ def control_deltas(rows: dict[str, list[dict]], controls: dict[str, dict], n_boo
             d[which] = {"pipeline": other, "d_f1": list(paired_delta(rows[other], rows[name], "f1", n_boot, seed)),
                         "d_agreement": list(paired_delta(rows[other], rows[name], "agree", n_boot, seed))}
         out[name] = d
+    return out
+
+
+def answer_within(tokenizer, example, context_text: str, ratio: float) -> bool:
+    """Whether one of the question's gold answers lies wholly inside the first M = ceil(L / r) tokens of the
+    context as the prompt holds it (the receiver's tokens of ' ' + context, `data.context_token_ids`): what
+    truncation at r keeps. Only a reading that carries more than those tokens can win on the other questions."""
+    from .pipelines.tokens import budget
+    if not context_text:
+        return False
+    offsets = tokenizer(" " + context_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    M = budget(len(offsets), ratio)
+    kept = offsets[M - 1][1] - 1 if M else 0  # characters of the context the M tokens cover (after the space)
+    return any(s + len(a) <= kept for a, s in zip(example.answers, example.answer_starts) if s >= 0)
+
+
+def answer_split(tokenizer, prompts, rows_by: dict[str, list[dict]], ratios: Sequence[float], n_boot: int,
+                 seed: int) -> dict:
+    """Every row's F1 on the questions whose answer lies within the first M tokens and on the rest, at each ratio
+    r whose truncation row the run has, with ΔF1 against truncation paired over those questions:
+    {"r4": {"within": n, "beyond": n, "pipelines": {name: {"within": {"f1", "d_truncate"}, "beyond": ...}}}}."""
+    out = {}
+    cache: dict[tuple, bool] = {}
+    for r in ratios:
+        tname = f"truncate_r{r:g}"
+        if tname not in rows_by or not prompts or not prompts[0].example.answer_starts:
+            continue
+        inside = []
+        for p in prompts:
+            key = (p.context_text, p.example.id, r)
+            if key not in cache:
+                cache[key] = answer_within(tokenizer, p.example, p.context_text, r)
+            inside.append(cache[key])
+        parts = {"within": [i for i, x in enumerate(inside) if x], "beyond": [i for i, x in enumerate(inside) if not x]}
+        base = rows_by[tname]
+        entry = {"within": len(parts["within"]), "beyond": len(parts["beyond"]), "truncate": tname, "pipelines": {}}
+        for name, rows in rows_by.items():
+            if [x["id"] for x in rows] != [x["id"] for x in base]:
+                continue
+            cell = {}
+            for part, idx in parts.items():
+                if not idx:
+                    continue
+                a, b = [base[i] for i in idx], [rows[i] for i in idx]
+                cell[part] = {"f1": 100 * sum(x["f1"] for x in b) / len(b),
+                              "d_truncate": None if name == tname else list(paired_delta(a, b, "f1", n_boot, seed))}
+            entry["pipelines"][name] = cell
+        out[f"r{r:g}"] = entry
     return out
 
 

@@ -513,6 +513,101 @@ class OptConfig:
             raise LatentWireError(f"--opt-wire-bits {self.opt_wire_bits!r}: each 1..8, 16 or 32")
 
 
+@dataclass
+class EncConfig:
+    """The pooled LM encoder (`latentwire train-encoder`, latentwire/lmenc.py and lmtrain.py): a trainable copy
+    of the receiver's LM reads the paragraph, its final states mean-pooled over every r tokens, through a
+    projector into the frozen receiver's embedding space."""
+    enc_ratio: int = 4
+    """Context tokens per position: the receiver reads M = ceil(L / r) vectors for a paragraph of L tokens."""
+    enc_input: str = "all"
+    """all: the encoder reads every token, pooled by r | first-m: the control -- it reads only the first
+    M = ceil(L / r) tokens, one position each (truncation's content, trained the same way: what training alone
+    adds)."""
+    enc_tune: str = "full"
+    """Which of the sender's weights train: full (all; the measured design, too large to ship) | lora (peft
+    adapters of rank --enc-lora-rank on every linear layer) | top (the top --enc-top-layers blocks and the final
+    norm). Only the trainable part is saved and shipped."""
+    enc_lora_rank: int = 16
+    """LoRA rank (--enc-tune lora); alpha = rank."""
+    enc_top_layers: int = 2
+    """Trainable top blocks (--enc-tune top)."""
+    enc_dz: int = 0
+    """Bottleneck dimensions per position (0: none -- the sender runs the projector and the d_model-dim vectors
+    cross as floats). With one, the sender sends d_z codes and the receiver maps them up."""
+    enc_bits: int = 16
+    """Bits per value on the wire: 16/32 floats, or 1..8 (tanh, then uniform levels on [-1, 1], trained
+    straight-through; needs --enc-dz > 0)."""
+    enc_hidden: int = 0
+    """Hidden width of the projector's residual MLP (0: 2 x d_model)."""
+    enc_steps_a: int = 300
+    """Stage A steps: half reconstruction (the receiver repeats the first --enc-recon-tokens context tokens after
+    the vectors), half continuation (the encoder reads a prefix, the receiver writes the next --enc-cont-tokens)."""
+    enc_steps_b: int = 550
+    """Stage B steps: teacher-forced CE on ' ' + gold answer + newline, plus --enc-w-kl x KL to the receiver
+    reading the text."""
+    enc_time_limit: float = 0.0
+    """Stop training after this many seconds (0: no limit); the checkpoint and the best state are saved, and
+    --resume continues from them (several short GPU windows add up)."""
+    enc_batch: int = 32
+    """Examples per step."""
+    enc_lr: float = 1e-4
+    """Peak AdamW learning rate of the sender LM's trainable weights (warm-up, then cosine to 10%)."""
+    enc_lr_proj: float = 1e-3
+    """Peak learning rate of the projector (and bottleneck)."""
+    enc_warmup: int = 50
+    """Warm-up steps (of each stage)."""
+    enc_clip: float = 1.0
+    """Gradient-norm clip."""
+    enc_recon_tokens: int = 128
+    """Stage A reconstruction target: the first N context tokens."""
+    enc_cont_tokens: int = 64
+    """Stage A continuation target: the next N tokens after a prefix of L/3..2L/3."""
+    enc_w_kl: float = 0.5
+    """Weight of KL(receiver reading the text || receiver reading the vectors) on the answer tokens (stage B);
+    over the teacher's top --enc-teacher-topk tokens."""
+    enc_teacher_topk: int = 64
+    """Teacher log-probabilities kept per answer token."""
+    enc_max_tokens: int = 256
+    """Context tokens a training paragraph is cut to."""
+    enc_heldout_paragraphs: int = 100
+    """Training paragraphs held out of training (the last ones, articles round-robin)."""
+    enc_heldout_questions: int = 150
+    """Questions of the held-out paragraphs answered (greedy, F1) at every evaluation; the best state is kept."""
+    enc_eval_every: int = 100
+    """Steps between held-out evaluations (and at the end of each stage)."""
+    enc_ckpt_every: int = 100
+    """Checkpoint every N steps (atomic; also at the time limit and on SIGINT/SIGTERM)."""
+    enc_cache_teacher: bool = False
+    """Keep every question's teacher top-k in memory after its first use (for long runs on a CPU, where the
+    teacher's forward is a large share of a step); the CPU variant of benchmarks/encoder_cost.py."""
+    enc_seed: int = 0
+    """Seed of the projector's initialisation, the held-out split and the batch order."""
+    enc_save_dtype: str = "bfloat16"
+    """dtype of the shipped tensors (bfloat16 halves the files; the evaluation reads the saved weights, so what
+    is evaluated is what ships)."""
+
+    def validate(self) -> None:
+        for n in ("enc_ratio", "enc_batch", "enc_lr", "enc_lr_proj", "enc_clip", "enc_recon_tokens",
+                  "enc_cont_tokens", "enc_teacher_topk", "enc_eval_every", "enc_ckpt_every", "enc_lora_rank",
+                  "enc_top_layers", "enc_heldout_questions"):
+            _positive(n, getattr(self, n))
+        for n in ("enc_dz", "enc_hidden", "enc_steps_a", "enc_steps_b", "enc_warmup", "enc_w_kl", "enc_time_limit",
+                  "enc_heldout_paragraphs"):
+            _positive(n, getattr(self, n), allow_zero=True)
+        _choice("enc_input", self.enc_input, ("all", "first-m"))
+        _choice("enc_tune", self.enc_tune, ("full", "lora", "top"))
+        _choice("enc_save_dtype", self.enc_save_dtype, ("bfloat16", "float16", "float32"))
+        if not (1 <= self.enc_bits <= 8 or self.enc_bits in (16, 32)):
+            raise LatentWireError(f"--enc-bits {self.enc_bits}: choose 1..8, 16 or 32")
+        if self.enc_bits < 16 and not self.enc_dz:
+            raise LatentWireError(f"--enc-bits {self.enc_bits}: quantized codes need a bottleneck (--enc-dz > 0)")
+        if not (self.enc_steps_a or self.enc_steps_b):
+            raise LatentWireError("--enc-steps-a and --enc-steps-b are both 0: nothing to train")
+        if self.enc_max_tokens < 16:
+            raise LatentWireError(f"--enc-max-tokens must be >= 16 (got {self.enc_max_tokens})")
+
+
 SEQ_PRESETS = {"quick": {"seq_steps": 60, "seq_max_questions": 400},
                "default": {"seq_steps": 300, "seq_max_questions": 2000}}
 """Training sizes of the learned sequence compressor (their measured times are in the README)."""
@@ -614,4 +709,4 @@ def field_docs(cls) -> dict[str, str]:
 
 
 __all__ = ["GROUPS", "SEED_PRESET", "ModelConfig", "DataConfig", "EvalConfig", "CompressConfig", "AdapterConfig", "TrainConfig",
-           "SeqConfig", "OptConfig", "SEQ_PRESETS", "RunConfig", "apply_preset", "apply_seq_preset", "field_docs", "fields"]
+           "SeqConfig", "OptConfig", "EncConfig", "SEQ_PRESETS", "RunConfig", "apply_preset", "apply_seq_preset", "field_docs", "fields"]

@@ -272,8 +272,8 @@ def controls_table(metrics: dict) -> str:
         v = r.get(key)
         return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")
     lines = ["| learned pipeline | F1 | − another paragraph's payload | − none | − truncation (equal positions) | "
-             "reconstruction acc: own / other / truncation / none / text | continuation CE: own / other / "
-             "truncation / none / text |", "|---|---|---|---|---|---|---|"]
+             "− first-M control | reconstruction acc: own / other / truncation / none / text | continuation CE: "
+             "own / other / truncation / none / text |", "|---|---|---|---|---|---|---|---|"]
     for name, c in ctl.items():
         if name not in P:
             continue
@@ -282,7 +282,7 @@ def controls_table(metrics: dict) -> str:
         rec = " / ".join(probe(n, "recon_acc", True) for n in order)
         cont = " / ".join(probe(n, "cont_ce") for n in order)
         lines.append(f"| {name} | {P[name]['f1']:.2f} | {_delta(cs.get('other'))} | {_delta(cs.get('none'))} | "
-                     f"{_delta(cs.get('truncate'))} | {rec} | {cont} |")
+                     f"{_delta(cs.get('truncate'))} | {_delta(cs.get('first_m'))} | {rec} | {cont} |")
     n = next((r.get("contexts") for r in ((P.get(x) or {}).get("reading_probe") for x in ctl) if r), None)
     lines.append("")
     lines.append("ΔF1: the learned pipeline minus the control, paired over the same questions (points, 95% "
@@ -291,6 +291,27 @@ def controls_table(metrics: dict) -> str:
                  "teacher-forced token accuracy of the receiver writing the paragraph back after \"Repeat the "
                  "context:\"; continuation = CE per token (nats) of the article's next paragraph read right after it.")
     return "\n".join(lines)
+
+
+def answer_split_table(metrics: dict) -> str:
+    """Every row's F1 where the gold answer lies within the first M tokens (what truncation keeps) and beyond
+    them, each with ΔF1 against truncation paired over those questions, one table per ratio."""
+    out = []
+    for key, e in (metrics.get("answer_split") or {}).items():
+        r = key[1:]
+        out += [f"At r = {r} (M = ceil(L / {r})): the gold answer lies within the first M context tokens for "
+                f"{e['within']} questions, beyond them for {e['beyond']}.", "",
+                f"| pipeline | F1, answer within (n={e['within']}) | ΔF1 vs {e['truncate']} | "
+                f"F1, answer beyond (n={e['beyond']}) | ΔF1 vs {e['truncate']} |", "|---|---|---|---|---|"]
+        for name, cell in e["pipelines"].items():
+            cs = []
+            for part in ("within", "beyond"):
+                c = cell.get(part)
+                cs += ["-", "-"] if c is None else [f"{c['f1']:.2f}", "-" if c["d_truncate"] is None else
+                                                    _delta({"d_f1": c["d_truncate"]})]
+            out.append(f"| {name} | " + " | ".join(cs) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def _sender_text(metrics: dict) -> str:
@@ -322,6 +343,7 @@ def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) 
           "## Metrics (sorted by bytes on the wire)\n", metrics_table(metrics), "",
           *(["## Learned pipelines against their controls\n", controls_table(metrics), ""]
             if metrics.get("controls") else []),
+          *(["## Where the answer lies\n", answer_split_table(metrics), ""] if metrics.get("answer_split") else []),
           *(["## Stage 1 diagnostics\n", stage1_table(metrics), ""] if stage1_table(metrics) else []),
           f"Wire: what crosses it is the {metrics.get('wire_scope', 'context')} (see README, 'The wire'); bytes are "
           "the lengths of the payloads actually sent, one per distinct context (questions about one paragraph "

@@ -16,7 +16,7 @@ import torch
 
 from . import dist
 from .answers import cached_predictions, sharded_predictions, text_predictions
-from .compare import (add_controls, control_deltas, measure_readings, pipeline_entry, probe_set, score_rows, send_all,
+from .compare import (add_controls, answer_split, control_deltas, measure_readings, pipeline_ratio, pipeline_entry, probe_set, score_rows, send_all,
                       wire_entry)
 from .config import RunConfig
 from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, load_squad_json, split_by_title, \
@@ -354,6 +354,8 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
                                           metrics)
     if not d.is_main:
         return {}
+    ratios = sorted({r for r in (pipeline_ratio(p) for p in pipes.values()) if r is not None})
+    metrics["answer_split"] = answer_split(lm.tokenizer, prompts, rows_by, ratios, nb, seed)
     if controls:
         for name, c in control_deltas(rows_by, controls, nb, seed).items():
             metrics["pipelines"][name]["controls"] = c
@@ -371,6 +373,9 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
     if controls:
         from .report import controls_table
         log("\n" + controls_table(metrics))
+    if metrics.get("answer_split"):
+        from .report import answer_split_table
+        log("\n" + answer_split_table(metrics))
     if metrics.get("verdict"):
         log("\n".join(["", "verdict:"] + [f"- {v}" for v in metrics["verdict"]]))
     log(f"\nrun folder: {out} (report.md, metrics.json, predictions_*.jsonl)")

@@ -51,24 +51,12 @@ from .models import cache_root, get_cache
 from .report import reference_text
 from .pipelines.tokens import budget
 from .runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
-from .wire import FloatQuantizer, Quantizer, ScalarQuantizer
+from .wire import Quantizer, bounded_quantizer
 
 FORMAT = 1  # of seq_compressor.pt
 
 
 # ------------------------------------------------------------- the module
-
-def bounded_quantizer(bits: int, dim: int) -> Quantizer:
-    """The wire's quantizer for tanh-bounded codes: 2**bits uniform levels on
-    [-1, 1] (cell midpoints) per dimension; nothing to fit, so both ends
-    know it from `bits` alone. 16/32 bits: floats."""
-    if bits in (16, 32):
-        return FloatQuantizer(bits)
-    q = ScalarQuantizer(bits, "uniform")
-    n = 1 << bits
-    q.levels_ = (-1 + (2 * torch.arange(n, dtype=torch.float32) + 1) / n).repeat(dim, 1).contiguous()
-    return q
-
 
 class SeqCompressor(torch.nn.Module):
     """Sender (`encode`: hidden states [B, L, d_in] -> codes [B, M, dim]) and
@@ -598,7 +586,7 @@ def prepare_learned(lm, cfg: SeqConfig, train_prompts, head_ids: Sequence[int], 
     return comp, layer, summary
 
 
-__all__ = ["SeqCompressor", "autoencode_items", "bounded_quantizer", "build_compressor", "build_items",
+__all__ = ["SeqCompressor", "autoencode_items", "build_compressor", "build_items",
            "cached_items", "collate",
            "context_states", "head_cache", "load_compressor", "prepare_learned", "resolve_layer", "save_compressor",
            "reference_losses", "seq_loss", "shared_sender", "teacher_topk", "train_seq"]

@@ -505,6 +505,17 @@ class RowQuantizer(Quantizer):
         return z + (q - z).detach() if z.requires_grad else q
 
 
+def bounded_quantizer(bits: int, dim: int) -> Quantizer:
+    """The wire's quantizer for tanh-bounded codes (the learned wires): 2**bits uniform levels on [-1, 1] (cell
+    midpoints) per dimension; nothing to fit, so both ends know it from `bits` alone. 16/32 bits: floats."""
+    if bits in (16, 32):
+        return FloatQuantizer(bits)
+    q = ScalarQuantizer(bits, "uniform")
+    n = 1 << bits
+    q.levels_ = (-1 + (2 * torch.arange(n, dtype=torch.float32) + 1) / n).repeat(dim, 1).contiguous()
+    return q
+
+
 def make_quantizer(bits: int, scheme: str = "lloyd") -> Quantizer:
     return FloatQuantizer(bits) if bits in (16, 32) else ScalarQuantizer(bits, scheme)
 

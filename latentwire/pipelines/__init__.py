@@ -7,7 +7,8 @@ and one line here.
 A spec is one of:
 * a kind's name (`text`, `ac`, `truncate`, `truncate+ac`, ...; kinds that
   take a ratio are built at `ctx.ratio`);
-* a run folder: its trained pipeline (`seq_compressor.pt`: the learned
+* a folder of `latentwire train-encoder` (`encoder.json`: the pooled LM
+  encoder), or a run folder: its trained pipeline (`seq_compressor.pt`: the learned
   compressor; `compressor.pt` + `adapter.pt`: Stage 1);
 * `package.module:Factory`: your own pipeline. `Factory(ctx)` is called with
   the `BuildContext` below and returns a `latentwire.Pipeline` (or a list of
@@ -61,8 +62,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("none", "nothing (0 bytes): the question alone -- the floor", "tokens:build_none"),
     Kind("meanpool", "the mean of each r token embeddings, as floats (an untrained merge)", "pooled:build_meanpool",
          ratio=True),
-    Kind("learned", "the trained sequence compressor: M quantized codes from the sender LLM's hidden states "
-                    "(a run folder's seq_compressor.pt, or the weights shipped for the default model)",
+    Kind("learned", "the pooled LM encoder: a fine-tuned copy of the LM reads the paragraph, its final states "
+                    "mean-pooled over every r tokens (a train-encoder folder, or the weights shipped for the "
+                    "default model; a v0.1 run folder's seq_compressor.pt too)",
          "learned:build_learned", trained=True),
     Kind("stage1", "Stage 1 of a run folder: PCA codes of every token's embedding + quantizer + adapter",
          "stage1:build_stage1", trained=True),
@@ -108,7 +110,7 @@ def is_plugin(spec: str) -> bool:
 
 def run_dir_kind(path: Path) -> str | None:
     """learned | stage1 | None: what a run folder holds."""
-    if (path / "seq_compressor.pt").is_file():
+    if (path / "encoder.json").is_file() or (path / "seq_compressor.pt").is_file():
         return "learned"
     if (path / "compressor.pt").is_file() and (path / "adapter.pt").is_file():
         return "stage1"
@@ -137,8 +139,8 @@ def build(spec: str, ctx: BuildContext, flag: str = "--pipeline") -> list[Pipeli
     elif Path(spec).is_dir():
         kind = run_dir_kind(Path(spec))
         if kind is None:
-            raise LatentWireError(f"{where}: this folder holds no trained pipeline (no seq_compressor.pt, and no "
-                                  "compressor.pt + adapter.pt)")
+            raise LatentWireError(f"{where}: this folder holds no trained pipeline (no encoder.json, no "
+                                  "seq_compressor.pt, and no compressor.pt + adapter.pt)")
         ctx2 = BuildContext(**{**ctx.__dict__, "run_dir": spec})
         got = _call("." + KINDS[kind].factory, ctx2, where)
     elif is_plugin(spec):

@@ -1,9 +1,16 @@
-"""The learned sequence compressor (latentwire/seqcomp.py) on the wire: the
-sender runs the frozen sender LLM over the context alone, encodes its hidden
-states into M = ceil(L / r) quantized codes (the payload); the receiver maps
-the codes into its embedding space. Loaded from a run folder's
-`seq_compressor.pt` (`--pipeline RUN_DIR`, `--seq-path`), or trained by
-`latentwire run --sequence learned`."""
+"""The learned wires, one family (`--pipeline learned`, `--pipeline DIR`):
+
+* `PooledLMPipeline` -- the pooled LM encoder (latentwire/lmenc.py): a
+  fine-tuned copy of the receiver's LM reads the paragraph, its final states
+  mean-pooled over every r tokens (M = ceil(L / r)), optionally squeezed to
+  d_z quantized codes; the receiver maps them into its embedding space. A
+  folder of `latentwire train-encoder` (encoder.json + safetensors), or the
+  weights shipped for the default model (`--pipeline learned`).
+* `LearnedSeqPipeline` -- the v0.1 sequence compressor (latentwire/seqcomp.py),
+  kept as a labelled variant: a small encoder on the frozen sender's hidden
+  states at one layer; a run folder's `seq_compressor.pt` (`--pipeline
+  RUN_DIR`, `--seq-path`), or trained by `latentwire run --sequence learned`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,17 +81,87 @@ def from_file(lm, path: str | Path, sender=None, flag: str = "--seq-path") -> Le
     return LearnedSeqPipeline(lm, comp, meta["shape"]["layer"], sender=sender)
 
 
-def build_learned(ctx) -> LearnedSeqPipeline:
-    """`--pipeline learned`: the compressor of ctx.run_dir, else the weights shipped for the default model."""
+def default_name(enc, meta: dict, first_m: bool | None = None) -> str:
+    """lmenc_r{r}[_z{d_z}x{bits}][_s{seed}][:first-m]: a row per shape, seed and input, so that a bytes sweep,
+    two seeds and the first-M control sit in one run."""
+    seed = (meta.get("record", {}).get("config") or {}).get("enc_seed", 0)
+    first_m = enc.first_m if first_m is None else first_m
+    return (f"lmenc_r{enc.ratio}" + (f"_z{enc.d_z}x{enc.bits}" if enc.d_z else "") + (f"_s{seed}" if seed else "")
+            + (":first-m" if first_m else ""))
+
+
+class PooledLMPipeline(Pipeline):
+    """The pooled LM encoder on the wire. Sender: the encoder's codes of the context, written by its quantizer
+    (16-bit floats, or d_z values at `bits` bits); receiver: codes -> the vectors the frozen LM reads. Each
+    paragraph is encoded alone (a payload does not depend on what else was sent)."""
+    reads = "embeds"
+    learned = True
+
+    def __init__(self, lm, enc, name: str | None = None, meta: dict | None = None):
+        super().__init__()
+        self.lm, self.enc, self.meta = lm, enc, meta or {}
+        self.ratio = enc.ratio
+        self.name = name or default_name(enc, self.meta)
+        self.weights_digest = self.meta.get("digest")  # what the payload's frame names, with the receiver's
+        if enc.first_m:  # the control of the full encoder of the same shape and seed (compare.add_controls)
+            self.first_m_of = default_name(enc, self.meta, first_m=False)
+
+    def _dev(self):
+        return next(self.enc.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, text, ids):
+        src, r = self.enc.sender_input(ids)
+        if not src:
+            return Payload(b"", 0)
+        x = torch.tensor([src], dtype=torch.long, device=self._dev())
+        z, _ = self.enc.encode(x, torch.ones_like(x, dtype=torch.bool), r)
+        assert z.shape[1] == budget(len(ids), self.ratio)
+        return Payload(self.enc.quantizer.to_bytes(z[0].float().cpu()), positions=int(z.shape[1]))
+
+    @torch.no_grad()
+    def decode(self, data):
+        if not data:
+            return torch.zeros((0, self.lm.d_model))
+        z = self.enc.quantizer.from_bytes(bytes(data), self.enc.code_dim)
+        return self.enc.decode(z.to(self._dev())).float()
+
+    def describe(self):
+        e = self.enc
+        out = {"name": self.name, "kind": "learned", "encoder": "pooled-lm", "ratio": e.ratio, "d_z": e.d_z,
+               "bits": e.bits, "input": "first-m" if e.first_m else "all"}
+        rec = self.meta.get("record", {})
+        for k in ("steps", "seconds", "heldout_f1", "examples_seen"):
+            if k in rec:
+                out[f"train_{k}"] = rec[k]
+        if "tune" in self.meta.get("shape", {}) or "enc_tune" in self.meta.get("shape", {}):
+            out["tune"] = self.meta["shape"].get("enc_tune")
+        return out | ({"weights_bytes": self.meta["bytes"]} if "bytes" in self.meta else {})
+
+
+def encoder_pipeline(lm, folder: str | Path, flag: str = "--pipeline") -> PooledLMPipeline:
+    """A trained encoder's folder (encoder.json + safetensors) as a pipeline for receiver `lm`."""
+    from ..lmenc import load_encoder
+    enc, meta = load_encoder(lm, folder, flag)
+    enc.to(lm.device)
+    return PooledLMPipeline(lm, enc, meta=meta)
+
+
+def build_learned(ctx) -> Pipeline:
+    """`--pipeline learned`: the learned wire of ctx.run_dir (an encoder folder, or a v0.1 run's
+    seq_compressor.pt), else the encoder shipped for the receiver model."""
     from ..errors import LatentWireError
+    from ..lmenc import META
     if ctx.run_dir is not None:
+        if (Path(ctx.run_dir) / META).is_file():
+            return encoder_pipeline(ctx.lm, ctx.run_dir)
         return from_file(ctx.lm, Path(ctx.run_dir) / "seq_compressor.pt", ctx.sender, flag="--pipeline")
-    from ..weights import shipped_compressor
-    path = shipped_compressor(ctx.lm)
-    if path is None:
-        raise LatentWireError("--pipeline learned: no trained compressor is shipped for this model; give a run "
-                              "folder of `latentwire run --sequence learned` (--pipeline RUN_DIR)")
-    return from_file(ctx.lm, path, ctx.sender, flag="--pipeline learned")
+    from ..weights import shipped_encoder
+    folder = shipped_encoder(ctx.lm)
+    if folder is None:
+        raise LatentWireError("--pipeline learned: no trained encoder is shipped for this receiver model; train one "
+                              "(`latentwire train-encoder`, docs/encoder.md) and give its folder (--pipeline DIR)")
+    return encoder_pipeline(ctx.lm, folder, flag="--pipeline learned")
 
 
-__all__ = ["LearnedSeqPipeline", "build_learned", "from_file"]
+__all__ = ["LearnedSeqPipeline", "PooledLMPipeline", "build_learned", "encoder_pipeline", "from_file"]

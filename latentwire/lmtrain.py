@@ -1,0 +1,413 @@
+"""Training the pooled LM encoder (latentwire/lmenc.py): a plain loop.
+
+Stage A (self-supervised, `enc_steps_a`): each example is, at random,
+* reconstruction -- the encoder reads the paragraph; the frozen receiver
+  reads [head][vectors]["\\nRepeat the context:"] and is trained to write the
+  first `enc_recon_tokens` context tokens (teacher-forced CE);
+* continuation -- the encoder reads tokens[:s], s uniform in [L/3, 2L/3];
+  the receiver writes the next `enc_cont_tokens` tokens right after the
+  vectors.
+Stage B (`enc_steps_b`): a training question; the receiver reads
+[head][vectors]["\\nQuestion: " q "\\nAnswer:"] and is trained on " " +
+gold + "\\n" (CE) plus `enc_w_kl` x KL to the receiver reading the text
+(the teacher: the same frozen LM, the paragraph as tokens; over its top-k
+tokens at each answer position).
+
+Every `enc_eval_every` steps the held-out paragraphs' questions are answered
+through the real wire (payload bytes -> the receiver's vectors -> greedy
+answer, the evaluation's own path) and the best state by F1 is kept: that
+state is what `save_encoder` writes.
+
+Why the batch is assembled as one tensor: the receiver's head (shots,
+"Context:") is the same for every row, so its K/V is computed once and
+copied; each row is then [M_b vectors][tail_b tokens] right-padded, built by
+one gather (no per-row model calls), and a step is one encoder forward, one
+receiver forward and one backward -- the loop is GPU-bound, not Python-bound.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import EncConfig
+from .data import Example, PromptBuilder, interleave_by_title
+from .errors import LatentWireError
+from .forward import cache_copy, forward_after, head_cache, right_pad
+from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
+from .probes import REPEAT_CUE
+from .runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
+
+
+# ------------------------------------------------------------- data
+
+@dataclass
+class Para:
+    """One training paragraph: its context ids (cut to enc_max_tokens) and its questions as
+    (question id, tail ids: '\\nQuestion: q\\nAnswer:', answer ids: ' gold\\n')."""
+    ids: list[int]
+    questions: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The gold answer as the model writes it after the cue: ' answer' and the newline that ends it."""
+    return tokenizer(" " + answer + "\n", add_special_tokens=False)["input_ids"]
+
+
+def split_training(examples: Sequence[Example], builder: PromptBuilder, cfg: EncConfig
+                   ) -> tuple[list[Para], list]:
+    """Training paragraphs, and the held-out questions' prompts (the last enc_heldout_paragraphs paragraphs of a
+    seeded shuffle are held out; their first enc_heldout_questions questions answered at each evaluation)."""
+    tok = builder.tok
+    by_ctx: dict[str, list[Example]] = {}
+    for e in interleave_by_title(examples):
+        by_ctx.setdefault(e.context, []).append(e)
+    contexts = list(by_ctx)
+    random.Random(cfg.enc_seed).shuffle(contexts)
+    n_out = min(cfg.enc_heldout_paragraphs, max(0, len(contexts) - 1))
+    train_ctx, held_ctx = contexts[:len(contexts) - n_out], contexts[len(contexts) - n_out:]
+    paras = []
+    for c in train_ctx:
+        exs = by_ctx[c]
+        p0 = builder.build(exs[0])
+        para = Para(p0.context_ids[:cfg.enc_max_tokens])
+        for e in exs:
+            p = builder.build(e)
+            para.questions.append((e.id, p.ids[p.ctx_end:], answer_ids(tok, e.answers[0])))
+        if para.ids:
+            paras.append(para)
+    held = [builder.build(e) for c in held_ctx for e in by_ctx[c]][:cfg.enc_heldout_questions]
+    if not paras:
+        raise LatentWireError("--squad-train: no training paragraph left after holding out "
+                              f"--enc-heldout-paragraphs {cfg.enc_heldout_paragraphs}")
+    return paras, held
+
+
+@dataclass
+class Row:
+    """One example of a batch: what the encoder reads, and the receiver's tail after the vectors, trained on
+    tail[t0:] (t0 = 0: the first tail token is predicted from the last vector)."""
+    enc_ids: list[int]
+    tail: list[int]
+    t0: int
+    kind: str  # recon | cont | qa
+    qid: str | None = None
+    ctx: list[int] | None = None  # qa: the paragraph, for the teacher
+
+
+def stage_a_row(p: Para, rng: random.Random, cue: list[int], cfg: EncConfig) -> Row:
+    L = len(p.ids)
+    if L >= 6 and rng.random() < 0.5:
+        s = rng.randint(max(1, L // 3), max(1, (2 * L) // 3))
+        return Row(p.ids[:s], p.ids[s:s + cfg.enc_cont_tokens], 0, "cont")
+    return Row(p.ids, cue + p.ids[:cfg.enc_recon_tokens], len(cue), "recon")
+
+
+def stage_b_row(p: Para, rng: random.Random) -> Row:
+    qid, tail, ans = p.questions[rng.randrange(len(p.questions))]
+    return Row(p.ids, tail + ans, len(tail), "qa", qid, p.ids)
+
+
+def make_batch(paras: Sequence[Para], stage: str, step: int, cfg: EncConfig, cue: list[int]) -> list[Row]:
+    """The batch of a step, a function of (seed, step) alone: a resumed run draws the same batches."""
+    rng = random.Random(cfg.enc_seed * 1_000_003 + step)
+    if stage == "A":
+        rows = [stage_a_row(paras[rng.randrange(len(paras))], rng, cue, cfg) for _ in range(cfg.enc_batch)]
+    else:
+        qa = [p for p in paras if p.questions]
+        rows = [stage_b_row(qa[rng.randrange(len(qa))], rng) for _ in range(cfg.enc_batch)]
+    return [r for r in rows if r.enc_ids and len(r.tail) > r.t0]
+
+
+# ------------------------------------------------------------- one step
+
+def _targets(rows: Sequence[Row], bases: Sequence[int], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat (row, position, target id) of every trained token: row b's tail[t0 + k] is predicted at position
+    bases[b] + t0 + k - 1 of its [reading][tail] row."""
+    b_idx, pos, tgt = [], [], []
+    for b, (r, base) in enumerate(zip(rows, bases)):
+        n = len(r.tail) - r.t0
+        b_idx += [b] * n
+        pos += range(base + r.t0 - 1, base + r.t0 - 1 + n)
+        tgt += r.tail[r.t0:]
+    t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
+    return t(b_idx), t(pos), t(tgt)
+
+
+def receiver_logits(lm, hc, n_head: int, vecs: torch.Tensor, vmask: torch.Tensor, rows: Sequence[Row]):
+    """The frozen receiver reading [head][vectors_b][tail_b] for every row: logits at the trained positions
+    [N, V] and the targets [N]. One gather builds the rows: position j of row b is vector j (j < M_b) or tail
+    token j - M_b."""
+    dev = vecs.device
+    B, Mx, d = vecs.shape
+    Mb = vmask.sum(1)
+    tails, tmask = right_pad([torch.tensor(r.tail, dtype=torch.long, device=dev) for r in rows])
+    E = lm.embed(tails).to(vecs.dtype)  # [B, T, d]
+    S = Mx + tails.shape[1]
+    j = torch.arange(S, device=dev)[None].expand(B, S)
+    in_v = j < Mb[:, None]
+    v = vecs.gather(1, j.clamp(max=Mx - 1)[..., None].expand(B, S, d)) if Mx else vecs.new_zeros(B, S, d)
+    e = E.gather(1, (j - Mb[:, None]).clamp(0, tails.shape[1] - 1)[..., None].expand(B, S, d))
+    x = torch.where(in_v[..., None], v, e)
+    mask = j < (Mb + tmask.sum(1))[:, None]
+    b_idx, pos, tgt = _targets(rows, Mb.tolist(), dev)
+    lo, hi = int(pos.min()), int(pos.max())
+    out = forward_after(lm, cache_copy(hc, B), n_head, x, mask, False, keep=torch.arange(lo, hi + 1, device=dev))
+    return out.logits[b_idx, pos - lo], tgt
+
+
+@torch.no_grad()
+def teacher_topk(lm, hc, n_head: int, rows: Sequence[Row], k: int, memo: dict | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each qa row: the receiver reading the paragraph as text, [head][ctx][tail], its top-k
+    log-probabilities and ids at the answer positions ([A, k] each); one batched forward (memoised per
+    question in `memo` when given)."""
+    todo = [i for i, r in enumerate(rows) if memo is None or r.qid not in memo]
+    got: dict[int, tuple] = {}
+    if todo:
+        dev = lm.device
+        sub = [rows[i] for i in todo]
+        x, m = right_pad([torch.tensor(r.ctx + r.tail, dtype=torch.long, device=dev) for r in sub])
+        b_idx, pos, _ = _targets(sub, [len(r.ctx) for r in sub], dev)
+        lo = int(pos.min())
+        logits = forward_after(lm, cache_copy(hc, len(sub)), n_head, x, m, True,
+                               keep=torch.arange(lo, int(pos.max()) + 1, device=dev)).logits
+        lp = torch.log_softmax(logits[b_idx, pos - lo].float(), -1)
+        v, ix = lp.topk(min(k, lp.shape[-1]), -1)
+        s = 0
+        for i, r in zip(todo, sub):
+            n = len(r.tail) - r.t0
+            got[i] = (v[s:s + n], ix[s:s + n])
+            s += n
+            if memo is not None:
+                memo[r.qid] = (got[i][0].half().cpu(), got[i][1].int().cpu())
+    out = []
+    for i, r in enumerate(rows):
+        t = got.get(i) or memo[r.qid]
+        out.append((t[0].float().to(lm.device), t[1].long().to(lm.device)))
+    return out
+
+
+def loss_step(enc: PooledEncoder, lm, hc, n_head: int, rows: Sequence[Row], cfg: EncConfig,
+              memo: dict | None = None) -> dict[str, torch.Tensor]:
+    """One batch's loss terms: `ce` (teacher-forced, per trained token), `kl` (qa rows: KL(teacher top-k ||
+    student) per answer token, the teacher renormalised over its top-k) and `loss`, their weighted sum."""
+    dev = lm.device
+    ids, m = right_pad([torch.tensor(enc.sender_input(r.enc_ids)[0], dtype=torch.long, device=dev) for r in rows])
+    vecs, vm = enc(ids, m, enc.sender_input(rows[0].enc_ids)[1])
+    logits, tgt = receiver_logits(lm, hc, n_head, vecs, vm, rows)
+    lp = torch.log_softmax(logits.float(), -1)
+    terms = {"ce": F.nll_loss(lp, tgt)}
+    if rows[0].kind == "qa" and cfg.enc_w_kl:
+        teach = teacher_topk(lm, hc, n_head, rows, cfg.enc_teacher_topk, memo)
+        t_lp = torch.cat([t[0] for t in teach])
+        t_ids = torch.cat([t[1] for t in teach])
+        p = torch.softmax(t_lp, -1)
+        terms["kl"] = (p * (torch.log(p.clamp_min(1e-12)) - lp.gather(-1, t_ids))).sum(-1).mean()
+        terms["loss"] = terms["ce"] + cfg.enc_w_kl * terms["kl"]
+    else:
+        terms["loss"] = terms["ce"]
+    return terms
+
+
+# ------------------------------------------------------------- the loop
+
+def lr_at(step: int, cfg: EncConfig) -> float:
+    """Multiplier of the peak learning rate at a global step: each stage warms up, then follows a cosine to 10%."""
+    a = cfg.enc_steps_a
+    s, n = (step, a) if step < a else (step - a, cfg.enc_steps_b)
+    if s < cfg.enc_warmup:
+        return (s + 1) / cfg.enc_warmup
+    t = (s - cfg.enc_warmup) / max(1, n - cfg.enc_warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
+    """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
+    from .generate import generate_predictions
+    from .metrics import score_example
+    from .pipelines.learned import PooledLMPipeline
+    if not prompts:
+        return float("nan")
+    was = enc.training
+    enc.eval()
+    try:
+        preds = generate_predictions(lm, prompts, PooledLMPipeline(lm, enc), batch_size=batch_size, progress=False)
+    finally:
+        enc.train(was)
+    return 100 * sum(score_example(p, pr.example.answers)["f1"] for p, pr in zip(preds, prompts)) / len(prompts)
+
+
+def _optimizer(enc: PooledEncoder, cfg: EncConfig) -> torch.optim.Optimizer:
+    lm_p = [p for n, p in enc.named_parameters() if p.requires_grad and n.startswith("sender.")]
+    pr_p = [p for n, p in enc.named_parameters() if p.requires_grad and not n.startswith("sender.")]
+    groups = [{"params": pr_p, "lr": cfg.enc_lr_proj, "peak": cfg.enc_lr_proj}]
+    if lm_p:
+        groups.insert(0, {"params": lm_p, "lr": cfg.enc_lr, "peak": cfg.enc_lr})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder, cfg: EncConfig,
+                  out: str | Path, resume: bool = False, progress: bool = True, log=print,
+                  record: dict | None = None) -> dict:
+    """Train (or, `resume`, continue) an encoder for receiver `lm` and write `out`: the best held-out state
+    (lmenc.save_encoder: safetensors + encoder.json), train_log.jsonl (every step's terms), heldout.jsonl (every
+    evaluation), ckpt.pt (to resume). Returns encoder.json's content."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.enc_seed)
+    paras, held = split_training(train_examples, builder, cfg)
+    enc = build_encoder(lm, cfg)
+    enc.train()
+    opt = _optimizer(enc, cfg)
+    step, best, seconds = 0, {"f1": -1.0, "step": None, "state": None}, 0.0
+    ckpt = out / "ckpt.pt"
+    if resume and ckpt.is_file():
+        blob = safe_torch_load(ckpt, "--resume")
+        enc.load_state_dict(blob["trainable"], strict=False)
+        try:
+            opt.load_state_dict(blob["opt"])
+        except (ValueError, KeyError):
+            log("warning: ckpt.pt's optimizer state does not fit this encoder; starting the optimizer afresh")
+        step, best, seconds = blob["step"], blob["best"], blob["seconds"]
+        log(f"resumed {ckpt} at step {step} ({seconds:.0f} s trained, best held-out F1 {best['f1']:.2f})")
+    elif resume and (out / "encoder.json").is_file():
+        # an archive without the optimizer state (it did not fit): the saved weights, a fresh optimizer
+        loaded, meta = load_encoder(lm, out, "--resume")
+        enc.load_state_dict(loaded.trainable_state(), strict=False)
+        step, seconds = meta["record"].get("steps", 0), meta["record"].get("seconds", 0.0)
+        best = {"f1": meta["record"].get("heldout_f1", -1.0), "step": step,
+                "state": {k: v.cpu().clone() for k, v in enc.trainable_state().items()}}
+        log(f"resumed the weights of {out} at step {step} (no optimizer state in the folder)")
+    elif resume:
+        raise LatentWireError(f"--resume: {out} holds neither ckpt.pt nor encoder.json")
+    head = builder.build(Example("head", "head", "", "?", ["-"])).head_ids
+    hc, n_head = head_cache(lm, head), len(head)
+    cue = builder._ids(REPEAT_CUE)
+    total = cfg.enc_steps_a + cfg.enc_steps_b
+    steps_log, evals_log = JsonlLogger(out / "train_log.jsonl"), JsonlLogger(out / "heldout.jsonl")
+    memo = {} if cfg.enc_cache_teacher else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if lm.device.type == "cuda" else None
+    params = [p for p in enc.parameters() if p.requires_grad]
+    # the receiver is frozen, but gradients must flow through it to the vectors
+    lm.model.requires_grad_(False)
+
+    def evaluate(at: int) -> None:
+        f1 = heldout_f1(enc, lm, held)
+        evals_log.log(step=at, heldout_f1=f1, seconds=seconds)
+        log(f"step {at}: held-out F1 {f1:.2f} on {len(held)} questions")
+        if f1 > best["f1"]:
+            best.update(f1=f1, step=at, state={k: v.detach().cpu().clone() for k, v in enc.trainable_state().items()})
+
+    def save_ckpt() -> None:
+        atomic_torch_save({"step": step, "trainable": enc.trainable_state(), "opt": opt.state_dict(),
+                           "best": best, "seconds": seconds, "config": asdict(cfg)}, ckpt)
+
+    bar = tqdm(total=total, initial=step, desc="encoder", disable=not progress)
+    stopped = None
+    try:
+        while step < total:
+            if cfg.enc_time_limit and seconds >= cfg.enc_time_limit:
+                stopped = f"time limit ({cfg.enc_time_limit:g} s)"
+                break
+            t0 = time.perf_counter()
+            stage = "A" if step < cfg.enc_steps_a else "B"
+            rows = make_batch(paras, stage, step, cfg, cue)
+            for g in opt.param_groups:
+                g["lr"] = g["peak"] * lr_at(step, cfg)
+            with amp if amp is not None else contextlib.nullcontext():
+                terms = loss_step(enc, lm, hc, n_head, rows, cfg, memo)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.enc_clip)
+            opt.step()
+            step += 1
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            steps_log.log(step=step, stage=stage, **{k: float(v.detach()) for k, v in terms.items()},
+                          grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], seconds=seconds, rows=len(rows))
+            bar.update(1)
+            bar.set_postfix(stage=stage, loss=f"{float(terms['loss'].detach()):.3f}")
+            if step % cfg.enc_eval_every == 0 or step in (cfg.enc_steps_a, total):
+                evaluate(step)
+            if step % cfg.enc_ckpt_every == 0:
+                save_ckpt()
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        bar.close()
+    if best["state"] is None or (stopped and best["step"] != step):
+        if best["state"] is None:
+            evaluate(step)
+    save_ckpt()
+    if stopped:
+        log(f"stopped at step {step} of {total}: {stopped}; `--resume` continues from {ckpt}")
+    enc.load_state_dict(best["state"], strict=False)
+    rec = (record or {}) | {"steps": step, "steps_total": total, "seconds": round(seconds, 1),
+                            "heldout_f1": best["f1"], "best_step": best["step"], "heldout_questions": len(held),
+                            "train_paragraphs": len(paras), "examples_seen": step * cfg.enc_batch,
+                            "finished": step >= total, "config": asdict(cfg)}
+    meta = save_encoder(enc, out, lm, cfg, rec, getattr(torch, cfg.enc_save_dtype))
+    write_json(out / "train_summary.json", {k: v for k, v in rec.items() if k != "config"})
+    return meta
+
+
+def code_version() -> str:
+    """The package version and, from a git checkout, the commit (with '+dirty' when files differ)."""
+    import subprocess
+
+    from . import __version__
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{__version__}" + (f" ({rev})" if rev else "")
+
+
+def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, argv: Sequence[str] = (),
+              progress: bool = True, log=print) -> dict:
+    """`latentwire train-encoder`: load the receiver (cfg.model) and the training questions (cfg.data's
+    --squad-train, else the built-in synthetic set's training articles), train, write `out` (config.json beside
+    the weights). Returns encoder.json's content."""
+    import shlex
+
+    from .models import display_name, file_digest, load_model
+    from .run import load_data
+    enc_cfg.validate()
+    cfg.model.validate()
+    cfg.data.validate(need_train=False)
+    out = Path(out)
+    if not resume and (out / "encoder.json").exists():
+        raise LatentWireError(f"--out {out}: already holds a trained encoder (--resume continues it; or choose "
+                              "another folder)")
+    train, _, desc = load_data(cfg)
+    lm = load_model(cfg.model.model, cfg.model.device, cfg.model.dtype)
+    builder = PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"model": asdict(cfg.model), "data": asdict(cfg.data), "enc": asdict(enc_cfg)})
+    data = {"train": desc.get("train"), "train_questions": len(train), "train_articles": desc.get("train_articles")}
+    if cfg.data.squad_train and Path(cfg.data.squad_train).is_file():
+        data["train_sha256"] = file_digest(Path(cfg.data.squad_train))
+    record = {"command": "latentwire " + shlex.join(argv), "model": display_name(lm.source),
+              "device": str(lm.device), "data": data, "code_version": code_version(),
+              "torch": torch.__version__}
+    log(f"training the pooled LM encoder for {display_name(lm.source)} on {len(train)} questions "
+        f"({desc.get('train')}), {enc_cfg.enc_steps_a} + {enc_cfg.enc_steps_b} steps of {enc_cfg.enc_batch}, "
+        f"tune {enc_cfg.enc_tune}, on {lm.device}")
+    return train_encoder(lm, train, builder, enc_cfg, out, resume=resume, progress=progress, log=log,
+                         record=record)
+
+
+__all__ = ["Para", "Row", "answer_ids", "heldout_f1", "loss_step", "lr_at", "make_batch", "receiver_logits",
+           "split_training", "teacher_topk", "train_encoder", "train_job"]

@@ -1,0 +1,292 @@
+"""The pooled LM encoder (latentwire/lmenc.py, lmtrain.py) on the tiny random models: pooling math, shapes and
+bytes on the wire, the batch assembly against plain forwards, a training step, weights that round-trip and ship,
+the first-M control and the answer split in a run."""
+import json
+import math
+
+import pytest
+import torch
+
+import latentwire as lw
+from latentwire.config import EncConfig
+from latentwire.data import Example, PromptBuilder, synthetic_squad
+from latentwire.errors import LatentWireError
+from latentwire.forward import head_cache
+from latentwire.lmenc import build_encoder, load_encoder, pool_states, read_meta, save_encoder
+from latentwire.lmtrain import (Row, loss_step, make_batch, receiver_logits, split_training, teacher_topk,
+                                train_encoder)
+from latentwire.pipelines.learned import PooledLMPipeline
+from latentwire.pipelines.tokens import budget
+
+
+def small(**kw) -> EncConfig:
+    base = dict(enc_steps_a=2, enc_steps_b=2, enc_batch=3, enc_heldout_paragraphs=2, enc_heldout_questions=3,
+                enc_eval_every=2, enc_recon_tokens=16, enc_cont_tokens=8)
+    return EncConfig(**(base | kw))
+
+
+def head_of(builder):
+    return builder.build(Example("h", "h", "", "?", ["-"])).head_ids
+
+
+def test_pool_states_is_the_mean_of_each_group_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 3, generator=g)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2], dtype=torch.bool)
+    p, m = pool_states(h, mask, 3)
+    assert p.shape == (2, 3, 3) and m.tolist() == [[True, True, True], [True, True, False]]
+    assert torch.allclose(p[0, 0], h[0, 0:3].mean(0)) and torch.allclose(p[0, 2], h[0, 6])  # a last group of one
+    assert torch.allclose(p[1, 1], h[1, 3:5].mean(0))  # the padded positions 5, 6 never count
+    # a row pooled alone equals the row pooled in a padded batch
+    alone, _ = pool_states(h[1:2, :5], mask[1:2, :5], 3)
+    assert torch.allclose(alone[0], p[1, :2])
+
+
+@pytest.mark.parametrize("dz,bits", [(0, 16), (8, 4), (6, 1), (5, 16)])
+def test_payload_bytes_are_exact_and_decode_to_rescaled_vectors(tiny, dz, bits):
+    enc = build_encoder(tiny, small(enc_dz=dz, enc_bits=bits))
+    pipe = PooledLMPipeline(tiny, enc)
+    text = synthetic_squad()[0].context
+    ids = pipe.context_ids(text)
+    pl = pipe.send(text, ids)
+    M = budget(len(ids), 4)
+    k = dz or tiny.d_model
+    assert pl.positions == M
+    want = M * k * 2 if bits == 16 else math.ceil(M * k * bits / 8) + (1 if k * bits < 8 else 0)
+    assert len(pl) == want
+    v = pipe.receive(pl)
+    assert v.shape == (M, tiny.d_model)
+    rms = v.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, enc.target_rms.expand_as(rms), rtol=1e-3)  # at the receiver's embedding RMS
+
+
+def test_first_m_control_reads_only_the_first_m_tokens(tiny):
+    enc = build_encoder(tiny, small(enc_input="first-m"))
+    pipe = PooledLMPipeline(tiny, enc, meta={})
+    ids = list(range(10, 31))  # 21 tokens: M = 6
+    src, r = enc.sender_input(ids)
+    assert src == ids[:6] and r == 1
+    a = pipe.send("a", ids)
+    b = pipe.send("b", ids[:6] + [5] * 15)  # what lies beyond the first M tokens changes nothing
+    assert a.positions == 6 and bytes(a) == bytes(b)
+    assert pipe.name == "lmenc_r4:first-m" and pipe.first_m_of == "lmenc_r4"
+
+
+def test_the_batch_assembly_equals_plain_forwards(tiny):
+    """receiver_logits builds [head][vectors_b][tail_b] for every row by one gather; each row's logits at its
+    trained positions equal a plain forward of that row alone."""
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    head = head_of(builder)
+    hc = head_cache(tiny, head)
+    g = torch.Generator().manual_seed(1)
+    vecs = torch.randn(2, 4, tiny.d_model, generator=g) * 0.2
+    vm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    rows = [Row([1], [5, 6, 7, 8, 9], 2, "qa"), Row([1], [11, 12, 13], 0, "cont")]
+    logits, tgt = receiver_logits(tiny, hc, len(head), vecs, vm, rows)
+    assert tgt.tolist() == [7, 8, 9, 11, 12, 13]
+    with torch.no_grad():
+        for b, (r, M) in enumerate(zip(rows, (4, 2))):
+            x = torch.cat([tiny.embed(torch.tensor([head]))[0], vecs[b, :M], tiny.embed(torch.tensor([r.tail]))[0]])
+            full = tiny.model(inputs_embeds=x[None]).logits[0]
+            want = full[len(head) + M + r.t0 - 1:len(head) + M + len(r.tail) - 1]
+            got = logits[:3] if b == 0 else logits[3:]
+            assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_teacher_is_the_receiver_reading_the_text(tiny):
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    head = head_of(builder)
+    hc = head_cache(tiny, head)
+    rows = [Row([3, 4, 5], [20, 21, 22, 23], 2, "qa", "q1", [3, 4, 5]), Row([7, 8], [30, 31, 32], 1, "qa", "q2", [7, 8])]
+    memo = {}
+    got = teacher_topk(tiny, hc, len(head), rows, 5, memo)
+    with torch.no_grad():
+        for r, (v, ix) in zip(rows, got):
+            full = torch.log_softmax(tiny.model(input_ids=torch.tensor([head + r.ctx + r.tail])).logits[0].float(), -1)
+            s = len(head) + len(r.ctx) + r.t0 - 1
+            want_v, want_ix = full[s:s + len(r.tail) - r.t0].topk(5, -1)
+            assert torch.equal(ix, want_ix) and torch.allclose(v, want_v, atol=1e-4)
+    assert set(memo) == {"q1", "q2"}
+    again = teacher_topk(tiny, hc, len(head), rows, 5, memo)  # read back from the memo
+    assert torch.equal(again[0][1], got[0][1])
+
+
+@pytest.mark.parametrize("tune", ["full", "lora", "top"])
+def test_training_steps_lower_the_loss_and_train_only_what_the_mode_says(tiny, tune):
+    torch.manual_seed(0)
+    cfg = small(enc_tune=tune, enc_top_layers=1, enc_lora_rank=4, enc_w_kl=0.5)
+    enc = build_encoder(tiny, cfg)
+    names = [n for n, p in enc.named_parameters() if p.requires_grad]
+    sender = [n for n in names if n.startswith("sender.")]
+    if tune == "lora":
+        assert sender and all("lora_" in n for n in sender)
+    elif tune == "top":
+        assert sender and all(".layers.1." in n or ".norm." in n for n in sender)
+    else:
+        assert len(sender) == len(list(enc.sender.parameters()))
+    assert not any(p.requires_grad for p in tiny.model.parameters())  # the receiver stays frozen
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    head = head_of(builder)
+    hc = head_cache(tiny, head)
+    paras, _ = split_training(synthetic_squad()[:40], builder, cfg)
+    rows = make_batch(paras, "B", 0, cfg, [])
+    opt = torch.optim.Adam([p for p in enc.parameters() if p.requires_grad], lr=1e-2 if tune != "full" else 3e-3)
+    losses = []
+    for _ in range(6):
+        t = loss_step(enc, tiny, hc, len(head), rows, cfg)
+        assert set(t) == {"ce", "kl", "loss"} and torch.isclose(t["loss"], t["ce"] + 0.5 * t["kl"])
+        opt.zero_grad()
+        t["loss"].backward()
+        opt.step()
+        losses.append(float(t["loss"].detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_batches_are_a_function_of_seed_and_step(tiny):
+    cfg = small(enc_batch=4)
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    paras, held = split_training(synthetic_squad()[:60], builder, cfg)
+    assert len(held) == 3
+    cue = [1, 2]
+    a, b = make_batch(paras, "A", 7, cfg, cue), make_batch(paras, "A", 7, cfg, cue)
+    assert [(r.enc_ids, r.tail) for r in a] == [(r.enc_ids, r.tail) for r in b]
+    assert {r.kind for r in make_batch(paras, "A", 3, small(enc_batch=32), cue)} == {"recon", "cont"}
+    for r in make_batch(paras, "A", 3, small(enc_batch=32), cue):
+        if r.kind == "recon":
+            assert r.tail[:2] == cue and r.t0 == 2 and r.tail[2:] == r.enc_ids[:16]
+        else:
+            assert r.t0 == 0 and len(r.tail) <= 8
+    held_ctx = {p.example.context for p in held}
+    assert not any(tuple(p.ids) in {tuple(builder.context_ids(c))[:256] for c in held_ctx} for p in paras)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc") / "full"
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    meta = train_encoder(tiny, synthetic_squad()[:60], builder, small(enc_dz=8, enc_bits=4), out, progress=False,
+                         log=lambda *a: None, record={"command": "test"})
+    return out, meta
+
+
+def test_saved_weights_round_trip_and_hold_only_the_trainable_part(tiny, trained):
+    out, meta = trained
+    assert meta["record"]["steps"] == 4 and meta["record"]["finished"]
+    assert (out / "train_log.jsonl").is_file() and (out / "heldout.jsonl").is_file() and (out / "ckpt.pt").is_file()
+    assert meta["shape"]["enc_dz"] == 8 and json.loads((out / "encoder.json").read_text())["digest"] == meta["digest"]
+    enc, _ = load_encoder(tiny, out)
+    assert set(enc.trainable_state()) == {k for k, p in enc.named_parameters() if p.requires_grad}
+    pipe, again = lw.load_pipeline(str(out), lm=tiny), lw.load_pipeline(str(out), lm=tiny)
+    text = synthetic_squad()[5].context
+    a, b = pipe.send(text), again.send(text)
+    assert bytes(a) == bytes(b) and torch.equal(pipe.receive(a), again.receive(b))
+    assert pipe.name == "lmenc_r4_z8x4" and pipe.weights_digest == meta["digest"]
+
+
+def test_weights_shard_under_the_file_limit(tiny, tmp_path, monkeypatch):
+    import latentwire.lmenc as lmenc
+    monkeypatch.setattr(lmenc, "SHARD_BYTES", 20_000)
+    enc = build_encoder(tiny, small())
+    meta = save_encoder(enc, tmp_path, tiny, small(), {"steps": 0})
+    assert len(meta["files"]) > 1
+    assert all((tmp_path / f).stat().st_size <= 20_000 + 4096 for f in meta["files"])  # + the JSON header
+    back, _ = load_encoder(tiny, tmp_path)
+    for k, v in enc.trainable_state().items():
+        assert torch.equal(back.trainable_state()[k], v.to(torch.bfloat16).float())
+
+
+def test_a_folder_for_another_receiver_or_a_damaged_one_is_refused_in_one_line(tiny, trained, tmp_path):
+    import shutil
+
+    from latentwire.models import load_model
+    out, meta = trained
+    other = load_model("tiny-random-b")
+    with pytest.raises(LatentWireError, match="trained for a receiver with d_model"):
+        load_encoder(other, out)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "encoder.json").read_text())
+    (bad / "encoder.json").write_text(json.dumps(m | {"format": 99}))
+    with pytest.raises(LatentWireError, match="format 99"):
+        read_meta(bad)
+    (bad / "encoder.json").write_text(json.dumps(m | {"files": ["../x.safetensors"]}))
+    with pytest.raises(LatentWireError, match="not in the folder"):
+        read_meta(bad)
+    (bad / "encoder.json").write_text(json.dumps(m))
+    (bad / m["files"][0]).write_bytes(b"not a safetensors file")
+    with pytest.raises(LatentWireError, match="not a readable safetensors file"):
+        load_encoder(tiny, bad)
+    with pytest.raises(LatentWireError, match="no encoder.json"):
+        read_meta(tmp_path)
+
+
+def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_path, monkeypatch):
+    """`--pipeline learned` with no folder loads the encoder shipped for the receiver (matched by its weights'
+    digest); send/ask answer as the evaluation path does. Without shipped weights: one line."""
+    import shutil
+
+    import latentwire.weights as weights
+    from conftest import run_cli
+
+    from latentwire.generate import generate_predictions
+    out, meta = trained
+    monkeypatch.setattr(weights, "SHIPPED", tmp_path / "none")
+    with pytest.raises(LatentWireError, match="no trained encoder is shipped"):
+        lw.load_pipeline("learned", lm=tiny)
+    ship = tmp_path / "shipped"
+    shutil.copytree(out, ship / "tiny")
+    monkeypatch.setattr(weights, "SHIPPED", ship)
+    pipe = lw.load_pipeline("learned", lm=tiny)
+    assert isinstance(pipe, PooledLMPipeline) and pipe.weights_digest == meta["digest"]
+    ex = synthetic_squad()[70]
+    para = tmp_path / "p.txt"
+    para.write_text(ex.context)
+    r = run_cli("send", "--pipeline", "learned", "--model", "tiny-random", str(para), "-o", str(tmp_path / "l.bin"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "l.bin").read_bytes() == bytes(pipe.send(ex.context))
+    r = run_cli("ask", "--pipeline", "learned", "--model", "tiny-random", str(tmp_path / "l.bin"), ex.question,
+                "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    prompt = pipe.builder.build(ex)
+    assert r.stdout.rstrip("\n") == generate_predictions(tiny, [prompt], pipe, max_new_tokens=4, progress=False)[0]
+    assert r.stdout.rstrip("\n") == lw.ask(pipe, pipe.send(ex.context), ex.question, max_new_tokens=4)
+
+
+def test_training_stops_at_its_time_limit_and_resumes(tiny, tmp_path):
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    ex = synthetic_squad()[:60]
+    quiet = lambda *a: None  # noqa: E731
+    m1 = train_encoder(tiny, ex, builder, small(enc_time_limit=1e-9), tmp_path, progress=False, log=quiet)
+    assert m1["record"]["steps"] == 1 and not m1["record"]["finished"]
+    m2 = train_encoder(tiny, ex, builder, small(), tmp_path, resume=True, progress=False, log=quiet)
+    assert m2["record"]["steps"] == 4 and m2["record"]["finished"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_train_encoder_command_and_a_run_with_the_first_m_control(tmp_path):
+    """`latentwire train-encoder` writes a folder that `latentwire run --pipeline` evaluates beside its controls:
+    another paragraph, none, truncation, and the first-M control; the report splits every row by where the
+    answer lies."""
+    from conftest import run_cli
+    common = ["--model", "tiny-random", "--synthetic-articles", "8", "--enc-steps-a", "1", "--enc-steps-b", "1",
+              "--enc-batch", "2", "--enc-heldout-paragraphs", "2", "--enc-heldout-questions", "2", "--no-progress"]
+    for name, extra in (("full", []), ("fm", ["--enc-input", "first-m"])):
+        r = run_cli("train-encoder", *common, *extra, "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        assert "best held-out F1" in r.stdout
+    r = run_cli("train-encoder", *common, "--out", str(tmp_path / "full"))
+    assert r.returncode == 2 and "already holds a trained encoder" in r.stderr
+    r = run_cli("run", "--model", "tiny-random", "--synthetic-articles", "8", "--no-stage1", "--pipeline",
+                f"{tmp_path / 'full'},{tmp_path / 'fm'}", "--sequence", "none", "--sequence-ratios", "4",
+                "--max-eval", "6", "--max-new-tokens", "4", "--n-boot", "20", "--ac-contexts", "0",
+                "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ctl = m["controls"]["lmenc_r4"]
+    assert ctl == {"other": "lmenc_r4:other", "none": "none", "truncate": "truncate_r4",
+                   "first_m": "lmenc_r4:first-m"}
+    assert "first_m" in m["pipelines"]["lmenc_r4"]["controls"]
+    split = m["answer_split"]["r4"]
+    assert split["within"] + split["beyond"] == 6 and "lmenc_r4" in split["pipelines"]
+    assert "## Where the answer lies" in (tmp_path / "run" / "report.md").read_text()
