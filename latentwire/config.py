@@ -578,6 +578,9 @@ class EncConfig:
     """Steps between held-out evaluations (and at the end of each stage)."""
     enc_ckpt_every: int = 100
     """Checkpoint every N steps (atomic; also at the time limit and on SIGINT/SIGTERM)."""
+    enc_cache_bottom: bool = False
+    """--enc-tune top only: compute the frozen bottom layers' states of each paragraph once and keep them in memory;
+    a step then runs only the top --enc-top-layers blocks of the sender (the CPU variant)."""
     enc_cache_teacher: bool = False
     """Keep every question's teacher top-k in memory after its first use (for long runs on a CPU, where the
     teacher's forward is a large share of a step); the CPU variant of benchmarks/encoder_cost.py."""
@@ -606,6 +609,8 @@ class EncConfig:
             raise LatentWireError("--enc-steps-a and --enc-steps-b are both 0: nothing to train")
         if self.enc_max_tokens < 16:
             raise LatentWireError(f"--enc-max-tokens must be >= 16 (got {self.enc_max_tokens})")
+        if self.enc_cache_bottom and self.enc_tune != "top":
+            raise LatentWireError("--enc-cache-bottom caches the frozen bottom layers: add --enc-tune top")
 
 
 SEQ_PRESETS = {"quick": {"seq_steps": 60, "seq_max_questions": 400},

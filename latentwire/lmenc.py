@@ -94,6 +94,7 @@ class PooledEncoder(torch.nn.Module):
         torch.nn.init.zeros_(self.proj[2].bias)
         self.register_buffer("target_rms", torch.tensor(float(emb_rms)))
         self.quantizer = bounded_quantizer(bits, d_z or d_model)
+        self.bottom: BottomCache | None = None
 
     @property
     def code_dim(self) -> int:
@@ -111,8 +112,15 @@ class PooledEncoder(torch.nn.Module):
 
     def states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The sender's final hidden states [B, L, d] (after its final norm)."""
+        if self.bottom is not None:
+            return self.bottom.states(self.sender, ids, mask)
         out = self.sender(input_ids=ids, attention_mask=mask.long(), use_cache=False)
         return out.last_hidden_state
+
+    def cache_bottom(self, top_layers: int) -> None:
+        """Keep the frozen bottom layers' states of every sequence the sender reads (BottomCache): only the top
+        `top_layers` blocks run per step. For --enc-tune top, whose bottom never changes."""
+        self.bottom = BottomCache(self.sender, top_layers)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         y = y + self.proj(y)
@@ -142,6 +150,48 @@ class PooledEncoder(torch.nn.Module):
         """Every parameter that training changes (the sender's trainable ones, the bottleneck and the MLP)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+
+class BottomCache:
+    """The frozen bottom of a top-tuned sender, computed once per sequence: hidden_states[n - k] (the input of
+    the first trainable block) of each row, kept in memory by its token ids; a step then runs the top k blocks
+    and the final norm on those states (a shallow copy of the decoder whose `layers` are the top k: the same
+    modules, so their training is the sender's). Checked on first use: the top run on cached states must
+    equal the whole decoder's output, or the model's forward does not allow it (one-line error)."""
+
+    def __init__(self, dec: torch.nn.Module, k: int):
+        blocks = _blocks(dec)
+        self.start, self.memo, self.hits, self.misses, self.checked = len(blocks) - k, {}, 0, 0, False
+        self.top = copy.copy(dec)
+        self.top._modules = dict(dec._modules)
+        name = next(n for n in ("layers", "h", "blocks") if getattr(dec, n, None) is blocks)
+        self.top._modules[name] = torch.nn.ModuleList(list(blocks)[self.start:])
+
+    def states(self, dec, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lens = mask.sum(1).tolist()
+        keys = [tuple(ids[b, :n].tolist()) for b, n in enumerate(lens)]
+        miss = [b for b, k in enumerate(keys) if k not in self.memo]
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        if miss:
+            with torch.no_grad():
+                hs = dec(input_ids=ids[miss], attention_mask=mask[miss].long(), use_cache=False,
+                         output_hidden_states=True).hidden_states[self.start]
+            for j, b in enumerate(miss):
+                self.memo[keys[b]] = hs[j, :lens[b]].detach()
+        h = torch.zeros(ids.shape + (self.memo[keys[0]].shape[-1],), dtype=self.memo[keys[0]].dtype,
+                        device=ids.device)
+        for b, k in enumerate(keys):
+            h[b, :lens[b]] = self.memo[k]
+        out = self.top(inputs_embeds=h, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        if not self.checked:
+            with torch.no_grad():
+                full = dec(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+            if not torch.allclose(out[mask], full[mask], atol=1e-4, rtol=1e-3):
+                raise LatentWireError("--enc-cache-bottom: this model's top layers on cached states do not "
+                                      "reproduce its forward; train without it")
+            self.checked = True
+        return out
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -195,6 +245,8 @@ def build_encoder(lm, cfg: EncConfig) -> PooledEncoder:
     emb_rms = float(table.pow(2).mean(-1).sqrt().mean())
     enc = PooledEncoder(make_sender(lm, cfg), lm.d_model, cfg.enc_ratio, emb_rms, cfg.enc_dz, cfg.enc_bits,
                         cfg.enc_hidden, cfg.enc_input == "first-m")
+    if cfg.enc_cache_bottom:
+        enc.cache_bottom(cfg.enc_top_layers)
     return enc.to(lm.device)
 
 

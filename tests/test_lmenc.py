@@ -290,3 +290,51 @@ def test_train_encoder_command_and_a_run_with_the_first_m_control(tmp_path):
     split = m["answer_split"]["r4"]
     assert split["within"] + split["beyond"] == 6 and "lmenc_r4" in split["pipelines"]
     assert "## Where the answer lies" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_cached_bottom_states_give_the_senders_own_states_and_gradients(tiny):
+    """--enc-cache-bottom (the CPU variant): the top blocks run on the bottom's cached states and give the
+    sender's own final states; the top blocks still train, and a second read of a paragraph hits the cache."""
+    torch.manual_seed(0)
+    plain = build_encoder(tiny, small(enc_tune="top", enc_top_layers=1))
+    cached = build_encoder(tiny, small(enc_tune="top", enc_top_layers=1, enc_cache_bottom=True))
+    cached.load_state_dict(plain.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    a, b = plain.states(ids, mask), cached.states(ids, mask)
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+    b[mask].sum().backward()
+    assert all(p.grad is not None for n, p in cached.named_parameters() if p.requires_grad and "layers.1" in n)
+    cached.states(ids, mask)
+    assert cached.bottom.hits == 2 and cached.bottom.misses == 2
+    with pytest.raises(LatentWireError, match="--enc-tune top"):
+        small(enc_cache_bottom=True).validate()
+
+
+def test_gpu_encoder_script_trains_evaluates_and_archives_on_the_tiny_model(tmp_path):
+    """scripts/gpu_encoder.sh end to end as far as a CPU allows (DEVICE=cpu, the tiny model, the synthetic set):
+    the encoders train, one run evaluates them with the first-M control, the archives hold what a device
+    returns (no optimizer state; each encoder's weights in its own archive); a second call resumes."""
+    import os
+    import subprocess
+    import tarfile
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"DEVICE": "cpu", "MODEL": "tiny-random", "RUNS": "full first-m", "STEPS_A": "1",
+                        "STEPS_B": "1", "NQ": "4", "LIMIT": "60", "PY": os.sys.executable,
+                        "EXTRA": "--enc-batch 2 --enc-heldout-questions 2 --enc-heldout-paragraphs 2",
+                        "DATA_EXTRA": "--synthetic-articles 8"}
+    out = tmp_path / "g"
+    r = subprocess.run(["bash", "scripts/gpu_encoder.sh", "", "", str(out)], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = json.loads((out / "eval" / "metrics.json").read_text())
+    assert m["controls"]["lmenc_r4"]["first_m"] == "lmenc_r4:first-m" and m["n_eval"] == 4
+    with tarfile.open(f"{out}.tgz") as t:
+        names = t.getnames()
+    assert "g/eval/report.md" in names and not any(n.endswith((".pt", ".safetensors")) for n in names)
+    with tarfile.open(f"{out}-full.tgz") as t:
+        assert any(n.endswith(".safetensors") for n in t.getnames()) and "g/full/encoder.json" in t.getnames()
+    r = subprocess.run(["bash", "scripts/gpu_encoder.sh", "", "", str(out)], cwd=root, env=env | {"RUNS": "full", "EVAL": "0"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resumed" in (out / "full.log").read_text()
