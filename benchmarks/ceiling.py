@@ -52,9 +52,9 @@ from stage1_grid import run_cell  # noqa: E402
 from latentwire.config import RunConfig  # noqa: E402
 from latentwire.errors import LatentWireError  # noqa: E402
 from latentwire.metrics import paired_delta  # noqa: E402
+from latentwire.compare import answer_within  # noqa: E402
 from latentwire.data import load_squad_json  # noqa: E402
 from latentwire.models import display_name, load_tokenizer  # noqa: E402
-from latentwire.pipelines.tokens import budget  # noqa: E402
 from latentwire.runio import read_jsonl, write_section  # noqa: E402
 
 KINDS = ("opt-emb-copy", "opt-emb-use", "opt-kv-copy", "opt-kv-use")
@@ -134,14 +134,7 @@ def answer_inside(m: dict) -> tuple[dict[str, bool], float]:
     r = float(cfg["eval"]["sequence_ratios"].split(",")[0])
     tok = load_tokenizer(cfg["model"]["model"])
     examples, _ = load_squad_json(cfg["data"]["squad_eval"], "--squad-eval")
-    out, kept = {}, {}
-    for e in examples:
-        if e.context not in kept:
-            offsets = tok(" " + e.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            M = budget(len(offsets), r)
-            kept[e.context] = offsets[M - 1][1] - 1 if M else 0  # characters of the context the M tokens cover
-        out[e.id] = any(s + len(a) <= kept[e.context] for a, s in zip(e.answers, e.answer_starts))
-    return out, r
+    return {e.id: answer_within(tok, e, e.context, r) for e in examples}, r
 
 
 def split_table(m: dict, folders: dict[str, Path]) -> str:

@@ -338,3 +338,23 @@ def test_gpu_encoder_script_trains_evaluates_and_archives_on_the_tiny_model(tmp_
     r = subprocess.run(["bash", "scripts/gpu_encoder.sh", "", "", str(out)], cwd=root, env=env | {"RUNS": "full", "EVAL": "0"},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "resumed" in (out / "full.log").read_text()
+
+
+@pytest.mark.integration
+def test_the_encoder_on_the_real_default_model(smollm, tmp_path):
+    """SmolLM2-135M: a LoRA-16 encoder (untrained) sends the example paragraph as M x 576 fp16 values, its
+    weights (the adapters and the projector, bf16) fit one file under the 16 MB a GPU device returns, and
+    they load back to the same payload."""
+    from pathlib import Path
+    cfg = EncConfig(enc_tune="lora", enc_lora_rank=16)
+    torch.manual_seed(0)
+    enc = build_encoder(smollm, cfg)
+    meta = save_encoder(enc, tmp_path, smollm, cfg, {"steps": 0})
+    assert len(meta["files"]) == 1 and (tmp_path / meta["files"][0]).stat().st_size < 16_000_000
+    text = (Path(__file__).resolve().parents[1] / "examples" / "paragraph.txt").read_text()
+    pipe = lw.load_pipeline(str(tmp_path), lm=smollm)
+    pl = pipe.send(" ".join(text.split()))
+    ids = pipe.context_ids(" ".join(text.split()))
+    assert pl.positions == budget(len(ids), 4) and len(pl) == pl.positions * 576 * 2
+    assert pipe.receive(pl).shape == (pl.positions, 576)
+    assert bytes(PooledLMPipeline(smollm, load_encoder(smollm, tmp_path)[0]).send(" ".join(text.split()))) == bytes(pl)
