@@ -3,9 +3,8 @@ import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.generate import (EvalSwitches, generate_one_at_a_time, generate_predictions, generate_seed_loop,
-                                 greedy_generate, left_pad,
-                                 pipeline_embeds, stop_token_ids)
+from latentwire.decode import generate_one_at_a_time, generate_seed_loop, greedy_generate, left_pad, stop_token_ids
+from latentwire.generate import EvalSwitches, generate_predictions, pipeline_embeds
 from latentwire.models import (embedding_table, load_model, load_tokenizer, resolve_device, resolve_dtype,
                                resolve_model_source)
 
@@ -110,7 +109,7 @@ def test_batched_equals_one_at_a_time_despite_left_padding(tiny):
     prompts = _prompts(tiny)
     assert len({len(p.ids) for p in prompts}) > 1  # padding really happens
     batched = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=8, progress=False)
-    single = generate_one_at_a_time(tiny, prompts, max_new_tokens=8, progress=False)
+    single = generate_one_at_a_time(tiny, [p.ids for p in prompts], max_new_tokens=8, progress=False)
     assert batched == single
 
 
@@ -181,7 +180,7 @@ def test_seed_loop_gives_the_batched_answers(tiny):
     b = PromptBuilder(tiny.tokenizer, "fewshot", 256)
     prompts = [b.build(e) for e in synthetic_squad(6, 1)[:6]]
     batched = generate_predictions(tiny, prompts, batch_size=3, max_new_tokens=6, progress=False)
-    assert generate_seed_loop(tiny, prompts, max_new_tokens=6, progress=False) == batched
+    assert generate_seed_loop(tiny, [p.ids for p in prompts], max_new_tokens=6, progress=False) == batched
     assert len(set(batched)) > 1
 
 

@@ -1,12 +1,13 @@
-"""Shared-prefix prefill (evaluate.prefix_tree / tree_generate / plan_batches):
+"""Shared-prefix prefill (decode.prefix_tree / tree_generate, generate.plan_batches):
 a prefix shared by several rows is prefilled once and its cache copied; the
 answers must equal prefilling every row in full, and one question at a time."""
 import pytest
 import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.generate import (generate_one_at_a_time, generate_predictions, greedy_generate, left_pad,
-                                 plan_batches, prefix_tree, stop_token_ids, tree_cost, tree_generate)
+from latentwire.decode import (CacheNotCopyable, generate_one_at_a_time, greedy_generate, left_pad, prefix_tree,
+                               stop_token_ids, tree_cost, tree_generate)
+from latentwire.generate import generate_predictions, plan_batches
 
 
 def _prompts(tiny, template="fewshot"):
@@ -95,7 +96,7 @@ def test_shared_prefix_predictions_equal_unshared_and_one_at_a_time(tiny, monkey
     shared = generate_predictions(tiny, prompts, batch_size=8, max_new_tokens=8, progress=False)
     monkeypatch.setattr(ev, "tree_generate", real)
     plain = generate_predictions(tiny, prompts, batch_size=8, max_new_tokens=8, progress=False, share_prefix=False)
-    single = generate_one_at_a_time(tiny, prompts, max_new_tokens=8, progress=False)
+    single = generate_one_at_a_time(tiny, [p.ids for p in prompts], max_new_tokens=8, progress=False)
     assert shared == plain == single
     assert len(set(shared)) > 1
     assert len(calls) == 4  # every batch took the shared-prefix path
@@ -154,7 +155,7 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
         shared = generate_predictions(lm, prompts, batch_size=6, max_new_tokens=6, progress=False)
         monkeypatch.setattr(ev, "tree_generate", real)
         assert bool(calls) == expect_tree, window
-        single = generate_one_at_a_time(lm, prompts, max_new_tokens=6, progress=False)
+        single = generate_one_at_a_time(lm, [p.ids for p in prompts], max_new_tokens=6, progress=False)
         assert shared == single
         assert len(set(single)) > 1
 
@@ -165,24 +166,24 @@ def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypa
     ref = generate_predictions(tiny, prompts, max_new_tokens=6, progress=False, share_prefix=False)
 
     def no_copy(*a, **k):
-        raise ev.CacheNotCopyable("TestCache cannot be copied across rows")
+        raise CacheNotCopyable("TestCache cannot be copied across rows")
     monkeypatch.setattr(ev, "tree_generate", no_copy)
     with pytest.warns(UserWarning, match="prefilling every row in full"):
         assert generate_predictions(tiny, prompts, max_new_tokens=6, progress=False) == ref
 
 
 def test_run_prefix_is_computed_once_and_answers_do_not_change(tiny, monkeypatch):
-    from latentwire import generate as evaluate
+    from latentwire.decode import RunPrefix
     prompts = _prompts(tiny)
     seen = []
-    orig = evaluate.RunPrefix.take
+    orig = RunPrefix.take
 
     def spy(self, seg):
         got = orig(self, seg)
         seen.append(got[1])
         return got
 
-    monkeypatch.setattr(evaluate.RunPrefix, "take", spy)
+    monkeypatch.setattr(RunPrefix, "take", spy)
     with_run = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False)
     without = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False,
                                    run_prefix_cache=False)
