@@ -17,6 +17,7 @@ identical outputs) and stopping at the newline is exact.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -325,6 +326,35 @@ def tree_generate(model, levels: Sequence[Level], *, use_ids: bool, pad_id: int 
         out = model(input_ids=x, **kw) if use_ids else model(inputs_embeds=x, **kw)
         cache = _get_cache(out)
     return _decode(model, out, mask, pos[:, -1:], use_ids, max_new_tokens, stop_ids)
+
+class BatchDecoder:
+    """Greedy decoding of a run's batches on one model, batch after batch: a
+    batch of rows ([L] ids or [L, d] embeddings) goes through the prefix tree
+    when that computes fewer positions than prefilling every row in full and
+    fits a sliding window (choose_tree), else every row is prefilled in full,
+    left-padded. `run_prefix`: the run's common prefix, prefilled once
+    (RunPrefix). A model whose cache cannot be copied across rows is warned
+    about once and prefilled in full from then on."""
+
+    def __init__(self, model, pad_id: int, stop_ids: Sequence[int], max_new_tokens: int = 16,
+                 share_prefix: bool = True, run_prefix: RunPrefix | None = None):
+        self.model, self.pad_id, self.stop_ids, self.max_new_tokens = model, pad_id, stop_ids, max_new_tokens
+        self.share_prefix, self.run_prefix = share_prefix, run_prefix
+        self.window = sliding_window(model)
+
+    def __call__(self, rows: Sequence[torch.Tensor]) -> list[list[int]]:
+        use_ids = rows[0].dim() == 1
+        kw = {"max_new_tokens": self.max_new_tokens, "stop_ids": self.stop_ids}
+        levels = choose_tree(rows, self.max_new_tokens, self.window) if self.share_prefix else None
+        if levels is not None:
+            try:
+                return tree_generate(self.model, levels, use_ids=use_ids, pad_id=self.pad_id,
+                                     run_prefix=self.run_prefix, **kw)
+            except CacheNotCopyable as e:
+                warnings.warn(f"{e}: prefilling every row in full (as with --no-share-prefix)")
+                self.share_prefix = False
+        x, mask = pad_rows(rows, self.pad_id)
+        return greedy_generate(self.model, mask, **({"input_ids": x} if use_ids else {"inputs_embeds": x}), **kw)
 
 def decode_answer(tokenizer, ids: Sequence[int]) -> str:
     """Text up to the first newline, special tokens dropped, stripped."""

@@ -16,7 +16,6 @@ spans or payloads: this module turns those into its tensors.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -24,8 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Prompt
-from .decode import (CacheNotCopyable, RunPrefix, choose_tree, common_prefix_len, decode_answer, greedy_generate,
-                     kv_generate, pad_rows, sliding_window, stop_token_ids, tree_generate)
+from .decode import BatchDecoder, RunPrefix, common_prefix_len, decode_answer, kv_generate, pad_rows, stop_token_ids
 from .errors import LatentWireError
 from .pipelines.base import EmbeddingPipeline, KVReading, Pipeline
 from .pipelines.text import text_pipeline
@@ -138,21 +136,24 @@ def prompt_payloads(prompts: Sequence[Prompt], pipeline: Pipeline, switches: Eva
 
 @torch.no_grad()
 def pipeline_rows(lm, prompts: Sequence[Prompt], pipeline: Pipeline, switches: EvalSwitches,
-                  payloads: Sequence[bytes] | None = None) -> list[torch.Tensor]:
+                  payloads: Sequence[bytes] | None = None, embed_ids: bool = False) -> list[torch.Tensor]:
     """What the LLM reads for each prompt: the prompt's own text before and
     after the wire span, and in between what the receiver made of the
     payload (`payloads`: given per prompt, else each prompt's own). Ids ([L])
-    for a pipeline that reads ids, embeddings ([L, d], float32) otherwise; a
-    row may be shorter than the prompt (a sequence compressor sends fewer
-    positions than tokens). Not for K/V readings (see kv_rows)."""
+    for a pipeline that reads ids -- with `embed_ids`, read through the
+    embedding module instead (the same numbers as `inputs_embeds`) --,
+    embeddings ([L, d], float32) otherwise; a row may be shorter than the
+    prompt (a sequence compressor sends fewer positions than tokens). Not for
+    K/V readings (see kv_rows)."""
     payloads = prompt_payloads(prompts, pipeline, switches) if payloads is None else payloads
     rows = []
     for p, pl in zip(prompts, payloads):
         s, e = wire_span(p, switches, pipeline)
         got = pipeline.receive(pl)
         if pipeline.reads_ids:
-            rows.append(torch.cat([torch.tensor(p.ids[:s], dtype=torch.long), got.long().cpu(),
-                                   torch.tensor(p.ids[e:], dtype=torch.long)]))
+            row = torch.cat([torch.tensor(p.ids[:s], dtype=torch.long), got.long().cpu(),
+                             torch.tensor(p.ids[e:], dtype=torch.long)])
+            rows.append(lm.embed(row.to(lm.device)).float() if embed_ids else row)
             continue
         ids = torch.tensor(p.ids, dtype=torch.long, device=lm.device)
         row = torch.cat([lm.embed(ids[:s]).float(), got.float().to(lm.device), lm.embed(ids[e:]).float()])
@@ -168,11 +169,7 @@ def pipeline_rows(lm, prompts: Sequence[Prompt], pipeline: Pipeline, switches: E
 def pipeline_embeds(lm, prompts: Sequence[Prompt], transform, switches: EvalSwitches,
                     pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded embeddings the LLM reads for these prompts under a pipeline."""
-    pipe = as_pipeline(lm, transform)
-    rows = pipeline_rows(lm, prompts, pipe, switches)
-    if pipe.reads_ids:
-        rows = [lm.embed(r.to(lm.device)).float() for r in rows]
-    return pad_rows(rows, pad_id)
+    return pad_rows(pipeline_rows(lm, prompts, as_pipeline(lm, transform), switches, embed_ids=True), pad_id)
 
 
 def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | EmbedTransform | None = None,
@@ -188,9 +185,10 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
     module as `inputs_embeds`, the same numbers).
 
     `share_prefix`: prefill a prefix shared by several rows of a batch once
-    (tree_generate) when that computes fewer positions than prefilling every
-    row in full; with `run_prefix_cache`, the prefix shared by every prompt
-    of the run (the shots) is prefilled once per run, not once per batch. `shard=(rank, n)`: generate only batches j with j % n == rank
+    (decode.BatchDecoder) when that computes fewer positions than prefilling
+    every row in full; with `run_prefix_cache`, the prefix shared by every
+    prompt of the run (the shots) is prefilled once per run, not once per
+    batch. `shard=(rank, n)`: generate only batches j with j % n == rank
     and leave None elsewhere (dist.gather_filled merges the ranks); every
     question is generated in exactly the batch it would have had in a single
     process -- same padding, same numbers. `payloads`: one per prompt, read
@@ -199,45 +197,26 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
     """
     tok = lm.tokenizer
     switches = switches or EvalSwitches()
-    stops = stop_token_ids(tok)
     rank, n_shards = shard
     batches = plan_batches(prompts, batch_size, share_prefix)[rank::n_shards]
     pipe = as_pipeline(lm, transform)
     if use_input_ids and not pipe.reads_ids:
         raise ValueError("use_input_ids: only a text pipeline gives token ids")
-    window = sliding_window(lm.model)
     run_prefix = None
     if share_prefix and run_prefix_cache and len(prompts) > 1:
         first = torch.tensor(prompts[0].ids)
         run_prefix = RunPrefix(min(common_prefix_len(first, torch.tensor(p.ids)) for p in prompts))
+    decoder = BatchDecoder(lm.model, tok.pad_token_id, stop_token_ids(tok), max_new_tokens, share_prefix, run_prefix)
     preds: list[str | None] = [None] * len(prompts)
     heads: dict[tuple, object] = {}
     bar = tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, leave=False)
     for idx in batches:
-        pls = None if payloads is None else [payloads[i] for i in idx]
+        ps, pls = [prompts[i] for i in idx], None if payloads is None else [payloads[i] for i in idx]
         if pipe.reads == "kv":
-            gen = kv_generate(lm.model, *kv_rows(lm, [prompts[i] for i in idx], pipe, pls, heads),
-                              pad_id=tok.pad_token_id, max_new_tokens=max_new_tokens, stop_ids=stops)
-            for i, g in zip(idx, gen):
-                preds[i] = decode_answer(tok, g)
-            bar.update(len(idx))
-            continue
-        rows = pipeline_rows(lm, [prompts[i] for i in idx], pipe, switches, pls)
-        if pipe.reads_ids and not use_input_ids:
-            rows = [lm.embed(r.to(lm.device)).float() for r in rows]
-        x, mask = pad_rows(rows, tok.pad_token_id)
-        levels = choose_tree(rows, max_new_tokens, window) if share_prefix else None
-        gen = None
-        if levels is not None:
-            try:
-                gen = tree_generate(lm.model, levels, use_ids=use_input_ids, pad_id=tok.pad_token_id,
-                                    max_new_tokens=max_new_tokens, stop_ids=stops, run_prefix=run_prefix)
-            except CacheNotCopyable as e:
-                warnings.warn(f"{e}: prefilling every row in full (as with --no-share-prefix)")
-                share_prefix = False
-        if gen is None:
-            kw = {"input_ids": x} if use_input_ids else {"inputs_embeds": x}
-            gen = greedy_generate(lm.model, mask, max_new_tokens=max_new_tokens, stop_ids=stops, **kw)
+            gen = kv_generate(lm.model, *kv_rows(lm, ps, pipe, pls, heads), pad_id=tok.pad_token_id,
+                              max_new_tokens=max_new_tokens, stop_ids=decoder.stop_ids)
+        else:
+            gen = decoder(pipeline_rows(lm, ps, pipe, switches, pls, embed_ids=not use_input_ids))
         for i, g in zip(idx, gen):
             preds[i] = decode_answer(tok, g)
         bar.update(len(idx))

@@ -88,13 +88,13 @@ def test_tree_generate_equals_full_prefill_ids_and_embeds(tiny):
 
 
 def test_shared_prefix_predictions_equal_unshared_and_one_at_a_time(tiny, monkeypatch):
-    import latentwire.generate as ev
+    import latentwire.decode as dec
     prompts = _prompts(tiny)
     calls = []
-    real = ev.tree_generate
-    monkeypatch.setattr(ev, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dec.tree_generate
+    monkeypatch.setattr(dec, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared = generate_predictions(tiny, prompts, batch_size=8, max_new_tokens=8, progress=False)
-    monkeypatch.setattr(ev, "tree_generate", real)
+    monkeypatch.setattr(dec, "tree_generate", real)
     plain = generate_predictions(tiny, prompts, batch_size=8, max_new_tokens=8, progress=False, share_prefix=False)
     single = generate_one_at_a_time(tiny, [p.ids for p in prompts], max_new_tokens=8, progress=False)
     assert shared == plain == single
@@ -145,15 +145,15 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
     a batch whose tree is longer than the window is prefilled in full (with
     the tree, answers differ: checked by hand); inside the window the tree is
     exact, for Gemma 3's cache as for Llama's."""
-    import latentwire.generate as ev
+    import latentwire.decode as dec
     prompts = _prompts(tiny)[:12]
-    real = ev.tree_generate
+    real = dec.tree_generate
     for window, expect_tree in ((32, False), (1024, True)):
         lm = _gemma(tiny, window)
         calls = []
-        monkeypatch.setattr(ev, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(dec, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
         shared = generate_predictions(lm, prompts, batch_size=6, max_new_tokens=6, progress=False)
-        monkeypatch.setattr(ev, "tree_generate", real)
+        monkeypatch.setattr(dec, "tree_generate", real)
         assert bool(calls) == expect_tree, window
         single = generate_one_at_a_time(lm, [p.ids for p in prompts], max_new_tokens=6, progress=False)
         assert shared == single
@@ -161,15 +161,19 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
 
 
 def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypatch):
-    import latentwire.generate as ev
+    """Warned about once; the run's later batches are prefilled in full without trying the tree again."""
+    import latentwire.decode as dec
     prompts = _prompts(tiny)[:8]
-    ref = generate_predictions(tiny, prompts, max_new_tokens=6, progress=False, share_prefix=False)
+    ref = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False, share_prefix=False)
+    tries = []
 
     def no_copy(*a, **k):
+        tries.append(1)
         raise CacheNotCopyable("TestCache cannot be copied across rows")
-    monkeypatch.setattr(ev, "tree_generate", no_copy)
-    with pytest.warns(UserWarning, match="prefilling every row in full"):
-        assert generate_predictions(tiny, prompts, max_new_tokens=6, progress=False) == ref
+    monkeypatch.setattr(dec, "tree_generate", no_copy)
+    with pytest.warns(UserWarning, match="prefilling every row in full") as warned:
+        assert generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False) == ref
+    assert len(tries) == 1 and len([w for w in warned if "prefilling" in str(w.message)]) == 1
 
 
 def test_run_prefix_is_computed_once_and_answers_do_not_change(tiny, monkeypatch):
