@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Prompt
-from .decode import BatchDecoder, RunPrefix, common_prefix_len, decode_answer, kv_generate, pad_rows, stop_token_ids
+from .decode import (BatchDecoder, RunPrefix, common_prefix_len, decode_answer, greedy_generate, kv_generate, pad_rows,
+                     stop_token_ids)
 from .errors import LatentWireError
 from .pipelines.base import EmbeddingPipeline, KVReading, Pipeline
 from .pipelines.text import text_pipeline
@@ -176,7 +177,7 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
                          switches: EvalSwitches | None = None, batch_size: int = 8, max_new_tokens: int = 16,
                          use_input_ids: bool = False, desc: str = "generate", progress: bool = True,
                          shard: tuple[int, int] = (0, 1), share_prefix: bool = True,
-                         run_prefix_cache: bool = True, payloads: Sequence[bytes] | None = None) -> list[str | None]:
+                         run_prefix_cache: bool = True) -> list[str | None]:
     """Answers for every prompt, batched (plan_batches), in order.
 
     `transform`: the pipeline (None: the text baseline; a per-token tensor
@@ -191,9 +192,8 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
     batch. `shard=(rank, n)`: generate only batches j with j % n == rank
     and leave None elsewhere (dist.gather_filled merges the ranks); every
     question is generated in exactly the batch it would have had in a single
-    process -- same padding, same numbers. `payloads`: one per prompt, read
-    instead of the prompts' own contexts (`latentwire.ask`: a payload received
-    from elsewhere, the prompt built around an empty context).
+    process -- same padding, same numbers. One prompt and a payload from
+    elsewhere: `answer`.
     """
     tok = lm.tokenizer
     switches = switches or EvalSwitches()
@@ -211,17 +211,34 @@ def generate_predictions(lm, prompts: Sequence[Prompt], transform: Pipeline | Em
     heads: dict[tuple, object] = {}
     bar = tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, leave=False)
     for idx in batches:
-        ps, pls = [prompts[i] for i in idx], None if payloads is None else [payloads[i] for i in idx]
+        ps = [prompts[i] for i in idx]
         if pipe.reads == "kv":
-            gen = kv_generate(lm.model, *kv_rows(lm, ps, pipe, pls, heads), pad_id=tok.pad_token_id,
+            gen = kv_generate(lm.model, *kv_rows(lm, ps, pipe, None, heads), pad_id=tok.pad_token_id,
                               max_new_tokens=max_new_tokens, stop_ids=decoder.stop_ids)
         else:
-            gen = decoder(pipeline_rows(lm, ps, pipe, switches, pls, embed_ids=not use_input_ids))
+            gen = decoder(pipeline_rows(lm, ps, pipe, switches, embed_ids=not use_input_ids))
         for i, g in zip(idx, gen):
             preds[i] = decode_answer(tok, g)
         bar.update(len(idx))
     bar.close()
     return preds
+
+
+@torch.no_grad()
+def answer(lm, prompt: Prompt, pipeline: Pipeline, payload: bytes, max_new_tokens: int = 16) -> str:
+    """One prompt's answer from a payload received from elsewhere
+    (`latentwire.ask`: the prompt built around an empty context): its row --
+    the payload's reading in the context's place, or its keys/values -- as
+    generate_predictions would read it in a batch of one (no padding, no
+    prefix tree: the same numbers), greedily decoded."""
+    tok = lm.tokenizer
+    kw = {"max_new_tokens": max_new_tokens, "stop_ids": stop_token_ids(tok)}
+    if pipeline.reads == "kv":
+        gen = kv_generate(lm.model, *kv_rows(lm, [prompt], pipeline, [payload], {}), pad_id=tok.pad_token_id, **kw)
+    else:
+        row = pipeline_rows(lm, [prompt], pipeline, EvalSwitches(), [payload], embed_ids=True)[0]
+        gen = greedy_generate(lm.model, torch.ones((1, len(row)), dtype=torch.long), inputs_embeds=row[None], **kw)
+    return decode_answer(tok, gen[0])
 
 
 @torch.no_grad()
