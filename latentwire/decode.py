@@ -1,7 +1,15 @@
-"""Greedy decoding: the answer's token ids from what a frozen LLM reads --
-a batch of rows (ids [L] or embeddings [L, d], left-padded here) or a KV
-cache and its mask -- and the shared-prefix prefill that computes a prefix
-several rows share once.
+"""Greedy decoding: an answer's token ids (and its text, cut at the first
+newline) from what a frozen LLM reads -- a batch of rows (ids [L] or
+embeddings [L, d]) or a KV cache and its mask.
+
+* `greedy_generate`: one prefill of a left-padded batch, then the loop
+  (`_decode`); `kv_generate`: the same after a KV cache (a receiver's
+  keys/values);
+* `tree_generate` and its planning (`prefix_tree`, `choose_tree`,
+  `RunPrefix`): a prefix several rows share, prefilled once;
+* `BatchDecoder`: a run's batches, each through the tree or in full;
+* `generate_one_at_a_time`, `generate_seed_loop`: reference loops over
+  prompts' ids, one at a time (the tests compare the batched loops with them).
 
 Why a module of its own: these loops know nothing of prompts, wire spans,
 pipelines or payloads. `generate.py` maps a prompt and a pipeline's payload

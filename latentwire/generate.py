@@ -8,7 +8,9 @@ seed's setting) into a payload of bytes; the receiver turns the payload into
 what the frozen LLM reads in its place. Every pipeline -- text, Stage 1, and
 any later one -- reaches the LLM through `pipeline_rows` (ids, embeddings) or
 `kv_rows` (keys/values), here: the prompt's own text around the receiver's
-reading. Which prompts share a batch is decided here too (`plan_batches`).
+reading. Which prompts share a batch is decided here too (`plan_batches`):
+`generate_predictions` answers a run's prompts; `answer`, one prompt from a
+payload received from elsewhere (`latentwire.ask`).
 
 The decoding itself -- greedy loops over ids, embeddings or a KV cache, the
 shared-prefix tree -- is `decode.py`, which knows nothing of prompts, wire

@@ -190,3 +190,17 @@ def test_display_name_drops_the_cache_folder_of_a_gguf():
         "SmolLM2-135M-Instruct.Q4_1"
     assert display_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert display_name("/models/my-model-0123456789abcdef") == "/models/my-model-0123456789abcdef"  # not the cache
+
+
+def test_decoding_imports_no_prompts_or_pipelines():
+    """decode.py knows tensors only: imported alone (the package's own __init__, which loads the API, left out),
+    it brings in no prompt, pipeline, wire or evaluation module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, types; pkg = types.ModuleType('latentwire'); pkg.__path__ = [sys.argv[1]]; "
+            "sys.modules['latentwire'] = pkg; import latentwire.decode; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('latentwire.'))))")
+    here = str(Path(__file__).resolve().parents[1] / "latentwire")
+    out = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, check=True).stdout.split()
+    assert set(out) <= {"latentwire.decode", "latentwire.errors", "latentwire.forward", "latentwire.models"}, out
