@@ -25,7 +25,7 @@ from .runio import read_jsonl, write_json
 def _fingerprint_sources() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("generate.py", "forward.py", "wire.py", "data.py", "models.py", "pipelines/base.py",
+    for name in ("decode.py", "generate.py", "forward.py", "wire.py", "data.py", "models.py", "pipelines/base.py",
                  "pipelines/text.py", "pipelines/tokens.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
@@ -39,10 +39,10 @@ _GENERATION_FINGERPRINT = _fingerprint_sources()
 
 def generation_fingerprint() -> str:
     """sha256 of the source files whose code decides a text answer: the
-    generation loop and prefix tree (generate, forward), the wire the text
-    and the token pipelines take (wire, pipelines/base, text, tokens), prompt
-    construction (data) and model loading (models), as they were when
-    LatentWire was imported."""
+    decoding loops and prefix tree (decode, forward), the evaluation's rows
+    (generate), the wire the text and the token pipelines take (wire,
+    pipelines/base, text, tokens), prompt construction (data) and model
+    loading (models), as they were when LatentWire was imported."""
     return _GENERATION_FINGERPRINT
 
 

@@ -66,12 +66,11 @@ def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4
 def ask(pipeline: Pipeline, payload: bytes, question: str, *, max_new_tokens: int = 16) -> str:
     """The receiver's answer to `question` from a payload: the evaluation's prompt (its template, the payload's
     reading where the context goes) and its greedy decoding."""
-    from .generate import generate_predictions
+    from .generate import answer
     lm = pipeline.lm
     builder = getattr(pipeline, "builder", None) or PromptBuilder(lm.tokenizer, "fewshot")
     prompt = builder.build(Example("ask", "ask", "", question, ["-"]))
-    return generate_predictions(lm, [prompt], pipeline, max_new_tokens=max_new_tokens, progress=False,
-                                payloads=[bytes(payload)])[0]
+    return answer(lm, prompt, pipeline, bytes(payload), max_new_tokens)
 
 
 def evaluate(pipelines: Sequence[Pipeline], squad_path: str | None = None, *, max_eval: int = 200,

@@ -3,9 +3,8 @@ import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.generate import (EvalSwitches, generate_one_at_a_time, generate_predictions, generate_seed_loop,
-                                 greedy_generate, left_pad,
-                                 pipeline_embeds, stop_token_ids)
+from latentwire.decode import generate_one_at_a_time, generate_seed_loop, greedy_generate, left_pad, stop_token_ids
+from latentwire.generate import EvalSwitches, generate_predictions, pipeline_embeds
 from latentwire.models import (embedding_table, load_model, load_tokenizer, resolve_device, resolve_dtype,
                                resolve_model_source)
 
@@ -110,7 +109,7 @@ def test_batched_equals_one_at_a_time_despite_left_padding(tiny):
     prompts = _prompts(tiny)
     assert len({len(p.ids) for p in prompts}) > 1  # padding really happens
     batched = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=8, progress=False)
-    single = generate_one_at_a_time(tiny, prompts, max_new_tokens=8, progress=False)
+    single = generate_one_at_a_time(tiny, [p.ids for p in prompts], max_new_tokens=8, progress=False)
     assert batched == single
 
 
@@ -181,7 +180,7 @@ def test_seed_loop_gives_the_batched_answers(tiny):
     b = PromptBuilder(tiny.tokenizer, "fewshot", 256)
     prompts = [b.build(e) for e in synthetic_squad(6, 1)[:6]]
     batched = generate_predictions(tiny, prompts, batch_size=3, max_new_tokens=6, progress=False)
-    assert generate_seed_loop(tiny, prompts, max_new_tokens=6, progress=False) == batched
+    assert generate_seed_loop(tiny, [p.ids for p in prompts], max_new_tokens=6, progress=False) == batched
     assert len(set(batched)) > 1
 
 
@@ -191,3 +190,17 @@ def test_display_name_drops_the_cache_folder_of_a_gguf():
         "SmolLM2-135M-Instruct.Q4_1"
     assert display_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert display_name("/models/my-model-0123456789abcdef") == "/models/my-model-0123456789abcdef"  # not the cache
+
+
+def test_decoding_imports_no_prompts_or_pipelines():
+    """decode.py knows tensors only: imported alone (the package's own __init__, which loads the API, left out),
+    it brings in no prompt, pipeline, wire or evaluation module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, types; pkg = types.ModuleType('latentwire'); pkg.__path__ = [sys.argv[1]]; "
+            "sys.modules['latentwire'] = pkg; import latentwire.decode; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('latentwire.'))))")
+    here = str(Path(__file__).resolve().parents[1] / "latentwire")
+    out = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, check=True).stdout.split()
+    assert set(out) <= {"latentwire.decode", "latentwire.errors", "latentwire.forward", "latentwire.models"}, out

@@ -205,8 +205,9 @@ def test_controls_tell_a_payload_that_carries_its_paragraph(tmp_path):
 
 
 def test_api_send_ask_equals_the_evaluation_path(tiny, prompts):
-    """load_pipeline -> send -> ask gives the answer the evaluation path gives for that question."""
-    for kind in ("truncate", "ac"):
+    """load_pipeline -> send -> ask gives the answer the evaluation path gives for that question
+    (pipelines that read ids, and one that reads embeddings)."""
+    for kind in ("truncate", "ac", "meanpool"):
         pipe = lw.load_pipeline(kind, lm=tiny, ratio=4)
         want = answers(tiny, prompts, pipe)
         for p, w in list(zip(prompts, want))[:3]:

@@ -1,12 +1,13 @@
-"""Shared-prefix prefill (evaluate.prefix_tree / tree_generate / plan_batches):
+"""Shared-prefix prefill (decode.prefix_tree / tree_generate, generate.plan_batches):
 a prefix shared by several rows is prefilled once and its cache copied; the
 answers must equal prefilling every row in full, and one question at a time."""
 import pytest
 import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.generate import (generate_one_at_a_time, generate_predictions, greedy_generate, left_pad,
-                                 plan_batches, prefix_tree, stop_token_ids, tree_cost, tree_generate)
+from latentwire.decode import (CacheNotCopyable, generate_one_at_a_time, greedy_generate, left_pad, prefix_tree,
+                               stop_token_ids, tree_cost, tree_generate)
+from latentwire.generate import generate_predictions, plan_batches
 
 
 def _prompts(tiny, template="fewshot"):
@@ -87,15 +88,15 @@ def test_tree_generate_equals_full_prefill_ids_and_embeds(tiny):
 
 
 def test_shared_prefix_predictions_equal_unshared_and_one_at_a_time(tiny, monkeypatch):
-    import latentwire.generate as ev
+    import latentwire.decode as dec
     prompts = _prompts(tiny)
     calls = []
-    real = ev.tree_generate
-    monkeypatch.setattr(ev, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dec.tree_generate
+    monkeypatch.setattr(dec, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared = generate_predictions(tiny, prompts, batch_size=8, max_new_tokens=8, progress=False)
-    monkeypatch.setattr(ev, "tree_generate", real)
+    monkeypatch.setattr(dec, "tree_generate", real)
     plain = generate_predictions(tiny, prompts, batch_size=8, max_new_tokens=8, progress=False, share_prefix=False)
-    single = generate_one_at_a_time(tiny, prompts, max_new_tokens=8, progress=False)
+    single = generate_one_at_a_time(tiny, [p.ids for p in prompts], max_new_tokens=8, progress=False)
     assert shared == plain == single
     assert len(set(shared)) > 1
     assert len(calls) == 4  # every batch took the shared-prefix path
@@ -144,45 +145,49 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
     a batch whose tree is longer than the window is prefilled in full (with
     the tree, answers differ: checked by hand); inside the window the tree is
     exact, for Gemma 3's cache as for Llama's."""
-    import latentwire.generate as ev
+    import latentwire.decode as dec
     prompts = _prompts(tiny)[:12]
-    real = ev.tree_generate
+    real = dec.tree_generate
     for window, expect_tree in ((32, False), (1024, True)):
         lm = _gemma(tiny, window)
         calls = []
-        monkeypatch.setattr(ev, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(dec, "tree_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
         shared = generate_predictions(lm, prompts, batch_size=6, max_new_tokens=6, progress=False)
-        monkeypatch.setattr(ev, "tree_generate", real)
+        monkeypatch.setattr(dec, "tree_generate", real)
         assert bool(calls) == expect_tree, window
-        single = generate_one_at_a_time(lm, prompts, max_new_tokens=6, progress=False)
+        single = generate_one_at_a_time(lm, [p.ids for p in prompts], max_new_tokens=6, progress=False)
         assert shared == single
         assert len(set(single)) > 1
 
 
 def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypatch):
-    import latentwire.generate as ev
+    """Warned about once; the run's later batches are prefilled in full without trying the tree again."""
+    import latentwire.decode as dec
     prompts = _prompts(tiny)[:8]
-    ref = generate_predictions(tiny, prompts, max_new_tokens=6, progress=False, share_prefix=False)
+    ref = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False, share_prefix=False)
+    tries = []
 
     def no_copy(*a, **k):
-        raise ev.CacheNotCopyable("TestCache cannot be copied across rows")
-    monkeypatch.setattr(ev, "tree_generate", no_copy)
-    with pytest.warns(UserWarning, match="prefilling every row in full"):
-        assert generate_predictions(tiny, prompts, max_new_tokens=6, progress=False) == ref
+        tries.append(1)
+        raise CacheNotCopyable("TestCache cannot be copied across rows")
+    monkeypatch.setattr(dec, "tree_generate", no_copy)
+    with pytest.warns(UserWarning, match="prefilling every row in full") as warned:
+        assert generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False) == ref
+    assert len(tries) == 1 and len([w for w in warned if "prefilling" in str(w.message)]) == 1
 
 
 def test_run_prefix_is_computed_once_and_answers_do_not_change(tiny, monkeypatch):
-    from latentwire import generate as evaluate
+    from latentwire.decode import RunPrefix
     prompts = _prompts(tiny)
     seen = []
-    orig = evaluate.RunPrefix.take
+    orig = RunPrefix.take
 
     def spy(self, seg):
         got = orig(self, seg)
         seen.append(got[1])
         return got
 
-    monkeypatch.setattr(evaluate.RunPrefix, "take", spy)
+    monkeypatch.setattr(RunPrefix, "take", spy)
     with_run = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False)
     without = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False,
                                    run_prefix_cache=False)

@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 
 from ..data import PromptBuilder
+from ..decode import sliding_window
 from ..errors import LatentWireError
 from ..forward import context_kv, head_cache, read_tails
 from ..probes import (attach_teacher, continue_probes, paragraph_seed, probe_terms, question_probes, repeat_probe,
@@ -75,7 +76,6 @@ class ParagraphFitter:
         if form not in FORMS or objective not in OBJECTIVES:
             raise ValueError((form, objective))
         if form == "kv":
-            from ..generate import sliding_window
             if sliding_window(lm.model):
                 raise LatentWireError(f"--pipeline opt-kv-{objective}: {lm.name} has sliding-window layers, whose "
                                       f"caches this form does not build; use opt-emb-{objective}")
