@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             w = max(map(len, KINDS))
             for k in KINDS.values():
                 print(f"{k.name:<{w}}  {k.summary}" + (" [takes --ratio]" if k.ratio else ""))
-            print(f"{'RUN_DIR':<{w}}  a run folder: its trained pipeline (learned compressor or Stage 1)")
+            print(f"{'DIR':<{w}}  a trained pipeline's folder: a train-encoder folder, or a run folder's learned "
+                  "compressor (v0.1) or Stage 1")
             print(f"{'pkg.mod:Factory':<{w}}  your own: Factory(BuildContext) -> a latentwire.Pipeline")
         elif args.cmd in ("send", "ask"):
             _wire_command(args)
