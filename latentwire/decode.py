@@ -149,6 +149,7 @@ def kv_generate(model, cache, past_mask: torch.Tensor, tails: Sequence[Sequence[
                 **{_cache_kw(model): cache}, **logits_kw(model))
     return _decode(model, out, mask, pos[:, -1:], True, max_new_tokens, stop_ids)
 
+
 # ------------------------------------------------------- shared-prefix prefill
 #
 # Every few-shot prompt starts with the same shots, and SQuAD asks ~5
@@ -166,6 +167,7 @@ def kv_generate(model, cache, past_mask: torch.Tensor, tails: Sequence[Sequence[
 # from the mask, so a row sees exactly the positions and keys it would alone.
 # Shared parts are found by comparing the rows the LLM will read (ids, or the
 # reconstructed embeddings bit for bit), so any pipeline is handled exactly.
+
 
 class CacheNotCopyable(RuntimeError):
     """The model's KV cache has no batch_select_indices: no tree prefill."""
@@ -335,6 +337,7 @@ def tree_generate(model, levels: Sequence[Level], *, use_ids: bool, pad_id: int 
         cache = _get_cache(out)
     return _decode(model, out, mask, pos[:, -1:], use_ids, max_new_tokens, stop_ids)
 
+
 class BatchDecoder:
     """Greedy decoding of a run's batches on one model, batch after batch: a
     batch of rows ([L] ids or [L, d] embeddings) goes through the prefix tree
@@ -363,6 +366,7 @@ class BatchDecoder:
                 self.share_prefix = False
         x, mask = pad_rows(rows, self.pad_id)
         return greedy_generate(self.model, mask, **({"input_ids": x} if use_ids else {"inputs_embeds": x}), **kw)
+
 
 def decode_answer(tokenizer, ids: Sequence[int]) -> str:
     """Text up to the first newline, special tokens dropped, stripped."""
