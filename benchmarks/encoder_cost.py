@@ -10,9 +10,10 @@ Variants (each timed on its own, the same batches, after one warm-up step):
 * top2+cache   -- the CPU variant: the bottom's states of each paragraph and the
                   teacher's top-k of each question computed once and kept
                   (--enc-cache-bottom --enc-cache-teacher); the step is timed on
-                  warm caches, the cache's own cost per paragraph / question
-                  measured on the first pass and added once per distinct
-                  paragraph / question of the training set.
+                  warm caches, each cache's cost per paragraph / question
+                  timed on its own (a fresh batch) and added once per distinct
+                  paragraph / question of the training set (questions: at most
+                  as many as stage B shows).
 The receiver's head K/V is computed once in every variant. Stage A
 (reconstruction + continuation) and stage B (answers + KL) steps are timed
 separately; the hours use the GPU run's split (35% of the steps in A).
@@ -44,7 +45,8 @@ def measure(model: str, squad_train: str | None, variants, batch: int, repeats: 
     from latentwire.data import Example, PromptBuilder, load_squad_json
     from latentwire.forward import head_cache
     from latentwire.lmenc import build_encoder
-    from latentwire.lmtrain import loss_step, make_batch, split_training
+    from latentwire.forward import right_pad
+    from latentwire.lmtrain import loss_step, make_batch, split_training, teacher_topk
     from latentwire.models import load_model
     from latentwire.probes import REPEAT_CUE
     from latentwire.run import load_data
@@ -94,13 +96,24 @@ def measure(model: str, squad_train: str | None, variants, batch: int, repeats: 
             row[f"first_step_s_{stage}"] = first
             log(f"{name} stage {stage}: {row[f'step_s_{stage}']:.2f} s a step of {batch} (median of {repeats}; "
                 f"first {first:.2f} s)")
-        # a cache's cost is what the first (cold) step paid above the warm ones, per distinct entry it filled
+        # each cache's own cost, measured on its own: the bottom's states of a batch of paragraphs, the
+        # teacher's top-k of a batch of questions (paid once per distinct paragraph / question)
         if ec.enc_cache_bottom or ec.enc_cache_teacher:
-            row["cache_s_per_paragraph"] = max(0.0, row["first_step_s_A"] - row["step_s_A"]) / batch
-            row["cache_s_per_question"] = max(0.0, row["first_step_s_B"] - row["step_s_B"]) / batch
+            fresh = make_batch(paras, "B", 1, ec, cue)
+            ids, m = right_pad([torch.tensor(r.enc_ids, dtype=torch.long) for r in fresh])
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                enc.sender(input_ids=ids, attention_mask=m.long(), use_cache=False, output_hidden_states=True)
+            row["cache_s_per_paragraph"] = (time.perf_counter() - t0) / len(fresh)
+            t0 = time.perf_counter()
+            teacher_topk(lm, hc, n_head, fresh, ec.enc_teacher_topk, None)
+            row["cache_s_per_question"] = (time.perf_counter() - t0) / len(fresh)
+            log(f"{name}: caches cost {row['cache_s_per_paragraph']:.2f} s a paragraph, "
+                f"{row['cache_s_per_question']:.2f} s a question")
         a_steps, b_steps = 0.35 * GPU_EXAMPLES / batch, 0.65 * GPU_EXAMPLES / batch
         sec = a_steps * row["step_s_A"] + b_steps * row["step_s_B"]
         if "cache_s_per_paragraph" in row:
+            # every paragraph's bottom once; a question's teacher once, at most as many as stage B shows
             sec += n_para * row["cache_s_per_paragraph"] + min(n_q, 0.65 * GPU_EXAMPLES) * row["cache_s_per_question"]
         row["examples_per_s"] = GPU_EXAMPLES / sec
         row["hours_to_gpu_examples"] = sec / 3600
@@ -136,16 +149,19 @@ def main(argv=None) -> int:
     if bad:
         print(f"encoder_cost.py: error: --variants {bad[0]}: one of {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    t0 = time.time()
+    import os
+    t0, load0 = time.time(), os.getloadavg()[0]
     rows = measure(a.model, a.squad_train, a.variants.split(","), a.batch, a.repeats, a.seed, a.threads)
     from latentwire.runio import atomic_write_text, write_jsonl
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "results.jsonl", rows)
     cmd = "python benchmarks/encoder_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # a timing is only as good as the machine was quiet: the 1-minute load average before and after is printed
+    load = f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
     md = (f"`{cmd}` ({time.time() - t0:.0f} s; model {a.model}, data {rows[0]['data']}, "
-          f"{rows[0]['train_paragraphs']} training paragraphs, seed {a.seed}, {rows[0]['threads']} threads)\n\n"
-          + table(rows) + "\n")
+          f"{rows[0]['train_paragraphs']} training paragraphs, seed {a.seed}, {rows[0]['threads']} threads; "
+          f"{load})\n\n" + table(rows) + "\n")
     atomic_write_text(out / "table.md", md)
     print(md)
     return 0

@@ -358,3 +358,23 @@ def test_the_encoder_on_the_real_default_model(smollm, tmp_path):
     assert pl.positions == budget(len(ids), 4) and len(pl) == pl.positions * 576 * 2
     assert pipe.receive(pl).shape == (pl.positions, 576)
     assert bytes(PooledLMPipeline(smollm, load_encoder(smollm, tmp_path)[0]).send(" ".join(text.split()))) == bytes(pl)
+
+
+def test_encoder_cost_benchmark_prints_its_table(tmp_path):
+    """benchmarks/encoder_cost.py on the tiny model: a row per variant with both stages' step times, the caches'
+    costs for the CPU variant, and the hours to the GPU run's examples; results.jsonl and table.md written."""
+    import sys
+    from pathlib import Path
+
+    from conftest import run_script
+    root = Path(__file__).resolve().parents[1]
+    r = run_script([sys.executable, str(root / "benchmarks" / "encoder_cost.py"), "--model", "tiny-random",
+                    "--batch", "2", "--repeats", "1", "--variants", "top2,top2+cache", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [x["variant"] for x in rows] == ["top2", "top2+cache"]
+    assert all(x["step_s_A"] > 0 and x["hours_to_gpu_examples"] > 0 for x in rows)
+    assert rows[1]["cache_s_per_paragraph"] > 0 and rows[1]["cache_s_per_question"] > 0
+    assert "| top2+cache |" in r.stdout and "load average" in (tmp_path / "table.md").read_text()
+    bad = run_script([sys.executable, str(root / "benchmarks" / "encoder_cost.py"), "--variants", "nope"])
+    assert bad.returncode == 2 and "--variants nope" in bad.stderr
