@@ -36,6 +36,11 @@ class ModelConfig:
     (Stage 1) would deliver: the sender's token ids read as the receiver's own; the learned wire encodes the
     sender's hidden states and decodes into the receiver's embedding space (--seq-sender-path: a sender trained
     before, frozen). Default: --model."""
+    codec_model: str | None = None
+    """The LLM that arithmetic-codes the LLM-coded kinds (ac, truncate+ac, surprisal+ac), when it is not --model:
+    a small model both ends hold, like a shared dictionary. It codes the paragraph in its own tokens; the
+    receiving side decodes them with it and the receiver LLM reads their text (payloads then serve any
+    receiver). Same forms as --model. Default: --model (the receiver's own code)."""
     device: str = "auto"
     """auto (cuda -> mps -> cpu), or a torch device string."""
     dtype: str = "auto"
