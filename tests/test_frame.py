@@ -189,3 +189,17 @@ def test_evaluation_raises_on_a_payload_decoded_with_other_numbers(tiny, tmp_pat
         Payload(d, len(ids)) for d, (_, ids) in zip(codec.encode_many(items), items)]
     with pytest.raises(IntegrityError):
         lw.evaluate([pipe], max_eval=2, out=tmp_path / "ev", log=lambda *a: None)
+
+
+def test_run_with_a_codec_model_reads_ac_as_the_receivers_text(tmp_path):
+    """`latentwire run --model B --codec-model A`: `ac` coded by A, read by B, gives B's text answers question
+    by question (agreement 100%); the run names its codec model."""
+    import json
+    out = tmp_path / "run"
+    r = cli("run", "--model", "tiny-random-b", "--codec-model", "tiny-random", "--no-stage1", "--sequence", "none",
+            "--pipeline", "ac", "--synthetic-articles", "6", "--max-eval", "6", "--max-new-tokens", "4",
+            "--n-boot", "20", "--ac-contexts", "0", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pipelines"]["ac"]["agreement"] == 1.0 and m["codec_model"]["model"] == "tiny-random"
+    assert m["pipelines"]["ac"]["wire"]["positions_mean"] == m["pipelines"]["text"]["wire"]["positions_mean"]
