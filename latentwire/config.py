@@ -561,6 +561,8 @@ class RunConfig:
                                       "token identities, not the receiver's; add --no-stage1 (the sender_ids row "
                                       "measures what they would deliver)")
             cross_ok = ("truncate", "surprisal", "none", "learned", "text")
+            if self.model.codec_model not in (None, self.model.model):  # coded by it, read by the receiver as text
+                cross_ok += ("ac", "truncate+ac", "surprisal+ac")
             for k in self.eval.sequence_kinds() + self.eval.pipeline_specs():
                 if k == "meanpool":
                     raise LatentWireError("--sequence meanpool with --sender-model: vectors in the sender's embedding "
@@ -568,7 +570,7 @@ class RunConfig:
                 if k not in cross_ok:
                     raise LatentWireError(f"--sender-model with {k}: only {', '.join(cross_ok)} cross to another "
                                           "receiver model (token choices read as text; learned: a decoder per "
-                                          "receiver)")
+                                          "receiver; the LLM-coded kinds with a --codec-model)")
         self.data.validate()
         self.eval.validate()
         self.compress.validate()

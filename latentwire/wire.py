@@ -12,7 +12,8 @@ byte counts are the lengths of real byte strings, never a formula.
 
 Byte-count conventions (stated in the README):
 * transport framing is not counted (the message length is known, as for any
-  file or packet); a payload whose values are narrower than a byte carries
+  file or packet; a payload file's 8-byte frame, latentwire/frame.py, is
+  reported beside the payload); a payload whose values are narrower than a byte carries
   a varint count of positions, because its padding would be ambiguous;
 * what both ends hold before any message -- the model, the tokenizer, the
   PCA basis, the quantizer's levels, the adapter -- is not sent per context.

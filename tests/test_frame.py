@@ -203,3 +203,13 @@ def test_run_with_a_codec_model_reads_ac_as_the_receivers_text(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["pipelines"]["ac"]["agreement"] == 1.0 and m["codec_model"]["model"] == "tiny-random"
     assert m["pipelines"]["ac"]["wire"]["positions_mean"] == m["pipelines"]["text"]["wire"]["positions_mean"]
+
+
+def test_sender_model_runs_take_the_llm_coded_kinds_with_a_codec_model():
+    from latentwire.config import RunConfig
+    c = RunConfig()
+    c.model.model, c.model.sender_model, c.eval.stage1, c.eval.pipeline = "tiny-random-b", "tiny-random", False, "ac"
+    with pytest.raises(LatentWireError, match="--sender-model with ac.*with a --codec-model"):
+        c.validate()
+    c.model.codec_model = "tiny-random"
+    c.validate()
