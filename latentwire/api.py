@@ -7,6 +7,8 @@ pipelines -- the same code paths as `latentwire send`, `ask` and `run`.
     payload = pipe.send(open("paragraph.txt").read())          # bytes (a latentwire.Payload)
     print(len(payload), "bytes,", payload.positions, "positions")
     print(lw.ask(pipe, payload, "Who founded the company?"))  # the evaluation's prompt and decoding
+    open("p.bin", "wb").write(lw.wrap(pipe, payload))         # a payload file: the payload in its 8-byte frame
+    print(lw.ask(pipe, open("p.bin", "rb").read(), "Who founded the company?"))  # checked against the frame
     metrics = lw.evaluate([pipe, lw.load_pipeline("none", lm=pipe.lm)], "dev-v1.1-part-a.json", max_eval=100)
 """
 from __future__ import annotations
@@ -33,14 +35,16 @@ def head_ids(builder: PromptBuilder) -> list[int]:
 
 def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4.0, *, lm=None,
                   options: dict | None = None, out: str | Path | None = None, device: str = "auto",
-                  dtype: str = "auto", flag: str = "--pipeline") -> Pipeline:
+                  dtype: str = "auto", flag: str = "--pipeline", codec_model=None) -> Pipeline:
     """A pipeline by kind (`latentwire pipelines`), run folder or `package.module:Factory`, with its receiver
     model loaded (or `lm`, a model loaded before: pipelines that share it are compared on one receiver).
 
     `model`: the receiving LLM (an alias, a HF id, a folder, a .gguf); default: the run folder's model, else
     smollm2-135m. `ratio`: r for kinds that compress the sequence. `options`: config fields by name (e.g.
     {"opt_steps": 20, "template": "fewshot"}), as in a sweep file. `out`: a folder where per-paragraph fits
-    are kept (opt-* kinds). The pipeline carries what `ask` needs: `.lm` and `.builder`."""
+    are kept (opt-* kinds). `codec_model`: the LLM that codes `ac`, `truncate+ac`, `surprisal+ac` (a name as
+    for `model`, or a loaded model; default: the receiver). The pipeline carries what `ask` needs: `.lm` and
+    `.builder`."""
     from .models import DEFAULT_MODEL, load_model
     from .sweep import apply_overrides
     cfg = RunConfig()
@@ -49,28 +53,68 @@ def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4
         model = model or saved.get("model", {}).get("model")
         cfg.data.template = saved.get("data", {}).get("template", cfg.data.template)
     if options:
-        apply_overrides(cfg, options, where="options")
+        cfg = apply_overrides(cfg, options, where="options")  # a copy: its return value is the config
     cfg.validate()
     if lm is None:
         lm = load_model(model or DEFAULT_MODEL, device, dtype)
     elif model is not None and model not in (lm.name, lm.source):
         raise LatentWireError(f"--model {model}: the pipeline was given another loaded model ({lm.name})")
     builder = _builder(lm, cfg)
+    codec = load_codec(codec_model, lm, device, dtype)
     ctx = BuildContext(lm=lm, head_ids=head_ids(builder), ratio=ratio, cfg=cfg, out=None if out is None else Path(out),
-                       extra={"builder": builder})
+                       extra={"builder": builder}, codec=codec,
+                       codec_head_ids=None if codec is None else head_ids(_builder(codec, cfg)))
     pipe = build(spec, ctx, flag=flag)[0]
     pipe.builder = builder
+    if Path(spec).is_dir() and getattr(pipe, "weights_digest", None) is None:
+        from .frame import RUN_WEIGHT_FILES, files_digest
+        pipe.weights_digest = files_digest(Path(spec) / f for f in RUN_WEIGHT_FILES)
     return pipe
 
 
-def ask(pipeline: Pipeline, payload: bytes, question: str, *, max_new_tokens: int = 16) -> str:
+def load_codec(codec_model, lm, device: str = "auto", dtype: str = "auto"):
+    """The codec model (`--codec-model`: a name, or a loaded model), or None when it is the receiver `lm`."""
+    if codec_model is None or codec_model is lm or codec_model in (lm.name, lm.source):
+        return None
+    if isinstance(codec_model, str):
+        from .models import load_model
+        return load_model(codec_model, device, dtype)
+    return codec_model
+
+
+def wrap(pipeline: Pipeline, payload: bytes) -> bytes:
+    """A payload in its frame (latentwire/frame.py): what a payload file holds, `frame.FRAME_BYTES` more."""
+    from .frame import wrap as _wrap
+    return _wrap(pipeline, payload)
+
+
+def unwrap(pipeline: Pipeline, data: bytes, where: str = "payload") -> "Payload":
+    """The payload of framed bytes, checked against `pipeline` (one-line LatentWireError naming both sides)."""
+    from .frame import unwrap as _unwrap
+    return _unwrap(pipeline, data, where)
+
+
+def ask(pipeline: Pipeline, payload: bytes, question: str, *, max_new_tokens: int = 16,
+        where: str = "payload") -> str:
     """The receiver's answer to `question` from a payload: the evaluation's prompt (its template, the payload's
-    reading where the context goes) and its greedy decoding."""
+    reading where the context goes) and its greedy decoding. `payload`: a `Payload` as `pipeline.send` gives
+    it, or the bytes of a payload file (framed: checked against this pipeline first, see `unwrap`)."""
     from .generate import answer
+    from .wire import IntegrityError, Payload
+    framed = not isinstance(payload, Payload)
+    if framed:
+        payload = unwrap(pipeline, payload, where)
     lm = pipeline.lm
     builder = getattr(pipeline, "builder", None) or PromptBuilder(lm.tokenizer, "fewshot")
     prompt = builder.build(Example("ask", "ask", "", question, ["-"]))
-    return answer(lm, prompt, pipeline, bytes(payload), max_new_tokens)
+    try:
+        return answer(lm, prompt, pipeline, bytes(payload), max_new_tokens)
+    except IntegrityError as e:
+        if not framed:
+            raise
+        raise IntegrityError(f"{where}: {e} -- its frame's checksum and model fingerprints match, so the same model "
+                             "files computed other numbers here (thread count, lane width, dtype, device or library "
+                             "versions)") from None
 
 
 def evaluate(pipelines: Sequence[Pipeline], squad_path: str | None = None, *, max_eval: int = 200,
@@ -100,4 +144,4 @@ def evaluate(pipelines: Sequence[Pipeline], squad_path: str | None = None, *, ma
     return evaluate_run(cfg, lm, pipes, overwrite=overwrite, log=log)
 
 
-__all__ = ["ask", "evaluate", "head_ids", "load_pipeline"]
+__all__ = ["ask", "evaluate", "head_ids", "load_codec", "load_pipeline", "unwrap", "wrap"]

@@ -86,7 +86,10 @@ def _add_wire_args(p: argparse.ArgumentParser) -> None:
                    help="a kind (`latentwire pipelines`), a run folder, or package.module:Factory")
     p.add_argument("--model", default=None, help="the receiving LLM (default: the run folder's, else smollm2-135m)")
     p.add_argument("--ratio", type=float, default=4.0, help="r for kinds that compress the sequence (default: 4)")
-    p.add_argument("--template", default="fewshot", help="prompt template of the receiver (default: fewshot)")
+    p.add_argument("--codec-model", default=None,
+                   help="the LLM that codes ac, truncate+ac, surprisal+ac (default: the receiver, --model)")
+    p.add_argument("--template", default=None,
+                   help="prompt template of the receiver (default: the run folder's, else fewshot)")
     p.add_argument("--fits", default=None, metavar="DIR",
                    help="opt-* kinds: keep per-paragraph fits here (a rerun with the same paragraph refits nothing)")
     _add_group(p, "opt", _GROUPS["opt"])
@@ -105,7 +108,8 @@ def make_parser() -> argparse.ArgumentParser:
                         description="Ask the frozen receiver LLM a question about a payload: it reads the payload "
                                     "where the paragraph would be (the evaluation's prompt and greedy decoding).")
     _add_wire_args(pa)
-    pa.add_argument("payload", help="a payload file written by `latentwire send` with the same pipeline flags")
+    pa.add_argument("payload", help="a payload file written by `latentwire send` with the same pipeline flags (its "
+                                    "frame is checked: another pipeline, ratio or model is refused)")
     pa.add_argument("question", help="the question")
     pa.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default: 16)")
     pt = sub.add_parser("train-encoder", help="train the pooled LM encoder; its folder is then a --pipeline",
@@ -164,7 +168,9 @@ def _wire_command(args) -> None:
 
     from .api import ask, load_pipeline
     from .config import OptConfig
-    opts = {f.name: getattr(args, f"opt.{f.name}") for f in fields(OptConfig)} | {"template": args.template}
+    opts = {f.name: getattr(args, f"opt.{f.name}") for f in fields(OptConfig)}
+    if args.template is not None:
+        opts["template"] = args.template
     if args.cmd == "send":
         src = Path(args.paragraph)
         if not src.is_file():
@@ -183,15 +189,21 @@ def _wire_command(args) -> None:
             raise LatentWireError("--max-new-tokens must be >= 1")
     if not args.ratio >= 1:
         raise LatentWireError(f"--ratio must be >= 1 (got {args.ratio:g})")
-    pipe = load_pipeline(args.pipeline, args.model, args.ratio, options=opts, out=args.fits)
+    from . import frame
+    if args.cmd == "ask":  # what needs no model is checked before one loads
+        frame.check(src.read_bytes(), f"payload {args.payload}", frame.kind_label(args.pipeline, args.ratio))
+    pipe = load_pipeline(args.pipeline, args.model, args.ratio, options=opts, out=args.fits,
+                         codec_model=args.codec_model)
     if args.cmd == "ask":
-        print(ask(pipe, src.read_bytes(), args.question, max_new_tokens=args.max_new_tokens))
+        print(ask(pipe, src.read_bytes(), args.question, max_new_tokens=args.max_new_tokens,
+                  where=f"payload {args.payload}"))
         return
     from .runio import atomic_write_bytes
     payload = pipe.send(text)
-    atomic_write_bytes(args.output, bytes(payload))
+    atomic_write_bytes(args.output, frame.wrap(pipe, payload))
     utf8 = len(text.encode("utf-8"))
-    line = f"{args.output}: {len(payload):,} bytes, {payload.positions} positions ({pipe.name}); UTF-8 {utf8:,} bytes"
+    line = (f"{args.output}: {len(payload):,} bytes payload + {frame.FRAME_BYTES} bytes frame, {payload.positions} "
+            f"positions ({pipe.name}); UTF-8 {utf8:,} bytes")
     try:
         import zstandard
         z = len(zstandard.ZstdCompressor(level=19).compress(text.encode("utf-8")))

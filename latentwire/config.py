@@ -36,6 +36,11 @@ class ModelConfig:
     (Stage 1) would deliver: the sender's token ids read as the receiver's own; the learned wire encodes the
     sender's hidden states and decodes into the receiver's embedding space (--seq-sender-path: a sender trained
     before, frozen). Default: --model."""
+    codec_model: str | None = None
+    """The LLM that arithmetic-codes the LLM-coded kinds (ac, truncate+ac, surprisal+ac), when it is not --model:
+    a small model both ends hold, like a shared dictionary. It codes the paragraph in its own tokens; the
+    receiving side decodes them with it and the receiver LLM reads their text (payloads then serve any
+    receiver). Same forms as --model. Default: --model (the receiver's own code)."""
     device: str = "auto"
     """auto (cuda -> mps -> cpu), or a torch device string."""
     dtype: str = "auto"
@@ -656,6 +661,8 @@ class RunConfig:
                                       "token identities, not the receiver's; add --no-stage1 (the sender_ids row "
                                       "measures what they would deliver)")
             cross_ok = ("truncate", "surprisal", "none", "learned", "text")
+            if self.model.codec_model not in (None, self.model.model):  # coded by it, read by the receiver as text
+                cross_ok += ("ac", "truncate+ac", "surprisal+ac")
             for k in self.eval.sequence_kinds() + self.eval.pipeline_specs():
                 if k == "meanpool":
                     raise LatentWireError("--sequence meanpool with --sender-model: vectors in the sender's embedding "
@@ -663,7 +670,7 @@ class RunConfig:
                 if k not in cross_ok:
                     raise LatentWireError(f"--sender-model with {k}: only {', '.join(cross_ok)} cross to another "
                                           "receiver model (token choices read as text; learned: a decoder per "
-                                          "receiver)")
+                                          "receiver; the LLM-coded kinds with a --codec-model)")
         self.data.validate()
         self.eval.validate()
         self.compress.validate()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .frame import FRAME_BYTES
 from .runio import atomic_write_text, read_jsonl
+from .wire import LMArithmeticCodec
 
 
 def _plt():
@@ -347,7 +349,9 @@ def write_report(run_dir: str | Path, metrics: dict, diags: dict, config: dict) 
           *(["## Stage 1 diagnostics\n", stage1_table(metrics), ""] if stage1_table(metrics) else []),
           f"Wire: what crosses it is the {metrics.get('wire_scope', 'context')} (see README, 'The wire'); bytes are "
           "the lengths of the payloads actually sent, one per distinct context (questions about one paragraph "
-          "share it).\n", references_table(refs), ""]
+          f"share it). LLM-coded payloads (`+ac`, `ac`) include their {LMArithmeticCodec.CHECK_BYTES}-byte integrity "
+          f"check; a payload file (`latentwire send`) adds a {FRAME_BYTES}-byte frame, not counted here.\n",
+          references_table(refs), ""]
     for f in figs:
         if f:
             md.append(f"![{f}]({f})\n")

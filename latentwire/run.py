@@ -181,18 +181,22 @@ CROSS_KINDS = ("truncate", "surprisal", "none")
 
 
 def build_pipelines(cfg: RunConfig, lm, prompts, builder: PromptBuilder, out: Path, sender=None,
-                    learned=None) -> dict:
+                    learned=None, codec=None) -> dict:
     """Every --sequence kind at every --sequence-ratios ratio and every --pipeline spec, built through the
     registry (`learned`: the compressor trained or loaded by this run). With --sender-model, token kinds are
-    chosen on the sender and read by the receiver through text, plus the `sender_ids` row."""
+    chosen on the sender and read by the receiver through text, plus the `sender_ids` row. `codec`: the
+    --codec-model of the LLM-coded kinds, when it is not the receiver."""
     head = prompts[0].head_ids
     ratios = cfg.eval.sequence_ratio_list() or [4.0]
-    ctx = BuildContext(lm=lm, head_ids=head, cfg=cfg, out=out, extra={"builder": builder})
+
+    def head_of(model) -> list[int]:  # another model's own prompt head (its tokens of the same text)
+        return PromptBuilder(model.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens,
+                             cfg.data.bos != "none").build(prompts[0].example).head_ids
+    ctx = BuildContext(lm=lm, head_ids=head, cfg=cfg, out=out, extra={"builder": builder}, codec=codec,
+                       codec_head_ids=None if codec is None else head_of(codec))
     s_ctx = None
     if sender is not None:
-        s_head = PromptBuilder(sender.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens,
-                               cfg.data.bos != "none").build(prompts[0].example).head_ids
-        s_ctx = BuildContext(lm=sender, head_ids=s_head, cfg=cfg, out=out)
+        s_ctx = BuildContext(lm=sender, head_ids=head_of(sender), cfg=cfg, out=out)
 
     def make(spec: str, ratio: float) -> list:
         if s_ctx is not None and spec in CROSS_KINDS:
@@ -258,6 +262,10 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     if cfg.model.cross():  # the model on the sending side, when it is not the receiver
         sender = load_model(cfg.model.sender_model, device, cfg.model.dtype, device_map=device_map)
         events.log(event="sender_model", source=sender.source, d_model=sender.d_model, vocab=sender.vocab_size)
+    codec = None
+    if cfg.model.codec_model is not None and cfg.model.codec_model != cfg.model.model:
+        codec = load_model(cfg.model.codec_model, device, cfg.model.dtype, device_map=device_map)
+        events.log(event="codec_model", source=codec.source, d_model=codec.d_model, vocab=codec.vocab_size)
     fp = lm.fingerprint() | {"compress_dim": k}
     if cfg.eval.stage1:  # saved artifacts are checked before any work starts
         from .stage1 import check_saved_artifacts
@@ -284,7 +292,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         events.log(event="seq_trained", **{k2: v for k2, v in seq_summary.items() if k2 not in ("first", "last")})
 
     pipes: dict = {} if stage1 is None else stage1.pipelines(cfg, lm)
-    built, baseline = build_pipelines(cfg, lm, prompts, inp.builder, out, sender, learned)
+    built, baseline = build_pipelines(cfg, lm, prompts, inp.builder, out, sender, learned, codec)
     pipes |= built
     head = {"compressor": None if stage1 is None else stage1.describe(cfg, lm, k),
             "adapter": None if stage1 is None else
@@ -292,6 +300,8 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
             "train": {} if stage1 is None else stage1.summary, "seq_train": seq_summary}
     if sender is not None:
         head["sender_model"] = {"model": sender.source, "d_model": sender.d_model, "vocab_size": sender.vocab_size}
+    if codec is not None:
+        head["codec_model"] = {"model": codec.source, "vocab_size": codec.vocab_size}
     return evaluate_pipelines(cfg, lm, inp, pipes, baseline, out, head, t0, use_cache=use_cache, log=log,
                               stage1=stage1)
 

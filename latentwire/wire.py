@@ -12,7 +12,8 @@ byte counts are the lengths of real byte strings, never a formula.
 
 Byte-count conventions (stated in the README):
 * transport framing is not counted (the message length is known, as for any
-  file or packet); a payload whose values are narrower than a byte carries
+  file or packet; a payload file's 8-byte frame, latentwire/frame.py, is
+  reported beside the payload); a payload whose values are narrower than a byte carries
   a varint count of positions, because its padding would be ambiguous;
 * what both ends hold before any message -- the model, the tokenizer, the
   PCA basis, the quantizer's levels, the adapter -- is not sent per context.
@@ -26,6 +27,7 @@ sum(-log2 p(token | prefix)).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import lzma
 import math
 from typing import Callable, Sequence
@@ -193,10 +195,10 @@ class TokenIdCodec(TextCodec):
 
 
 @contextlib.contextmanager
-def one_thread():
-    """torch on one CPU thread inside the block (restored after)."""
+def torch_threads(k: int = 1):
+    """torch on `k` CPU threads inside the block (restored after)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(k)
     try:
         yield
     finally:
@@ -231,9 +233,20 @@ class LMArithmeticCodec(TextCodec):
     numbers then depend neither on which lane it sits in nor on the other
     rows (each output row of a product is its own dot products), and a
     payload coded among 7 others decodes alone (tested). The price: one
-    context alone costs a full 8-row step."""
+    context alone costs a full 8-row step.
+
+    The integrity check: after the token count, `CHECK_BYTES` bytes of a
+    hash of the coded ids (`ids_check`); the decoder hashes what it read and
+    raises `IntegrityError` when they differ -- a payload read with other
+    numbers (another model file, thread count, lane width, dtype, device,
+    library) or with a corrupted byte fails loudly instead of decoding to
+    fluent other text (a wrong read passes with probability 2**-16). The
+    bytes are the payload's: they count in every table."""
     name = "lm_arithmetic"
     LANES = 8
+    THREADS = 1
+    """CPU threads of the coding passes (both ends must use the same: see above)."""
+    CHECK_BYTES = 2
 
     def __init__(self, lm, head_ids: Sequence[int]):
         import constriction
@@ -265,8 +278,15 @@ class LMArithmeticCodec(TextCodec):
                 out = model(input_ids=torch.tensor(feed, dtype=torch.long, device=dev)[:, None], use_cache=True,
                             **{kw: get_cache(out)})
 
+    def digest(self) -> str:
+        """What the code's numbers depend on, as a digest: the model's weights and the prompt head it codes after
+        (a payload's frame names it: `Pipeline.identity()["codec"]`)."""
+        h = hashlib.sha256(self.lm.weights_digest().encode())
+        h.update(np.asarray(self.head, dtype="<i4").tobytes())
+        return h.hexdigest()[:32]
+
     def _threads(self):
-        return one_thread() if self.lm.device.type == "cpu" else contextlib.nullcontext()
+        return torch_threads(self.THREADS) if self.lm.device.type == "cpu" else contextlib.nullcontext()
 
     def _chunks(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices in groups of LANES, longest first (contexts of similar length step together)."""
@@ -293,24 +313,58 @@ class LMArithmeticCodec(TextCodec):
                     return t
                 self._lockstep([len(ids_list[g]) for g in group], pick)
                 for g, enc in zip(group, encs):
-                    out[g] = varint(len(ids_list[g])) + enc.get_compressed().tobytes()
+                    out[g] = varint(len(ids_list[g])) + ids_check(ids_list[g]) + enc.get_compressed().tobytes()
         return out
 
-    def decode_many(self, datas: Sequence[bytes]) -> list[list[int]]:
-        """The token ids of each payload, LANES at a time."""
-        heads = [read_varint(bytes(d)) for d in datas]
+    def _parse(self, data: bytes) -> tuple[int, bytes, np.ndarray]:
+        """(token count, check bytes, the range coder's words) of a payload; IntegrityError when it cannot be one."""
+        try:
+            n, used = read_varint(data)
+        except LatentWireError:
+            n, used = -1, 0
+        check, words = data[used:used + self.CHECK_BYTES], data[used + self.CHECK_BYTES:]
+        window = getattr(self.lm.model.config, "max_position_embeddings", None) or 1 << 20
+        if n < 0 or len(check) < self.CHECK_BYTES or len(words) % 4 or len(self.head) + n > window:
+            raise IntegrityError(f"payload of {len(data)} bytes is not an LLM-coded payload (corrupted, or made by "
+                                 "another pipeline)")
+        return n, check, np.frombuffer(words, dtype=np.uint32)
+
+    def decode_many(self, datas: Sequence[bytes], verify: bool = True) -> list[list[int]]:
+        """The token ids of each payload, LANES at a time; IntegrityError when one decodes to other ids than were
+        coded (its check bytes say so). `verify=False`: the ids as read, unchecked (benchmarks/wire_robustness.py
+        counts what the check catches; -1 where the coder refused the words)."""
+        heads = [self._parse(bytes(d)) for d in datas]
         out: list[list[int]] = [[] for _ in datas]
         with self._threads():
-            for group in self._chunks([n for n, _ in heads]):
-                decs = [self._c.stream.queue.RangeDecoder(np.frombuffer(bytes(datas[g])[heads[g][1]:],
-                                                                        dtype=np.uint32)) for g in group]
+            for group in self._chunks([n for n, _, _ in heads]):
+                decs = [self._c.stream.queue.RangeDecoder(heads[g][2]) for g in group]
 
                 def pick(j, i, p, group=group, decs=decs):
-                    t = int(decs[j].decode(self._model, p[None, :])[0])
+                    try:
+                        t = int(decs[j].decode(self._model, p[None, :])[0])
+                    except Exception:  # noqa: BLE001 -- constriction refuses words it cannot read: corrupted
+                        t = -1
                     out[group[j]].append(t)
-                    return t
+                    return t if t >= 0 else self.head[-1]
                 self._lockstep([heads[g][0] for g in group], pick)
+        for ids, (n, check, _) in zip(out, heads):
+            if verify and ids_check(ids) != check:
+                raise IntegrityError(INTEGRITY_MESSAGE)
         return out
+
+
+INTEGRITY_MESSAGE = ("payload decoded to other tokens than were coded: the codec model's numbers differ from the "
+                     "sender's (model file, thread count, lane width, dtype, device or library versions) or the "
+                     "payload is corrupted")
+
+
+class IntegrityError(LatentWireError):
+    """An LLM-coded payload whose integrity check fails: never read as text (see LMArithmeticCodec)."""
+
+
+def ids_check(ids: Sequence[int], nbytes: int = LMArithmeticCodec.CHECK_BYTES) -> bytes:
+    """The integrity check of coded token ids: the first `nbytes` of blake2b over them as little-endian int32."""
+    return hashlib.blake2b(np.asarray(list(ids), dtype="<i4").tobytes(), digest_size=nbytes).digest()
 
 
 @torch.no_grad()

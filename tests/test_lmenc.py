@@ -243,7 +243,7 @@ def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_pat
     para.write_text(ex.context)
     r = run_cli("send", "--pipeline", "learned", "--model", "tiny-random", str(para), "-o", str(tmp_path / "l.bin"))
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "l.bin").read_bytes() == bytes(pipe.send(ex.context))
+    assert (tmp_path / "l.bin").read_bytes() == lw.wrap(pipe, pipe.send(ex.context))  # the payload in its frame
     r = run_cli("ask", "--pipeline", "learned", "--model", "tiny-random", str(tmp_path / "l.bin"), ex.question,
                 "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr

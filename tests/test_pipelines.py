@@ -239,9 +239,9 @@ def test_cli_send_ask_round_trip(tiny, tmp_path):
         out = tmp_path / f"{kind}.bin"
         r = cli("send", "--pipeline", kind, "--model", "tiny-random", str(para), "-o", str(out))
         assert r.returncode == 0, r.stderr
-        assert "bytes" in r.stdout and "UTF-8" in r.stdout and "zstd" in r.stdout
+        assert "bytes payload + 8 bytes frame" in r.stdout and "UTF-8" in r.stdout and "zstd" in r.stdout
         pipe = lw.load_pipeline(kind, lm=tiny)
-        assert out.read_bytes() == bytes(pipe.send(text))
+        assert out.read_bytes() == lw.wrap(pipe, pipe.send(text)) and lw.unwrap(pipe, out.read_bytes()) == pipe.send(text)
         q = "Who designed the tower?"
         r = cli("ask", "--pipeline", kind, "--model", "tiny-random", str(out), q, "--max-new-tokens", "6")
         assert r.returncode == 0, r.stderr
@@ -320,7 +320,7 @@ def test_learned_run_folder_send_ask_round_trip(tmp_path):
     para.write_text(p.context_text)
     r = cli("send", "--pipeline", str(run), str(para), "-o", str(tmp_path / "p.bin"))
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "p.bin").read_bytes() == bytes(pipe.send(p.context_text))
+    assert lw.unwrap(pipe, (tmp_path / "p.bin").read_bytes()) == bytes(pipe.send(p.context_text))
     r = cli("ask", "--pipeline", str(run), str(tmp_path / "p.bin"), p.example.question, "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     want = generate_predictions(pipe.lm, [p], pipe, max_new_tokens=4, progress=False)[0]

@@ -93,6 +93,10 @@ class BuildContext:
     """The run's `config.RunConfig` (options of kinds that have them: --opt-*, --seq-*, --bits), or None."""
     sender: Any = None
     """The sending LLM when it is not `lm` (--sender-model), else None."""
+    codec: Any = None
+    """The LLM that arithmetic-codes the `+ac` / `ac` kinds when it is not `lm` (--codec-model), else None."""
+    codec_head_ids: list[int] | None = None
+    """The codec model's own prompt head (its tokens of the receiver's head text), when `codec` is given."""
     run_dir: str | None = None
     """A run folder to load trained weights from."""
     out: Path | None = None

@@ -60,6 +60,8 @@ class Pipeline:
     reads = "embeds"
     lm = None
     learned = False  # trained or fitted: the run adds its controls (another paragraph's payload, none, truncation)
+    weights_digest: str | None = None
+    """A digest of the trained weights its payloads depend on (set by whoever loads them; None: none)."""
 
     def __init__(self):
         self._sent: dict[tuple, Payload] = {}
@@ -141,6 +143,15 @@ class Pipeline:
 
     def describe(self) -> dict:
         return {"name": self.name}
+
+    def identity(self) -> dict:
+        """What this pipeline's payloads depend on, for the frame of a payload file (latentwire/frame.py): the
+        `pipeline` label a reader must match (its `name`: the kind with its ratio), and digests of the `receiver`
+        model, the `codec` model (an LLM that codes the bytes) and the trained `weights` -- None where the
+        payload does not depend on it. The default (receiver and `weights_digest`) fits token-id and embedding
+        pipelines and plug-ins; pipelines whose bytes are text or LLM-coded override it."""
+        return {"pipeline": self.name, "receiver": self.lm.weights_digest() if self.lm is not None else None,
+                "codec": None, "weights": self.weights_digest}
 
     # kept for callers written against the earlier interface
     def payload(self, ids: Sequence[int], text: str) -> Payload:

@@ -36,7 +36,8 @@ def ids_to_text(tokenizer, ids: Sequence[int]) -> str:
 
 
 class CrossModelPipeline(Pipeline):
-    """A sender-side token pipeline, read by another model through text."""
+    """A sender-side token pipeline, read by another model through text (also an LLM-coded pipeline whose codec
+    model is not the receiver: `with_codec`)."""
     reads = "ids"
 
     def __init__(self, inner: Pipeline, sender_tokenizer, receiver_tokenizer, sender: str, lm=None):
@@ -51,15 +52,47 @@ class CrossModelPipeline(Pipeline):
         return context_token_ids(self.r_tok, ids_to_text(self.s_tok, sender_ids)) if len(sender_ids) else []
 
     def encode(self, text, ids):
-        # `ids` are the receiver's tokens of the context; the sender tokenizes the text itself
-        pl = self.inner.send(text, context_token_ids(self.s_tok, text))
-        return Payload(pl, positions=len(self._receiver_ids(self.inner.receive(pl).tolist())))
+        return self.encode_many([(text, ids)])[0]
 
     def decode(self, data):
-        return torch.tensor(self._receiver_ids(self.inner.receive(data).tolist()), dtype=torch.long)
+        return self.decode_many([data])[0]
+
+    def encode_many(self, items):
+        # `ids` are the receiver's tokens of the context; the sender tokenizes the text itself
+        s_items = [(text, context_token_ids(self.s_tok, text)) for text, _ in items]
+        pls = self.inner.send_many(s_items)
+        if getattr(self.inner, "codec_lm", None) is not None:  # LLM-coded: the ids it will decode, not decoded
+            sent = [self.inner.sent_ids(ids) for _, ids in s_items]
+        else:
+            sent = [x.tolist() for x in self.inner.receive_many(pls)]
+        return [Payload(pl, positions=len(self._receiver_ids(s))) for pl, s in zip(pls, sent)]
+
+    def decode_many(self, datas):
+        return [torch.tensor(self._receiver_ids(x.tolist()), dtype=torch.long)
+                for x in self.inner.receive_many(datas)]
+
+    @property
+    def codec_lm(self):
+        """The model whose tokens (and code) the bytes are in."""
+        return getattr(self.inner, "codec_lm", None) or self.inner.lm
+
+    def identity(self):
+        """Text reaches the receiver: the payload depends on the sending side's model (as the codec), not on it."""
+        got = self.inner.identity()
+        return got | {"receiver": None, "codec": got.get("codec") or got.get("receiver")}
 
     def describe(self):
         return self.inner.describe() | {"sender": self.sender, "via": "text (receiver re-tokenizes)"}
+
+
+def with_codec(ctx, make) -> Pipeline:
+    """`make(lm, head_ids)` on the receiver (no codec model, or the receiver's own), else on the codec model
+    (ctx.codec, after its own head ctx.codec_head_ids) and read by the receiver through text."""
+    codec = getattr(ctx, "codec", None)
+    if codec is None or codec is ctx.lm:
+        return make(ctx.lm, ctx.head_ids)
+    return CrossModelPipeline(make(codec, ctx.codec_head_ids), codec.tokenizer, ctx.lm.tokenizer, codec.source,
+                              ctx.lm)
 
 
 class SenderIdsPipeline(Pipeline):
@@ -96,4 +129,4 @@ def cross_pipelines(sender, receiver, inner: dict[str, Pipeline]) -> dict[str, P
     return out
 
 
-__all__ = ["CrossModelPipeline", "SenderIdsPipeline", "cross_pipelines", "ids_to_text"]
+__all__ = ["CrossModelPipeline", "SenderIdsPipeline", "cross_pipelines", "ids_to_text", "with_codec"]

@@ -8,6 +8,13 @@ cost: ~4 bits a token instead of ~39 for UTF-8, paid for with one LLM step
 per token at each end (the sender encodes with p(token | head, earlier
 tokens), the receiver decodes with the same distributions, computed by the
 same step-by-step passes).
+
+The coding model (`--codec-model`) is the receiver's own by default. Another
+one -- a small model both ends hold, like a shared dictionary -- codes the
+paragraph in its own tokens after its own prompt head; the receiving side
+decodes those with it, reads their text and tokenizes it with the receiver's
+tokenizer (`cross.CrossModelPipeline`; positions counted on the receiver),
+so one payload serves any receiver LLM.
 """
 from __future__ import annotations
 
@@ -42,6 +49,21 @@ class TextPipeline(Pipeline):
     def describe(self):
         return {"name": self.name, "kind": self.name, "codec": self.codec.name}
 
+    def sent_ids(self, ids):
+        """The ids the receiver decodes from this context's payload (all of them: the code is lossless)."""
+        return list(ids)
+
+    @property
+    def codec_lm(self):
+        """The LLM that codes the bytes (None for UTF-8)."""
+        return getattr(self.codec, "lm", None)
+
+    def identity(self):
+        """Text depends on no model; the LLM-coded text on its codec (model and head), not on the receiver."""
+        coded = isinstance(self.codec, LMArithmeticCodec)
+        return {"pipeline": self.name, "receiver": None, "codec": self.codec.digest() if coded else None,
+                "weights": None}
+
 
 def text_pipeline(tokenizer, lm=None) -> TextPipeline:
     """The text baseline: the context sent as UTF-8, tokenized by the receiver."""
@@ -52,9 +74,11 @@ def build_text(ctx) -> TextPipeline:
     return text_pipeline(ctx.lm.tokenizer, ctx.lm)
 
 
-def build_ac(ctx) -> TextPipeline:
-    """The context's own ids, arithmetic-coded with the receiver LLM after its prompt head."""
-    return TextPipeline(LMArithmeticCodec(ctx.lm, ctx.head_ids), ctx.lm, name="ac")
+def build_ac(ctx):
+    """The context's own ids, arithmetic-coded with the receiver LLM after its prompt head; with a codec model
+    (ctx.codec), the codec's ids of the text, coded with it after its own head and read as text."""
+    from .cross import with_codec
+    return with_codec(ctx, lambda lm, head: TextPipeline(LMArithmeticCodec(lm, head), lm, name="ac"))
 
 
 __all__ = ["TextPipeline", "build_ac", "build_text", "text_pipeline"]

@@ -17,7 +17,11 @@ The kept ids cross as ceil(log2 V)-bit ids (`truncate`, `surprisal`), or
 arithmetic-coded with the frozen LLM (`truncate+ac`, `surprisal+ac`: p(id |
 head, the kept ids before it) -- the best lossless code for a sender and a
 receiver that share the model; the receiver decodes them one LLM step a
-token, then reads them).
+token, then reads them). With another codec model (`--codec-model`), the
+`+ac` kinds run on the codec model's side: it keeps M = ceil(L / r) of its
+own tokens of the paragraph (surprisal scored by it) and codes them; the
+receiver decodes them with it and reads the kept tokens' text, tokenized by
+its own tokenizer (positions counted on the receiver).
 """
 from __future__ import annotations
 
@@ -92,6 +96,19 @@ class TokenSelectPipeline(Pipeline):
         got = iter(self.codec.decode_many([d for d in datas if d]))
         return [torch.tensor(next(got) if d else [], dtype=torch.long) for d in datas]
 
+    def sent_ids(self, ids):
+        """The ids the receiver decodes from this context's payload: the kept ones."""
+        return [ids[i] for i in self.keep(ids)]
+
+    @property
+    def codec_lm(self):
+        """The LLM that codes the bytes (None for ids)."""
+        return self.lm if self.coding == "ac" else None
+
+    def identity(self):
+        """The receiver's token ids (its tokenizer), and with `ac` the codec (model and head) that codes them."""
+        return super().identity() | ({"codec": self.codec.digest()} if self.coding == "ac" else {})
+
     def describe(self):
         d = {"name": self.name, "kind": self.kind, "ratio": self.ratio, "coding": self.coding}
         return d | ({"bits_per_id": self.codec.bits} if self.coding == "ids" else {})
@@ -100,6 +117,9 @@ class TokenSelectPipeline(Pipeline):
 def _build(kind: str, coding: str = "ids"):
     def build(ctx):
         ratio = 1 if kind == "none" else ctx.ratio
+        if coding == "ac":  # the codec model's side when it is another model (cross.with_codec)
+            from .cross import with_codec
+            return with_codec(ctx, lambda lm, head: TokenSelectPipeline(kind, ratio, lm.vocab_size, lm, head, coding))
         return TokenSelectPipeline(kind, ratio, ctx.lm.vocab_size, ctx.lm, ctx.head_ids, coding)
     return build
 
