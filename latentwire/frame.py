@@ -62,9 +62,10 @@ def kind_label(kind: str, ratio: float) -> str | None:
 
 
 def known_labels() -> list[str]:
-    """Every label of the registry's kinds at LABEL_RATIOS, the learned compressor's and Stage 1's."""
+    """Every label of the registry's kinds at LABEL_RATIOS, the pooled LM encoder's (without a bottleneck), the
+    v0.1 learned compressor's and Stage 1's."""
     from .pipelines import KINDS
-    out = ["latentwire"] + [f"learned_r{r:g}" for r in LABEL_RATIOS]
+    out = ["latentwire"] + [f"{k}_r{r:g}" for k in ("lmenc", "learned") for r in LABEL_RATIOS]
     for k in KINDS:
         out += list(dict.fromkeys(kind_label(k, r) for r in LABEL_RATIOS if kind_label(k, r)))
     return out

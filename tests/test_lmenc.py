@@ -378,3 +378,21 @@ def test_encoder_cost_benchmark_prints_its_table(tmp_path):
     assert "| top2+cache |" in r.stdout and "load average" in (tmp_path / "table.md").read_text()
     bad = run_script([sys.executable, str(root / "benchmarks" / "encoder_cost.py"), "--variants", "nope"])
     assert bad.returncode == 2 and "--variants nope" in bad.stderr
+
+
+def test_an_encoder_payload_file_names_its_weights(tiny, trained, tmp_path):
+    """The frame of an encoder's payload file carries its weights' fingerprint: another encoder of the same shape
+    (other weights) refuses it in one line; the same folder reads it back."""
+    import shutil
+    out, meta = trained
+    pipe = lw.load_pipeline(str(out), lm=tiny)
+    data = lw.wrap(pipe, pipe.send(synthetic_squad()[3].context))
+    assert lw.unwrap(pipe, data) == bytes(pipe.send(synthetic_squad()[3].context))
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    enc, _ = load_encoder(tiny, other)
+    with torch.no_grad():
+        enc.proj[2].bias.add_(1.0)
+    save_encoder(enc, other, tiny, small(enc_dz=8, enc_bits=4), {"steps": 0})
+    with pytest.raises(LatentWireError, match="weights"):
+        lw.unwrap(lw.load_pipeline(str(other), lm=tiny), data)
