@@ -213,3 +213,21 @@ def test_sender_model_runs_take_the_llm_coded_kinds_with_a_codec_model():
         c.validate()
     c.model.codec_model = "tiny-random"
     c.validate()
+
+
+def test_wire_robustness_benchmark_counts_what_the_check_catches(tmp_path):
+    """benchmarks/wire_robustness.py on the tiny model: the same settings decode exactly, 1 lane against 8 does
+    not and the check catches it; its table and JSONL are written."""
+    import json
+    import sys
+    data = {"data": [{"title": "T", "paragraphs": [{"context": c, "qas": [
+        {"id": f"q{i}", "question": "Who?", "answers": [{"text": c.split()[0], "answer_start": 0}]}]}
+        for i, c in enumerate([SHORT, TEXT[200:400]])]}]}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import wire_robustness
+    assert wire_robustness.main(["--model", "tiny-random", "--squad", str(tmp_path / "d.json"), "--contexts", "2",
+                                 "--only", "reference,1 lane", "--out", str(tmp_path / "o")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "o" / "results.jsonl").read_text().splitlines()][1:]
+    assert [(r["exact"], r["caught"], r["silent"]) for r in rows] == [(2, 0, 0), (0, 2, 0)]
+    assert "| 1 lane (coded with 8) | 0/2 (0%) | 2/2 |" in (tmp_path / "o" / "results.md").read_text()
