@@ -386,6 +386,11 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
     from .run import load_data
     enc_cfg.validate()
     cfg.model.validate()
+    for flag, v in (("--sender-model", cfg.model.sender_model), ("--codec-model", cfg.model.codec_model),
+                    ("--device-map", cfg.model.device_map)):
+        if v is not None:  # the sender is a copy of the receiver itself; one device
+            raise LatentWireError(f"{flag} {v}: train-encoder trains a copy of --model as the sender (no other "
+                                  "sender, codec or device map)")
     cfg.data.validate(need_train=False)
     out = Path(out)
     if not resume and (out / "encoder.json").exists():
