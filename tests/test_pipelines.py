@@ -256,7 +256,7 @@ def test_cli_send_ask_round_trip(tiny, tmp_path):
     (["send", "--pipeline", "examples.nope:X", "--model", "tiny-random", "examples/paragraph.txt", "-o", "x"],
      "cannot import module"),
     (["send", "--pipeline", "learned", "--model", "tiny-random", "examples/paragraph.txt", "-o", "x"],
-     "no trained compressor is shipped"),
+     "no trained encoder is shipped"),
     (["send", "--pipeline", "truncate", "--ratio", "0.5", "--model", "tiny-random", "examples/paragraph.txt", "-o",
       "x"], "--ratio must be >= 1"),
 ])
