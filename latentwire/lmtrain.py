@@ -44,6 +44,7 @@ from .errors import LatentWireError
 from .forward import cache_copy, forward_after, head_cache, right_pad
 from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
 from .probes import REPEAT_CUE
+from .seqcomp import answer_ids
 from .runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
 
 
@@ -55,11 +56,6 @@ class Para:
     (question id, tail ids: '\\nQuestion: q\\nAnswer:', answer ids: ' gold\\n')."""
     ids: list[int]
     questions: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    """The gold answer as the model writes it after the cue: ' answer' and the newline that ends it."""
-    return tokenizer(" " + answer + "\n", add_special_tokens=False)["input_ids"]
 
 
 def split_training(examples: Sequence[Example], builder: PromptBuilder, cfg: EncConfig
@@ -345,9 +341,8 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
         stopped = "interrupted"
     finally:
         bar.close()
-    if best["state"] is None or (stopped and best["step"] != step):
-        if best["state"] is None:
-            evaluate(step)
+    if best["state"] is None:  # stopped before the first evaluation: the state it reached is the best
+        evaluate(step)
     save_ckpt()
     if stopped:
         log(f"stopped at step {step} of {total}: {stopped}; `--resume` continues from {ckpt}")
@@ -414,5 +409,5 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
                          record=record)
 
 
-__all__ = ["Para", "Row", "answer_ids", "heldout_f1", "loss_step", "lr_at", "make_batch", "receiver_logits",
+__all__ = ["Para", "Row", "heldout_f1", "loss_step", "lr_at", "make_batch", "receiver_logits",
            "split_training", "teacher_topk", "train_encoder", "train_job"]
