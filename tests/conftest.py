@@ -11,6 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "LATENTWIRE_CACHE" not in os.environ:
     import tempfile
     os.environ["LATENTWIRE_CACHE"] = tempfile.mkdtemp(prefix="latentwire-test-cache-")
+# scripts/test.sh runs the files on two xdist workers (one per core here): the cache folder above is made once,
+# by the controller, and the workers inherit it; each worker and every process a test starts runs one torch
+# thread, so that two workers never ask for more threads than there are cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -60,9 +60,10 @@ def test_two_processes_match_one(tmp_path, adapter):
             assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
 
 
-def test_two_process_eval_and_phase2(tmp_path):
-    """`latentwire eval` sharded over 2 processes = 1 process; Phase 2 runs
-    data-parallel and logs each of its steps once."""
+def test_two_process_eval_phase2_and_learned_sequence_compressor(tmp_path):
+    """`latentwire eval` sharded over 2 processes = 1 process; in one run under torchrun, Phase 2 and the
+    learned sequence compressor train data-parallel, rank 0 logs each step once and saves one compressor, and
+    the evaluation is sharded and merged (one launch for both: a torchrun start costs ~20 s here)."""
     ev = ["eval", "--model", "tiny-random", "--synthetic-articles", "6", "--max-eval", "7", "--batch-size", "2",
           "--max-new-tokens", "5", "--n-boot", "20", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -75,19 +76,13 @@ def test_two_process_eval_and_phase2(tmp_path):
         outs.append(out)
     assert (outs[0] / "predictions.jsonl").read_text() == (outs[1] / "predictions.jsonl").read_text()
     run = tmp_path / "p2"
-    _launch(run, 2, "--adapter", "mlp", "--phase2-steps", "3", "--phase2-batch", "2", "--phase2-max-tokens", "400")
+    _launch(run, 2, "--adapter", "mlp", "--phase2-steps", "3", "--phase2-batch", "2", "--phase2-max-tokens", "400",
+            "--sequence", "learned", "--seq-steps", "3", "--seq-batch", "2", "--seq-width", "16", "--seq-dim", "4",
+            "--seq-max-questions", "6", "--seq-ckpt-every", "2")
     steps2 = [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()
               if json.loads(x).get("event") == "step2"]
     assert steps2 == [1, 2, 3]
     assert (run / "adapter_phase2_state.pt").exists()
-
-
-def test_two_process_learned_sequence_compressor(tmp_path):
-    """--sequence learned under torchrun: data-parallel steps logged once by
-    rank 0, one compressor saved, the evaluation sharded and merged."""
-    run = tmp_path / "seq"
-    _launch(run, 2, "--no-stage1", "--sequence", "learned", "--seq-steps", "3", "--seq-batch", "2", "--seq-width", "16",
-            "--seq-dim", "4", "--seq-max-questions", "6", "--seq-ckpt-every", "2")
     rows = [json.loads(x) for x in (run / "seq_train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("event") == "step"] == [1, 2, 3]
     m = json.loads((run / "metrics.json").read_text())
