@@ -37,28 +37,34 @@ VARIANTS = {"full": {"enc_tune": "full"}, "lora16": {"enc_tune": "lora", "enc_lo
                            "enc_cache_teacher": True}}
 
 
+def training_questions(squad_train: str | None) -> tuple[list, str]:
+    """The training questions and how to name them: the official SQuAD JSON at `squad_train`, else the built-in
+    synthetic set's training articles."""
+    from latentwire.config import RunConfig
+    from latentwire.data import load_squad_json
+    from latentwire.run import load_data
+    if squad_train:
+        return load_squad_json(squad_train, "--squad-train")[0], squad_train
+    train, _, d = load_data(RunConfig())
+    return train, d["train"]
+
+
 def measure(model: str, squad_train: str | None, variants, batch: int, repeats: int, seed: int = 0,
             threads: int | None = None, log=print) -> list[dict]:
     import torch
 
-    from latentwire.config import EncConfig, RunConfig
-    from latentwire.data import Example, PromptBuilder, load_squad_json
+    from latentwire.config import EncConfig
+    from latentwire.data import Example, PromptBuilder
     from latentwire.forward import head_cache
     from latentwire.lmenc import build_encoder
     from latentwire.forward import right_pad
     from latentwire.lmtrain import loss_step, make_batch, split_training, teacher_topk
     from latentwire.models import load_model
     from latentwire.probes import REPEAT_CUE
-    from latentwire.run import load_data
 
     if threads:
         torch.set_num_threads(threads)
-    if squad_train:
-        train, _ = load_squad_json(squad_train, "--squad-train")
-        desc = squad_train
-    else:
-        train, _, d = load_data(RunConfig())
-        desc = d["train"]
+    train, desc = training_questions(squad_train)
     lm = load_model(model)
     builder = PromptBuilder(lm.tokenizer, "fewshot")
     head = builder.build(Example("h", "h", "", "?", ["-"])).head_ids
@@ -152,20 +158,26 @@ def main(argv=None) -> int:
     import os
     t0, load0 = time.time(), os.getloadavg()[0]
     rows = measure(a.model, a.squad_train, a.variants.split(","), a.batch, a.repeats, a.seed, a.threads)
-    from latentwire.runio import atomic_write_text, write_jsonl
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "results.jsonl", rows)
-    cmd = "python benchmarks/encoder_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    # a timing is only as good as the machine was quiet: the 1-minute load average before and after is printed
-    load = f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
-    md = (f"`{cmd}` ({time.time() - t0:.0f} s; model {a.model}, data {rows[0]['data']}, "
-          f"{rows[0]['train_paragraphs']} training paragraphs, seed {a.seed}, {rows[0]['threads']} threads; "
-          f"{load})\n\n" + table(rows) + "\n")
-    atomic_write_text(out / "table.md", md)
-    print(md)
+    what = (f"model {a.model}, data {rows[0]['data']}, {rows[0]['train_paragraphs']} training paragraphs, "
+            f"seed {a.seed}, {rows[0]['threads']} threads")
+    print(record("encoder_cost.py", sys.argv[1:] if argv is None else argv, a.out, rows, what, table(rows), t0, load0))
     return 0
 
+
+def record(script: str, argv, out: str, rows: list[dict], what: str, tbl: str, t0: float, load0: float) -> str:
+    """Write out/results.jsonl and out/table.md (the command, its seconds, `what`, the load, the table); return the
+    markdown. A timing is only as good as the machine was quiet: the 1-minute load average before and after is
+    printed with it."""
+    import os
+
+    from latentwire.runio import atomic_write_text, write_jsonl
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "results.jsonl", rows)
+    load = f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
+    md = f"`python benchmarks/{script} {' '.join(argv)}` ({time.time() - t0:.0f} s; {what}; {load})\n\n{tbl}\n"
+    atomic_write_text(out / "table.md", md)
+    return md
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,6 +46,7 @@ from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
 from .probes import REPEAT_CUE
 from .seqcomp import answer_ids
 from .runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
+from .train import _StopFlag
 
 
 # ------------------------------------------------------------- data
@@ -309,38 +310,44 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
 
     bar = tqdm(total=total, initial=step, desc="encoder", disable=not progress)
     stopped = None
-    try:
-        while step < total:
-            if cfg.enc_time_limit and seconds >= cfg.enc_time_limit:
-                stopped = f"time limit ({cfg.enc_time_limit:g} s)"
-                break
-            t0 = time.perf_counter()
-            stage = "A" if step < cfg.enc_steps_a else "B"
-            rows = make_batch(paras, stage, step, cfg, cue)
-            for g in opt.param_groups:
-                g["lr"] = g["peak"] * lr_at(step, cfg)
-            with amp if amp is not None else contextlib.nullcontext():
-                terms = loss_step(enc, lm, hc, n_head, rows, cfg, memo)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.enc_clip)
-            opt.step()
-            step += 1
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
-            steps_log.log(step=step, stage=stage, **{k: float(v.detach()) for k, v in terms.items()},
-                          grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], seconds=seconds, rows=len(rows))
-            bar.update(1)
-            bar.set_postfix(stage=stage, loss=f"{float(terms['loss'].detach()):.3f}")
-            if step % cfg.enc_eval_every == 0 or step in (cfg.enc_steps_a, total):
-                evaluate(step)
-            if step % cfg.enc_ckpt_every == 0:
-                save_ckpt()
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    finally:
-        bar.close()
+    # SIGINT / SIGTERM (a device call's deadline through `timeout`, a Ctrl-C) end the step under way, then stop
+    # as the time limit does: the best state, encoder.json and ckpt.pt are written, and --resume continues
+    with _StopFlag() as stop:
+        try:
+            while step < total:
+                if cfg.enc_time_limit and seconds >= cfg.enc_time_limit:
+                    stopped = f"time limit ({cfg.enc_time_limit:g} s)"
+                    break
+                if stop.signum is not None:
+                    stopped = f"signal {stop.signum}"
+                    break
+                t0 = time.perf_counter()
+                stage = "A" if step < cfg.enc_steps_a else "B"
+                rows = make_batch(paras, stage, step, cfg, cue)
+                for g in opt.param_groups:
+                    g["lr"] = g["peak"] * lr_at(step, cfg)
+                with amp if amp is not None else contextlib.nullcontext():
+                    terms = loss_step(enc, lm, hc, n_head, rows, cfg, memo)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.enc_clip)
+                opt.step()
+                step += 1
+                if lm.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - t0
+                steps_log.log(step=step, stage=stage, **{k: float(v.detach()) for k, v in terms.items()},
+                              grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"], seconds=seconds, rows=len(rows))
+                bar.update(1)
+                bar.set_postfix(stage=stage, loss=f"{float(terms['loss'].detach()):.3f}")
+                if step % cfg.enc_eval_every == 0 or step in (cfg.enc_steps_a, total):
+                    evaluate(step)
+                if step % cfg.enc_ckpt_every == 0:
+                    save_ckpt()
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        finally:
+            bar.close()
     if best["state"] is None:  # stopped before the first evaluation: the state it reached is the best
         evaluate(step)
     save_ckpt()

@@ -264,6 +264,26 @@ def test_training_stops_at_its_time_limit_and_resumes(tiny, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_sigterm_ends_the_step_then_saves_what_resume_continues(tiny, tmp_path):
+    """A device call's deadline (`timeout` sends SIGTERM) stops training after the step under way, and the folder
+    holds the weights, encoder.json and ckpt.pt, as at the time limit."""
+    import os
+    import signal
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    ex = synthetic_squad()[:60]
+    said, before = [], signal.getsignal(signal.SIGTERM)
+
+    def log(msg):
+        said.append(msg)
+        if len(said) == 1:  # the first held-out evaluation, after step 1
+            os.kill(os.getpid(), signal.SIGTERM)
+    m = train_encoder(tiny, ex, builder, small(enc_eval_every=1), tmp_path, progress=False, log=log)
+    assert m["record"]["steps"] == 1 and not m["record"]["finished"]
+    assert any(f"signal {int(signal.SIGTERM)}" in x for x in said)
+    assert (tmp_path / "ckpt.pt").is_file() and (tmp_path / "encoder.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
 def test_train_encoder_command_and_a_run_with_the_first_m_control(tmp_path):
     """`latentwire train-encoder` writes a folder that `latentwire run --pipeline` evaluates beside its controls:
     another paragraph, none, truncation, and the first-M control; the report splits every row by where the
@@ -321,7 +341,7 @@ def test_gpu_encoder_script_trains_evaluates_and_archives_on_the_tiny_model(tmp_
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"DEVICE": "cpu", "MODEL": "tiny-random", "RUNS": "full first-m", "STEPS_A": "1",
-                        "STEPS_B": "1", "NQ": "4", "LIMIT": "60", "PY": os.sys.executable,
+                        "STEPS_B": "1", "NQ": "4", "LIMIT": "60", "POLL": "1", "PY": os.sys.executable,
                         "EXTRA": "--enc-batch 2 --enc-heldout-questions 2 --enc-heldout-paragraphs 2",
                         "DATA_EXTRA": "--synthetic-articles 8"}
     out = tmp_path / "g"
@@ -396,3 +416,19 @@ def test_an_encoder_payload_file_names_its_weights(tiny, trained, tmp_path):
     save_encoder(enc, other, tiny, small(enc_dz=8, enc_bits=4), {"steps": 0})
     with pytest.raises(LatentWireError, match="weights"):
         lw.unwrap(lw.load_pipeline(str(other), lm=tiny), data)
+
+
+def test_step_host_benchmark_counts_a_steps_ops_and_flops(tmp_path):
+    """benchmarks/step_host.py on the tiny model's graph: both stages' rows, their op counts and FLOPs."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import step_host
+    assert step_host.main(["--model", "tiny-random", "--batch", "3", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["A", "B"]
+    a, b = rows
+    assert a["forward_ops"] > 0 and a["backward_nodes"] > 0 and a["teacher_tokens"] == 0 < b["teacher_tokens"]
+    assert b["tflop"] > 0 and b["peak_bound_steps_s"] == pytest.approx(1000 / b["peak_ms"])
+    assert "| B |" in (tmp_path / "table.md").read_text()
+    assert step_host.main(["--model", "tiny-random", "--tokens", "2", "--out", str(tmp_path)]) == 2
