@@ -189,7 +189,9 @@ def gemma_gguf_path() -> Path:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LATENTWIRE_CACHE", Path.home() / ".cache" / "latentwire"))
+    """$LATENTWIRE_CACHE, or ~/.cache/latentwire when it is unset or empty (an empty value is not the current
+    folder)."""
+    return Path(os.environ.get("LATENTWIRE_CACHE") or Path.home() / ".cache" / "latentwire")
 
 
 def gguf_digest(gguf: Path) -> str:

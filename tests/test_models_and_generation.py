@@ -204,3 +204,13 @@ def test_decoding_imports_no_prompts_or_pipelines():
     here = str(Path(__file__).resolve().parents[1] / "latentwire")
     out = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, check=True).stdout.split()
     assert set(out) <= {"latentwire.decode", "latentwire.errors", "latentwire.forward", "latentwire.models"}, out
+
+
+def test_an_empty_cache_variable_means_the_default_folder(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from latentwire.models import cache_root
+    monkeypatch.setenv("LATENTWIRE_CACHE", "")
+    assert cache_root() == Path.home() / ".cache" / "latentwire"
+    monkeypatch.setenv("LATENTWIRE_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
