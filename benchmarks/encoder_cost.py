@@ -50,7 +50,7 @@ def training_questions(squad_train: str | None) -> tuple[list, str]:
 
 
 def measure(model: str, squad_train: str | None, variants, batch: int, repeats: int, seed: int = 0,
-            threads: int | None = None, log=print) -> list[dict]:
+            log=print) -> list[dict]:
     import torch
 
     from latentwire.config import EncConfig
@@ -62,8 +62,6 @@ def measure(model: str, squad_train: str | None, variants, batch: int, repeats: 
     from latentwire.models import load_model
     from latentwire.probes import REPEAT_CUE
 
-    if threads:
-        torch.set_num_threads(threads)
     train, desc = training_questions(squad_train)
     lm = load_model(model)
     builder = PromptBuilder(lm.tokenizer, "fewshot")
@@ -157,7 +155,11 @@ def main(argv=None) -> int:
         return 2
     import os
     t0, load0 = time.time(), os.getloadavg()[0]
-    rows = measure(a.model, a.squad_train, a.variants.split(","), a.batch, a.repeats, a.seed, a.threads)
+    from contextlib import nullcontext
+
+    from latentwire.wire import torch_threads
+    with torch_threads(a.threads) if a.threads else nullcontext():  # restored after: main may run in-process
+        rows = measure(a.model, a.squad_train, a.variants.split(","), a.batch, a.repeats, a.seed)
     what = (f"model {a.model}, data {rows[0]['data']}, {rows[0]['train_paragraphs']} training paragraphs, "
             f"seed {a.seed}, {rows[0]['threads']} threads")
     print(record("encoder_cost.py", sys.argv[1:] if argv is None else argv, a.out, rows, what, table(rows), t0, load0))

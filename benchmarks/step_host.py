@@ -51,7 +51,7 @@ def shrunk_like(config, hidden: int = 18, mlp: int = 36, vocab: int = VOCAB):
     return AutoModelForCausalLM.from_config(c).eval()
 
 
-def step_flops(rows, n_params: int, n_head: int, teacher: bool, ratio: int) -> dict:
+def step_flops(rows, n_params: int, teacher: bool, ratio: int) -> dict:
     """What one step computes at the real size (matrix products only, 2 FLOPs a multiply-add): the sender's
     forward + backward over its tokens (6 P a token, every weight trained), the frozen receiver's forward +
     input-gradient backward over its positions (4 P), the teacher's forward over the text (2 P); attention over
@@ -62,23 +62,11 @@ def step_flops(rows, n_params: int, n_head: int, teacher: bool, ratio: int) -> d
     teach_tok = sum(len(r.ctx) + len(r.tail) for r in rows) if teacher else 0
     flops = 6 * n_params * enc_tok + 4 * n_params * recv_pos + 2 * n_params * teach_tok
     return {"sender_tokens": enc_tok, "receiver_positions": recv_pos, "teacher_tokens": teach_tok,
-            "tflop": flops / 1e12, "n_head": n_head}
+            "tflop": flops / 1e12}
 
 
-def measure(squad_train: str | None, batch: int, repeats: int, seed: int = 0, threads: int | None = None,
-            tokens: int = 16, model: str = "smollm2-135m", log=print) -> list[dict]:
-    import torch
-
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _measure(squad_train, batch, repeats, seed, tokens, model, log)
-    finally:
-        torch.set_num_threads(old_threads)
-
-
-def _measure(squad_train, batch, repeats, seed, tokens, model, log) -> list[dict]:
+def measure(squad_train: str | None, batch: int, repeats: int, seed: int = 0, tokens: int = 16,
+            model: str = "smollm2-135m", log=print) -> list[dict]:
     import torch
 
     from latentwire.config import EncConfig
@@ -107,8 +95,8 @@ def _measure(squad_train, batch, repeats, seed, tokens, model, log) -> list[dict
     torch.manual_seed(seed)
     enc = build_encoder(lm, ec)
     enc.train()
-    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-5)
     params = [p for p in enc.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
     out = []
     from torch.profiler import profile
     for stage in ("A", "B"):
@@ -133,14 +121,15 @@ def _measure(squad_train, batch, repeats, seed, tokens, model, log) -> list[dict
         top = [e.name for e in prof.events() if e.cpu_parent is None]
         n_ops = sum(1 for n in top if n.startswith("aten::"))
         n_bwd = sum(1 for n in top if n.startswith("autograd::engine::evaluate_function"))
-        fl = step_flops(make_batch(paras, stage, 1, ec, cue), n_params, n_head, stage == "B", ec.enc_ratio)
+        fl = step_flops(make_batch(paras, stage, 1, ec, cue), n_params, stage == "B", ec.enc_ratio)
         row = {"stage": stage, "batch": batch, "host_ms": 1000 * statistics.median(times),
                "host_ms_runs": [round(1000 * t, 1) for t in times], "make_batch_ms": 1000 * statistics.median(parts),
-               "threads": torch.get_num_threads(), "params": n_params, "forward_ops": n_ops, "backward_nodes": n_bwd, "tokens": tokens, **fl,
-               "peak_ms": 1000 * fl["tflop"] / H200_BF16_TFLOPS, "data": desc, "seed": seed, "model": model}
+               "threads": torch.get_num_threads(), "params": n_params, "forward_ops": n_ops, "backward_nodes": n_bwd,
+               "tokens": tokens, **fl, "peak_ms": 1000 * fl["tflop"] / H200_BF16_TFLOPS, "data": desc, "seed": seed,
+               "model": model}
         row["peak_bound_steps_s"] = 1000 / row["peak_ms"]
-        log(f"stage {stage}: {n_ops:,} forward ops + {n_bwd:,} backward nodes; {row['host_ms']:.0f} ms a step of {batch} (median of {repeats}), "
-            f"{fl['tflop']:.2f} TFLOP at the real size")
+        log(f"stage {stage}: {n_ops:,} forward ops + {n_bwd:,} backward nodes; {row['host_ms']:.0f} ms a step of "
+            f"{batch} (median of {repeats}), {fl['tflop']:.2f} TFLOP at the real size")
         out.append(row)
     return out
 
@@ -177,11 +166,16 @@ def main(argv=None) -> int:
 
     from encoder_cost import record  # benchmarks/ is on the path of a script run from it
     t0, load0 = time.time(), os.getloadavg()[0]
-    rows = measure(a.squad_train, a.batch, a.repeats, a.seed, a.threads, a.tokens, a.model)
+    from contextlib import nullcontext
+
+    from latentwire.wire import torch_threads
+    with torch_threads(a.threads) if a.threads else nullcontext():  # restored after: main may run in-process
+        rows = measure(a.squad_train, a.batch, a.repeats, a.seed, a.tokens, a.model)
     what = (f"{a.model}'s graph, widths shrunk, rows cut to {a.tokens} tokens; data {rows[0]['data']}, seed {a.seed}, "
             f"{rows[0]['threads']} thread(s)")
     print(record("step_host.py", sys.argv[1:] if argv is None else argv, a.out, rows, what, table(rows), t0, load0))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
