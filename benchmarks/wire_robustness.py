@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from latentwire.frame import FRAME_BYTES
     from latentwire.models import load_model
     from latentwire.runio import atomic_write_text, write_jsonl
-    from latentwire.wire import LMArithmeticCodec, ids_check, read_varint
+    from latentwire.wire import LMArithmeticCodec, ids_check
 
     examples, _ = load_squad_json(args.squad, "--squad")
     contexts = list(dict.fromkeys(e.context for e in examples))[:args.contexts]
@@ -72,9 +72,8 @@ def main(argv=None) -> int:
     sizes = [len(p) for p in payloads]
     n_tok = sum(map(len, want))
 
-    def checks(p: bytes) -> bytes:
-        n, used = read_varint(p)
-        return p[used:used + LMArithmeticCodec.CHECK_BYTES]
+    def checks(p: bytes) -> bytes:  # the check bytes the payload carries (the codec's own reading of its layout)
+        return codec.parse(bytes(p))[1]
 
     def with_settings(model=None, lanes=None, threads=None, head_ids=None):
         c = LMArithmeticCodec(model or lm, head if head_ids is None else head_ids)

@@ -185,17 +185,18 @@ def _wire_command(args) -> None:
         src = Path(args.payload)
         if not src.is_file():
             raise LatentWireError(f"payload {args.payload}: no such file")
+        data = src.read_bytes()
         if args.max_new_tokens < 1:
             raise LatentWireError("--max-new-tokens must be >= 1")
     if not args.ratio >= 1:
         raise LatentWireError(f"--ratio must be >= 1 (got {args.ratio:g})")
     from . import frame
     if args.cmd == "ask":  # what needs no model is checked before one loads
-        frame.check(src.read_bytes(), f"payload {args.payload}", frame.kind_label(args.pipeline, args.ratio))
+        frame.check(data, f"payload {args.payload}", frame.kind_label(args.pipeline, args.ratio))
     pipe = load_pipeline(args.pipeline, args.model, args.ratio, options=opts, out=args.fits,
                          codec_model=args.codec_model)
     if args.cmd == "ask":
-        print(ask(pipe, src.read_bytes(), args.question, max_new_tokens=args.max_new_tokens,
+        print(ask(pipe, data, args.question, max_new_tokens=args.max_new_tokens,
                   where=f"payload {args.payload}"))
         return
     from .runio import atomic_write_bytes

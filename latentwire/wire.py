@@ -316,7 +316,7 @@ class LMArithmeticCodec(TextCodec):
                     out[g] = varint(len(ids_list[g])) + ids_check(ids_list[g]) + enc.get_compressed().tobytes()
         return out
 
-    def _parse(self, data: bytes) -> tuple[int, bytes, np.ndarray]:
+    def parse(self, data: bytes) -> tuple[int, bytes, np.ndarray]:
         """(token count, check bytes, the range coder's words) of a payload; IntegrityError when it cannot be one."""
         try:
             n, used = read_varint(data)
@@ -333,7 +333,7 @@ class LMArithmeticCodec(TextCodec):
         """The token ids of each payload, LANES at a time; IntegrityError when one decodes to other ids than were
         coded (its check bytes say so). `verify=False`: the ids as read, unchecked (benchmarks/wire_robustness.py
         counts what the check catches; -1 where the coder refused the words)."""
-        heads = [self._parse(bytes(d)) for d in datas]
+        heads = [self.parse(bytes(d)) for d in datas]
         out: list[list[int]] = [[] for _ in datas]
         with self._threads():
             for group in self._chunks([n for n, _, _ in heads]):
