@@ -584,11 +584,21 @@ class EncConfig:
     enc_ckpt_every: int = 100
     """Checkpoint every N steps (atomic; also at the time limit and on SIGINT/SIGTERM)."""
     enc_cache_bottom: bool = False
-    """--enc-tune top only: compute the frozen bottom layers' states of each paragraph once and keep them in memory;
-    a step then runs only the top --enc-top-layers blocks of the sender (the CPU variant)."""
-    enc_cache_teacher: bool = False
-    """Keep every question's teacher top-k in memory after its first use (for long runs on a CPU, where the
-    teacher's forward is a large share of a step); the CPU variant of benchmarks/encoder_cost.py."""
+    """--enc-tune top only: compute the frozen bottom layers' states of each training paragraph once, before
+    the first step, and keep them (in memory, and under $LATENTWIRE_CACHE/enc_bottom keyed by the model's
+    weights, the layer and the precision, for every later run); a step then runs only the top --enc-top-layers
+    blocks of the sender (the CPU variant)."""
+    enc_cache_teacher: bool = True
+    """Compute the teacher's top-k of every training question once, before the first stage-B step (a paragraph's
+    questions share its K/V), and keep them (in memory, and under $LATENTWIRE_CACHE/enc_teacher keyed by the
+    model's weights, the prompt head, k and the precision; each entry by its question's tokens). Off: each
+    step runs the teacher on its batch."""
+    enc_precision: str = "auto"
+    """The training step's arithmetic: auto (bf16 autocast on a GPU and on a CPU with bf16 instructions --
+    avx512_bf16 / amx_bf16 --, fp32 elsewhere) | bf16 | fp32. The held-out evaluation and the shipped weights'
+    use are fp32 on a CPU either way."""
+    enc_threads: int = 0
+    """torch CPU threads for training (0: torch's default, one per core)."""
     enc_seed: int = 0
     """Seed of the projector's initialisation, the held-out split and the batch order."""
     enc_save_dtype: str = "bfloat16"
@@ -606,6 +616,8 @@ class EncConfig:
         _choice("enc_input", self.enc_input, ("all", "first-m"))
         _choice("enc_tune", self.enc_tune, ("full", "lora", "top"))
         _choice("enc_save_dtype", self.enc_save_dtype, ("bfloat16", "float16", "float32"))
+        _choice("enc_precision", self.enc_precision, ("auto", "bf16", "fp32"))
+        _positive("enc_threads", self.enc_threads, allow_zero=True)
         if not (1 <= self.enc_bits <= 8 or self.enc_bits in (16, 32)):
             raise LatentWireError(f"--enc-bits {self.enc_bits}: choose 1..8, 16 or 32")
         if self.enc_bits < 16 and not self.enc_dz:

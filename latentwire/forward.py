@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import LatentWireError
 from .models import cache_kwarg, get_cache
 
 
@@ -70,19 +71,47 @@ def cache_from(model, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def forward_after(lm, cache, n_past: int, x: torch.Tensor, mask: torch.Tensor, ids: bool, past_mask=None,
-                  keep: torch.Tensor | None = None):
+                  keep: torch.Tensor | None = None, hidden: bool = False):
     """Run rows [B, S] (right-padded ids or embeddings, `mask` [B, S]) after a
     B-row cache of n_past positions (`past_mask` [B, n_past]: which of them
     are real; default all). `keep`: positions (of S) whose logits are wanted
-    (default all) -- a [B, S, vocab] tensor is most of the cost of a short row."""
+    (default all) -- a [B, S, vocab] tensor is most of the cost of a short row.
+    `hidden`: run the model without its output head and return its final
+    hidden states (`.last_hidden_state`, [B, S, d]); `head_logits` then
+    scores only the positions a loss needs (a few a row, where `keep` must
+    keep the span from the first to the last in every row)."""
     B, S = mask.shape
     pm = torch.ones((B, n_past), dtype=torch.long, device=mask.device) if past_mask is None else past_mask.long()
     attn = torch.cat([pm, mask.long()], 1)
     pos = (pm.sum(1, keepdim=True) + torch.arange(S, device=mask.device)[None]).expand(B, S)
     kw = {"attention_mask": attn, "position_ids": pos, "use_cache": True, cache_kwarg(lm.model): cache}
-    if keep is not None and "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
+    model = lm.model
+    if hidden:
+        model = decoder_stack(lm.model)
+    elif keep is not None and "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
         kw["logits_to_keep"] = keep
-    return lm.model(input_ids=x, **kw) if ids else lm.model(inputs_embeds=x.to(lm.dtype), **kw)
+    return model(input_ids=x, **kw) if ids else model(inputs_embeds=x.to(lm.dtype), **kw)
+
+
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM without its output head (embeddings, blocks, final norm)."""
+    get = getattr(model, "get_decoder", None)
+    dec = get() if callable(get) else None
+    if dec is None:
+        dec = getattr(model, "model", None)
+    if dec is None:
+        raise LatentWireError(f"{type(model).__name__}: cannot find its decoder stack (model.model)")
+    return dec
+
+
+def head_logits(lm, h: torch.Tensor) -> torch.Tensor:
+    """The LM's output head on final hidden states [..., d] -> logits [..., V]: what the model's own forward
+    computes after its decoder stack (with the final soft-cap of models that have one, e.g. Gemma 2)."""
+    logits = lm.model.get_output_embeddings()(h)
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 @torch.no_grad()
@@ -149,5 +178,5 @@ def read_tails(lm, hc, n_head: int, readings: Sequence, reads: str, tails: Seque
     return forward_after(lm, cache, past.shape[1], x, m, True, past_mask=past, keep=keep).logits
 
 
-__all__ = ["cache_copy", "cache_from", "context_kv", "forward_after", "head_cache", "kv_tensors", "logits_kw",
-           "read_tails", "reading_cache", "right_pad"]
+__all__ = ["cache_copy", "cache_from", "context_kv", "decoder_stack", "forward_after", "head_cache", "head_logits",
+           "kv_tensors", "logits_kw", "read_tails", "reading_cache", "right_pad"]

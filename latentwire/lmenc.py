@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from .config import EncConfig
 from .errors import LatentWireError
-from .runio import atomic_write_bytes, atomic_write_text
+from .forward import decoder_stack
+from .runio import TensorStore, atomic_write_bytes, atomic_write_text, content_key
 from .wire import bounded_quantizer
 
 FORMAT = 1
@@ -152,57 +153,122 @@ class PooledEncoder(torch.nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
 
+PREFIX = 4
+"""BottomCache indexes each stored sequence by its first 1..PREFIX ids (a prefix is looked up by its own)."""
+
+
 class BottomCache:
-    """The frozen bottom of a top-tuned sender, computed once per sequence: hidden_states[n - k] (the input of
-    the first trainable block) of each row, kept in memory by its token ids; a step then runs the top k blocks
-    and the final norm on those states (a shallow copy of the decoder whose `layers` are the top k: the same
-    modules, so their training is the sender's). Checked on first use: the top run on cached states must
+    """The frozen bottom of a top-tuned sender, computed once per paragraph: hidden_states[n - k] (the input of
+    the first trainable block), kept by the paragraph's token ids (in a TensorStore: in memory, and on disk when
+    `fill` is given a folder); a step then runs the top k blocks and the final norm on those states (a shallow
+    copy of the decoder whose `layers` are the top k: the same modules, so their training is the sender's).
+
+    Why a prefix is served from its paragraph: the model is causal, so the states of tokens[:s] are the first
+    s states of the whole paragraph -- a continuation example (the encoder reads a random prefix) and the first-M
+    control cost no forward of their own. Checked on first use, in fp32: the top run on the bottom's states must
     equal the whole decoder's output, or the model's forward does not allow it (one-line error)."""
 
     def __init__(self, dec: torch.nn.Module, k: int):
         blocks = _blocks(dec)
-        self.start, self.memo, self.hits, self.misses, self.checked = len(blocks) - k, {}, 0, 0, False
+        self.start, self.hits, self.misses, self.checked = len(blocks) - k, 0, 0, False
+        self.store = TensorStore(None)
+        self.full: dict[tuple, list[str]] = {}  # the first <= PREFIX ids -> the stored sequences starting so
+        self.seqs: dict[str, list[int]] = {}
         self.top = copy.copy(dec)
         self.top._modules = dict(dec._modules)
         name = next(n for n in ("layers", "h", "blocks") if getattr(dec, n, None) is blocks)
         self.top._modules[name] = torch.nn.ModuleList(list(blocks)[self.start:])
 
+    def _key(self, ids: Sequence[int]) -> str:
+        return content_key(self.start, list(ids))[:32]
+
+    def _find(self, ids: list[int]) -> torch.Tensor | None:
+        """The stored states of `ids`, or of a stored sequence that starts with them (sliced)."""
+        got = self.store.get(self._key(ids))
+        if got is not None:
+            return got["h"]
+        for key in self.full.get(tuple(ids[:PREFIX]), ()):
+            seq = self.seqs[key]
+            if len(seq) >= len(ids) and seq[:len(ids)] == ids:
+                return self.store.get(key)["h"][:len(ids)]
+        return None
+
+    def _add(self, ids: list[int], h: torch.Tensor) -> None:
+        key = self._key(ids)
+        self.store.put(key, {"h": h.float(), "ids": torch.tensor(ids, dtype=torch.int32)})
+        self._index(key, ids)
+
+    def _index(self, key: str, ids: list[int]) -> None:
+        self.seqs[key] = ids
+        for n in range(1, min(PREFIX, len(ids)) + 1):  # a prefix of any length finds it by its first <= 4 ids
+            self.full.setdefault(tuple(ids[:n]), []).append(key)
+
+    @torch.no_grad()
+    def fill(self, dec, seqs: Sequence[Sequence[int]], folder: str | Path | None = None, batch: int = 8,
+             progress: bool = False) -> int:
+        """Compute (or read from `folder`) the bottom's states of every sequence; returns how many were computed.
+        The folder should be keyed by the model's weights and `start` (its entries are keyed by the ids)."""
+        from tqdm.auto import tqdm
+        if folder is not None:
+            self.store = TensorStore(folder) if self.store.folder is None else self.store
+            for key, t in self.store.memo.items():
+                if key not in self.seqs and "ids" in t:
+                    self._index(key, t["ids"].tolist())
+        todo = [list(s) for s in dict.fromkeys(tuple(s) for s in seqs) if self._find(list(s)) is None]
+        dev = next(dec.parameters()).device
+        for i in tqdm(range(0, len(todo), batch), desc="bottom states", disable=not progress):
+            rows = todo[i:i + batch]
+            x = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long, device=dev)
+            m = torch.zeros_like(x, dtype=torch.bool)
+            for j, r in enumerate(rows):
+                x[j, :len(r)] = torch.tensor(r)
+                m[j, :len(r)] = True
+            hs = dec(input_ids=x, attention_mask=m.long(), use_cache=False,
+                     output_hidden_states=True).hidden_states[self.start]
+            for j, r in enumerate(rows):
+                self._add(r, hs[j, :len(r)])
+            if (i // batch) % 50 == 49:
+                self.store.flush()
+        self.store.flush()
+        return len(todo)
+
     def states(self, dec, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         lens = mask.sum(1).tolist()
-        keys = [tuple(ids[b, :n].tolist()) for b, n in enumerate(lens)]
-        miss = [b for b, k in enumerate(keys) if k not in self.memo]
-        self.hits += len(keys) - len(miss)
+        seqs = [ids[b, :n].tolist() for b, n in enumerate(lens)]
+        found = [self._find(s) for s in seqs]
+        miss = [b for b, f in enumerate(found) if f is None]
+        self.hits += len(seqs) - len(miss)
         self.misses += len(miss)
         if miss:
             with torch.no_grad():
                 hs = dec(input_ids=ids[miss], attention_mask=mask[miss].long(), use_cache=False,
                          output_hidden_states=True).hidden_states[self.start]
             for j, b in enumerate(miss):
-                self.memo[keys[b]] = hs[j, :lens[b]].detach()
-        h = torch.zeros(ids.shape + (self.memo[keys[0]].shape[-1],), dtype=self.memo[keys[0]].dtype,
-                        device=ids.device)
-        for b, k in enumerate(keys):
-            h[b, :lens[b]] = self.memo[k]
-        out = self.top(inputs_embeds=h, attention_mask=mask.long(), use_cache=False).last_hidden_state
+                self._add(seqs[b], hs[j, :lens[b]])
+                found[b] = self._find(seqs[b])
+        h = torch.zeros(ids.shape + (found[0].shape[-1],), dtype=torch.float32, device=ids.device)
+        for b, f in enumerate(found):
+            h[b, :lens[b]] = f.to(ids.device, torch.float32)
         if not self.checked:
-            with torch.no_grad():
-                full = dec(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
-            if not torch.allclose(out[mask], full[mask], atol=1e-4, rtol=1e-3):
-                raise LatentWireError("--enc-cache-bottom: this model's top layers on cached states do not "
-                                      "reproduce its forward; train without it")
-            self.checked = True
-        return out
+            self._check(dec, ids, mask)
+        return self.top(inputs_embeds=h, attention_mask=mask.long(), use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def _check(self, dec, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        with torch.autocast(ids.device.type, enabled=False):
+            hs = dec(input_ids=ids, attention_mask=mask.long(), use_cache=False,
+                     output_hidden_states=True).hidden_states[self.start]
+            out = self.top(inputs_embeds=hs, attention_mask=mask.long(), use_cache=False).last_hidden_state
+            full = dec(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        if not torch.allclose(out[mask], full[mask], atol=1e-4, rtol=1e-3):
+            raise LatentWireError("--enc-cache-bottom: this model's top layers on cached states do not "
+                                  "reproduce its forward; train without it")
+        self.checked = True
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     """The LM without its output head (embeddings, blocks, final norm): what the sender runs."""
-    get = getattr(model, "get_decoder", None)
-    dec = get() if callable(get) else None
-    if dec is None:
-        dec = getattr(model, "model", None)
-    if dec is None:
-        raise LatentWireError(f"{type(model).__name__}: cannot find its decoder stack (model.model) for the sender")
-    return dec
+    return decoder_stack(model)
 
 
 def _blocks(dec: torch.nn.Module) -> torch.nn.ModuleList:

@@ -41,12 +41,14 @@ from tqdm.auto import tqdm
 from .config import EncConfig
 from .data import Example, PromptBuilder, interleave_by_title
 from .errors import LatentWireError
-from .forward import cache_copy, forward_after, head_cache, right_pad
+from .forward import cache_copy, forward_after, head_cache, head_logits, right_pad
 from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
 from .probes import REPEAT_CUE
 from .seqcomp import answer_ids
-from .runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
+from .models import cache_root, get_cache
+from .runio import JsonlLogger, TensorStore, atomic_torch_save, content_key, safe_torch_load, write_json
 from .train import _StopFlag
+from .wire import torch_threads
 
 
 # ------------------------------------------------------------- data
@@ -139,10 +141,12 @@ def _targets(rows: Sequence[Row], bases: Sequence[int], dev) -> tuple[torch.Tens
     return t(b_idx), t(pos), t(tgt)
 
 
-def receiver_logits(lm, hc, n_head: int, vecs: torch.Tensor, vmask: torch.Tensor, rows: Sequence[Row]):
+def receiver_logits(lm, hc, n_head: int, vecs: torch.Tensor, vmask: torch.Tensor, rows: Sequence[Row],
+                    span: bool = False):
     """The frozen receiver reading [head][vectors_b][tail_b] for every row: logits at the trained positions
     [N, V] and the targets [N]. One gather builds the rows: position j of row b is vector j (j < M_b) or tail
-    token j - M_b."""
+    token j - M_b. `span`: the head over every position from the first trained one to the last, in every row
+    (the step before the head was cut to the trained positions; benchmarks/encoder_cost.py times both)."""
     dev = vecs.device
     B, Mx, d = vecs.shape
     Mb = vmask.sum(1)
@@ -156,55 +160,100 @@ def receiver_logits(lm, hc, n_head: int, vecs: torch.Tensor, vmask: torch.Tensor
     x = torch.where(in_v[..., None], v, e)
     mask = j < (Mb + tmask.sum(1))[:, None]
     b_idx, pos, tgt = _targets(rows, Mb.tolist(), dev)
-    lo, hi = int(pos.min()), int(pos.max())
-    out = forward_after(lm, cache_copy(hc, B), n_head, x, mask, False, keep=torch.arange(lo, hi + 1, device=dev))
-    return out.logits[b_idx, pos - lo], tgt
+    # the head only where a token is trained (~5 positions a row in stage B): the [B, S, vocab] logits between
+    # the first and the last trained position of any row were most of the step's head cost, forward and backward
+    if span:
+        lo, hi = int(pos.min()), int(pos.max())
+        out = forward_after(lm, cache_copy(hc, B), n_head, x, mask, False, keep=torch.arange(lo, hi + 1, device=dev))
+        return out.logits[b_idx, pos - lo], tgt
+    h = forward_after(lm, cache_copy(hc, B), n_head, x, mask, False, hidden=True).last_hidden_state
+    return head_logits(lm, h[b_idx, pos]), tgt
+
+
+def teacher_key(r: Row) -> str:
+    """What a question's teacher entry depends on besides the model, the head and k: its tokens."""
+    return content_key(r.ctx, r.tail, r.t0)[:32]
 
 
 @torch.no_grad()
-def teacher_topk(lm, hc, n_head: int, rows: Sequence[Row], k: int, memo: dict | None = None
+def teacher_fill(lm, hc, n_head: int, paras: Sequence[Para], k: int, store: TensorStore, progress: bool = False
+                 ) -> int:
+    """The teacher's top-k of every training question that `store` lacks, a paragraph at a time: [head][ctx]
+    is run once and its K/V copied to the paragraph's questions (~5 a paragraph), which then read only their
+    tails -- a third of the positions of reading each question's whole prompt. Returns the questions computed."""
+    dev = lm.device
+    todo = []
+    for p in paras:
+        rows = [Row(p.ids, tail + ans, len(tail), "qa", qid, p.ids) for qid, tail, ans in p.questions]
+        rows = [r for r in rows if teacher_key(r) not in store]
+        if rows:
+            todo.append((p, rows))
+    for i, (p, rows) in enumerate(tqdm(todo, desc="teacher top-k", disable=not progress)):
+        x = torch.tensor([p.ids], dtype=torch.long, device=dev)
+        ctx = get_cache(forward_after(lm, cache_copy(hc, 1), n_head, x, torch.ones_like(x, dtype=torch.bool), True,
+                                      keep=torch.tensor([x.shape[1] - 1], device=dev)))
+        if len(rows) > 1:
+            ctx.batch_repeat_interleave(len(rows))
+        t, tm = right_pad([torch.tensor(r.tail, dtype=torch.long, device=dev) for r in rows])
+        h = forward_after(lm, ctx, n_head + len(p.ids), t, tm, True, hidden=True).last_hidden_state
+        b_idx, pos, _ = _targets(rows, [0] * len(rows), dev)
+        v, ix = torch.log_softmax(head_logits(lm, h[b_idx, pos]).float(), -1).topk(min(k, lm.vocab_size), -1)
+        s = 0
+        for r in rows:
+            n = len(r.tail) - r.t0
+            store.put(teacher_key(r), {"v": v[s:s + n].half(), "i": ix[s:s + n].int()})
+            s += n
+        if i % 200 == 199:
+            store.flush()
+    store.flush()
+    return sum(len(rows) for _, rows in todo)
+
+
+@torch.no_grad()
+def teacher_topk(lm, hc, n_head: int, rows: Sequence[Row], k: int, store: TensorStore | None = None
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each qa row: the receiver reading the paragraph as text, [head][ctx][tail], its top-k
-    log-probabilities and ids at the answer positions ([A, k] each); one batched forward (memoised per
-    question in `memo` when given)."""
-    todo = [i for i, r in enumerate(rows) if memo is None or r.qid not in memo]
+    log-probabilities and ids at the answer positions ([A, k] each); read from `store` where it holds the row
+    (teacher_fill), else one batched forward (and kept in `store` when given)."""
+    todo = [i for i, r in enumerate(rows) if store is None or teacher_key(r) not in store]
     got: dict[int, tuple] = {}
     if todo:
         dev = lm.device
         sub = [rows[i] for i in todo]
         x, m = right_pad([torch.tensor(r.ctx + r.tail, dtype=torch.long, device=dev) for r in sub])
         b_idx, pos, _ = _targets(sub, [len(r.ctx) for r in sub], dev)
-        lo = int(pos.min())
-        logits = forward_after(lm, cache_copy(hc, len(sub)), n_head, x, m, True,
-                               keep=torch.arange(lo, int(pos.max()) + 1, device=dev)).logits
-        lp = torch.log_softmax(logits[b_idx, pos - lo].float(), -1)
+        h = forward_after(lm, cache_copy(hc, len(sub)), n_head, x, m, True, hidden=True).last_hidden_state
+        lp = torch.log_softmax(head_logits(lm, h[b_idx, pos]).float(), -1)
         v, ix = lp.topk(min(k, lp.shape[-1]), -1)
         s = 0
         for i, r in zip(todo, sub):
             n = len(r.tail) - r.t0
             got[i] = (v[s:s + n], ix[s:s + n])
             s += n
-            if memo is not None:
-                memo[r.qid] = (got[i][0].half().cpu(), got[i][1].int().cpu())
+            if store is not None:
+                store.put(teacher_key(r), {"v": got[i][0].half(), "i": got[i][1].int()})
     out = []
     for i, r in enumerate(rows):
-        t = got.get(i) or memo[r.qid]
+        t = got.get(i)
+        if t is None:
+            e = store.get(teacher_key(r))
+            t = (e["v"], e["i"])
         out.append((t[0].float().to(lm.device), t[1].long().to(lm.device)))
     return out
 
 
 def loss_step(enc: PooledEncoder, lm, hc, n_head: int, rows: Sequence[Row], cfg: EncConfig,
-              memo: dict | None = None) -> dict[str, torch.Tensor]:
+              store: TensorStore | None = None, span: bool = False) -> dict[str, torch.Tensor]:
     """One batch's loss terms: `ce` (teacher-forced, per trained token), `kl` (qa rows: KL(teacher top-k ||
     student) per answer token, the teacher renormalised over its top-k) and `loss`, their weighted sum."""
     dev = lm.device
     ids, m = right_pad([torch.tensor(enc.sender_input(r.enc_ids)[0], dtype=torch.long, device=dev) for r in rows])
     vecs, vm = enc(ids, m, enc.sender_input(rows[0].enc_ids)[1])
-    logits, tgt = receiver_logits(lm, hc, n_head, vecs, vm, rows)
+    logits, tgt = receiver_logits(lm, hc, n_head, vecs, vm, rows, span)
     lp = torch.log_softmax(logits.float(), -1)
     terms = {"ce": F.nll_loss(lp, tgt)}
     if rows[0].kind == "qa" and cfg.enc_w_kl:
-        teach = teacher_topk(lm, hc, n_head, rows, cfg.enc_teacher_topk, memo)
+        teach = teacher_topk(lm, hc, n_head, rows, cfg.enc_teacher_topk, store)
         t_lp = torch.cat([t[0] for t in teach])
         t_ids = torch.cat([t[1] for t in teach])
         p = torch.softmax(t_lp, -1)
@@ -217,6 +266,27 @@ def loss_step(enc: PooledEncoder, lm, hc, n_head: int, rows: Sequence[Row], cfg:
 
 # ------------------------------------------------------------- the loop
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (oneDNN's own check: AVX512-BF16 or AMX), where bf16
+    autocast runs the step at up to twice fp32's rate. Without them bf16 is emulated: on an AVX2-only EPYC a
+    [512 x 576] @ [576 x 1536] product ran at 4.7 GFLOP/s in bf16 against 38 in fp32 (one thread)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older torch without the check: the CPU's own flags
+        try:
+            return bool(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_bf16", "amx_bf16"})
+        except OSError:
+            return False
+
+
+def step_precision(choice: str, device: torch.device) -> str:
+    """--enc-precision resolved: bf16 (autocast) or fp32. auto: bf16 on a GPU and on a CPU with bf16
+    instructions, fp32 elsewhere."""
+    if choice == "auto":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+    return choice
+
+
 def lr_at(step: int, cfg: EncConfig) -> float:
     """Multiplier of the peak learning rate at a global step: each stage warms up, then follows a cosine to 10%."""
     a = cfg.enc_steps_a
@@ -227,20 +297,25 @@ def lr_at(step: int, cfg: EncConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
-    """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
+def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
+    """Mean F1 (x 100) of greedy answers on `prompts` through `pipe`'s wire (payload bytes -> what the LLM reads)."""
     from .generate import generate_predictions
     from .metrics import score_example
-    from .pipelines.learned import PooledLMPipeline
     if not prompts:
         return float("nan")
+    preds = generate_predictions(lm, prompts, pipe, batch_size=batch_size, progress=False)
+    return 100 * sum(score_example(p, pr.example.answers)["f1"] for p, pr in zip(preds, prompts)) / len(prompts)
+
+
+def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
+    """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
+    from .pipelines.learned import PooledLMPipeline
     was = enc.training
     enc.eval()
     try:
-        preds = generate_predictions(lm, prompts, PooledLMPipeline(lm, enc), batch_size=batch_size, progress=False)
+        return prompts_f1(lm, prompts, PooledLMPipeline(lm, enc), batch_size)
     finally:
         enc.train(was)
-    return 100 * sum(score_example(p, pr.example.answers)["f1"] for p, pr in zip(preds, prompts)) / len(prompts)
 
 
 def _optimizer(enc: PooledEncoder, cfg: EncConfig) -> torch.optim.Optimizer:
@@ -291,11 +366,34 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
     cue = builder._ids(REPEAT_CUE)
     total = cfg.enc_steps_a + cfg.enc_steps_b
     steps_log, evals_log = JsonlLogger(out / "train_log.jsonl"), JsonlLogger(out / "heldout.jsonl")
-    memo = {} if cfg.enc_cache_teacher else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if lm.device.type == "cuda" else None
+    precision = step_precision(cfg.enc_precision, lm.device)
+    amp = torch.autocast(lm.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     params = [p for p in enc.parameters() if p.requires_grad]
     # the receiver is frozen, but gradients must flow through it to the vectors
     lm.model.requires_grad_(False)
+
+    def fill_caches() -> TensorStore | None:
+        """The teacher's top-k of every training question and the bottom's states of every training paragraph,
+        once, before the first step (read from $LATENTWIRE_CACHE where an earlier run computed them)."""
+        store = None
+        with amp:
+            if cfg.enc_cache_teacher and cfg.enc_w_kl and step < total and cfg.enc_steps_b:
+                # shared by every later run with the same model, head, k and precision
+                t0 = time.perf_counter()
+                store = TensorStore(cache_root() / "enc_teacher" / content_key(
+                    lm.weights_digest(), head, cfg.enc_teacher_topk, precision)[:16])
+                n = teacher_fill(lm, hc, n_head, paras, cfg.enc_teacher_topk, store, progress)
+                log(f"teacher top-k: {len(store) - n} questions read from {store.folder}, {n} computed in "
+                    f"{time.perf_counter() - t0:.0f} s")
+            if enc.bottom is not None and step < total:
+                t0 = time.perf_counter()
+                folder = cache_root() / "enc_bottom" / content_key(lm.weights_digest(), enc.bottom.start,
+                                                                   precision)[:16]
+                n = enc.bottom.fill(enc.sender, [enc.sender_input(p.ids)[0] for p in paras], folder,
+                                    progress=progress)
+                log(f"bottom states: {len(paras) - n} paragraphs read from {folder}, {n} computed in "
+                    f"{time.perf_counter() - t0:.0f} s")
+        return store
 
     def evaluate(at: int) -> None:
         f1 = heldout_f1(enc, lm, held)
@@ -314,6 +412,7 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
     # as the time limit does: the best state, encoder.json and ckpt.pt are written, and --resume continues
     with _StopFlag() as stop:
         try:
+            store = fill_caches()
             while step < total:
                 if cfg.enc_time_limit and seconds >= cfg.enc_time_limit:
                     stopped = f"time limit ({cfg.enc_time_limit:g} s)"
@@ -326,8 +425,8 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
                 rows = make_batch(paras, stage, step, cfg, cue)
                 for g in opt.param_groups:
                     g["lr"] = g["peak"] * lr_at(step, cfg)
-                with amp if amp is not None else contextlib.nullcontext():
-                    terms = loss_step(enc, lm, hc, n_head, rows, cfg, memo)
+                with amp:
+                    terms = loss_step(enc, lm, hc, n_head, rows, cfg, store)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.enc_clip)
@@ -357,7 +456,8 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
     rec = (record or {}) | {"steps": step, "steps_total": total, "seconds": round(seconds, 1),
                             "heldout_f1": best["f1"], "best_step": best["step"], "heldout_questions": len(held),
                             "train_paragraphs": len(paras), "examples_seen": step * cfg.enc_batch,
-                            "finished": step >= total, "config": asdict(cfg)}
+                            "finished": step >= total, "precision": precision, "threads": torch.get_num_threads(),
+                            "config": asdict(cfg)}
     meta = save_encoder(enc, out, lm, cfg, rec, getattr(torch, cfg.enc_save_dtype))
     write_json(out / "train_summary.json", {k: v for k, v in rec.items() if k != "config"})
     return meta
@@ -411,10 +511,11 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
               "torch": torch.__version__}
     log(f"training the pooled LM encoder for {display_name(lm.source)} on {len(train)} questions "
         f"({desc.get('train')}), {enc_cfg.enc_steps_a} + {enc_cfg.enc_steps_b} steps of {enc_cfg.enc_batch}, "
-        f"tune {enc_cfg.enc_tune}, on {lm.device}")
-    return train_encoder(lm, train, builder, enc_cfg, out, resume=resume, progress=progress, log=log,
-                         record=record)
+        f"tune {enc_cfg.enc_tune}, on {lm.device} ({step_precision(enc_cfg.enc_precision, lm.device)})")
+    with torch_threads(enc_cfg.enc_threads) if enc_cfg.enc_threads else contextlib.nullcontext():
+        return train_encoder(lm, train, builder, enc_cfg, out, resume=resume, progress=progress, log=log,
+                             record=record)
 
 
-__all__ = ["Para", "Row", "heldout_f1", "loss_step", "lr_at", "make_batch", "receiver_logits",
+__all__ = ["Para", "Row", "heldout_f1", "prompts_f1", "loss_step", "lr_at", "make_batch", "receiver_logits",
            "split_training", "teacher_topk", "train_encoder", "train_job"]

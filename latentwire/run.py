@@ -44,6 +44,9 @@ def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:
     if d.squad_train is None and d.squad_eval is not None:  # `latentwire eval` needs no training data
         ev, rev = load(d.squad_eval, "--squad-eval", "validation")
         train, desc = [], {"train": None, "eval": rev.source, "eval_report": asdict(rev)}
+    elif d.squad_train is not None and d.squad_eval is None:  # train-encoder holds out its own paragraphs
+        train, rtr = load(d.squad_train, "--squad-train", "train")
+        ev, desc = [], {"train": rtr.source, "eval": None, "train_report": asdict(rtr)}
     elif d.squad_train is not None:
         train, rtr = load(d.squad_train, "--squad-train", "train")
         ev, rev = load(d.squad_eval, "--squad-eval", "validation")

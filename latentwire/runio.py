@@ -162,6 +162,65 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def content_key(*parts: Any) -> str:
+    """sha256 (hex) of what made an entry: token id lists, strings, numbers, in order."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, separators=(",", ":"), default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class TensorStore:
+    """Tensors computed once per content and kept: in memory, and (with a folder) in safetensors shards that the
+    next run reads back (safetensors: nothing in them runs code). An entry is a dict of named tensors under a
+    key that digests everything that made it (`content_key`), so a stored entry is used only where it would be
+    computed the same. `flush` writes the entries added since the last flush as one new shard, atomically:
+    a run killed mid-way keeps every shard it flushed, and the next one computes only what is missing."""
+
+    def __init__(self, folder: str | os.PathLike | None):
+        from safetensors.torch import load_file
+        self.folder = None if folder is None else Path(folder)
+        self.memo: dict[str, dict[str, torch.Tensor]] = {}
+        self.pending: list[str] = []
+        self.loaded = 0
+        if self.folder is not None and self.folder.is_dir():
+            for f in sorted(self.folder.glob("shard-*.safetensors")):
+                try:
+                    flat = load_file(str(f))
+                except Exception:  # a foreign or torn file is skipped, its entries computed again
+                    continue
+                for name, t in flat.items():
+                    key, _, part = name.partition("/")
+                    self.memo.setdefault(key, {})[part] = t
+            self.loaded = len(self.memo)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.memo
+
+    def __len__(self) -> int:
+        return len(self.memo)
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        return self.memo.get(key)
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.memo[key] = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        self.pending.append(key)
+
+    def flush(self) -> None:
+        """Write the entries added since the last flush as one shard (nothing to do without a folder)."""
+        if self.folder is None or not self.pending:
+            self.pending = []
+            return
+        from safetensors.torch import save
+        flat = {f"{k}/{n}": t for k in self.pending for n, t in self.memo[k].items()}
+        name = f"shard-{content_key(sorted(self.pending))[:16]}.safetensors"
+        atomic_write_bytes(self.folder / name, save(flat))
+        self.pending = []
+
+
 def write_section(path: str | os.PathLike, name: str, text: str) -> None:
     """Put `text` between `<!-- name: begin -->` and `<!-- name: end -->` in a
     Markdown file (the rest of the file -- prose written by hand -- is kept);

@@ -78,6 +78,17 @@ def tiny_learned_config(out, sequence: str = "learned,truncate"):
     return c
 
 
+def squad_json(examples) -> dict:
+    """Examples (the built-in synthetic set) as an official SQuAD v1.1 object: articles, paragraphs, questions."""
+    arts: dict = {}
+    for e in examples:
+        arts.setdefault(e.title, {}).setdefault(e.context, []).append(
+            {"id": e.id, "question": e.question,
+             "answers": [{"text": a, "answer_start": e.context.find(a)} for a in e.answers]})
+    return {"version": "1.1", "data": [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in ps.items()]}
+                                       for t, ps in arts.items()]}
+
+
 def _as_a_process(main, argv, cwd=None):
     """main(argv) in this process, answered as subprocess.run would answer
     for a process running it: .returncode, .stdout, .stderr. A SystemExit's

@@ -181,15 +181,10 @@ def test_seq_probe_other_paragraph_gives_each_question_another_contexts_latents(
 def _squad_files(tmp_path):
     """The built-in synthetic set written as two SQuAD v1.1 files (train / eval articles apart)."""
     import json
-    from collections import defaultdict
 
+    from conftest import squad_json
     from latentwire.data import synthetic_squad
-    arts = defaultdict(lambda: defaultdict(list))
-    for e in synthetic_squad(12, seed=3):
-        arts[e.title][e.context].append({"id": e.id, "question": e.question,
-                                         "answers": [{"text": a, "answer_start": e.context.find(a)}
-                                                     for a in e.answers]})
-    data = [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in ps.items()]} for t, ps in arts.items()]
+    data = squad_json(synthetic_squad(12, seed=3))["data"]
     paths = []
     for name, part in (("train.json", data[:6]), ("dev.json", data[6:])):
         (tmp_path / name).write_text(json.dumps({"version": "1.1", "data": part}))

@@ -13,8 +13,9 @@ from latentwire.data import Example, PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
 from latentwire.forward import head_cache
 from latentwire.lmenc import build_encoder, load_encoder, pool_states, read_meta, save_encoder
-from latentwire.lmtrain import (Row, loss_step, make_batch, receiver_logits, split_training, teacher_topk,
-                                train_encoder)
+from latentwire.lmtrain import (Para, Row, cpu_has_bf16, loss_step, make_batch, receiver_logits, split_training,
+                                step_precision, teacher_fill, teacher_key, teacher_topk, train_encoder)
+from latentwire.runio import TensorStore
 from latentwire.pipelines.learned import PooledLMPipeline
 from latentwire.pipelines.tokens import budget
 
@@ -91,6 +92,8 @@ def test_the_batch_assembly_equals_plain_forwards(tiny):
             want = full[len(head) + M + r.t0 - 1:len(head) + M + len(r.tail) - 1]
             got = logits[:3] if b == 0 else logits[3:]
             assert torch.allclose(got, want, atol=1e-4)
+    span, _ = receiver_logits(tiny, hc, len(head), vecs, vm, rows, span=True)  # the head over the whole span
+    assert torch.allclose(span, logits, atol=1e-5)
 
 
 def test_teacher_is_the_receiver_reading_the_text(tiny):
@@ -98,17 +101,57 @@ def test_teacher_is_the_receiver_reading_the_text(tiny):
     head = head_of(builder)
     hc = head_cache(tiny, head)
     rows = [Row([3, 4, 5], [20, 21, 22, 23], 2, "qa", "q1", [3, 4, 5]), Row([7, 8], [30, 31, 32], 1, "qa", "q2", [7, 8])]
-    memo = {}
-    got = teacher_topk(tiny, hc, len(head), rows, 5, memo)
+    store = TensorStore(None)
+    got = teacher_topk(tiny, hc, len(head), rows, 5, store)
     with torch.no_grad():
         for r, (v, ix) in zip(rows, got):
             full = torch.log_softmax(tiny.model(input_ids=torch.tensor([head + r.ctx + r.tail])).logits[0].float(), -1)
             s = len(head) + len(r.ctx) + r.t0 - 1
             want_v, want_ix = full[s:s + len(r.tail) - r.t0].topk(5, -1)
             assert torch.equal(ix, want_ix) and torch.allclose(v, want_v, atol=1e-4)
-    assert set(memo) == {"q1", "q2"}
-    again = teacher_topk(tiny, hc, len(head), rows, 5, memo)  # read back from the memo
+    assert set(store.memo) == {teacher_key(r) for r in rows}
+    again = teacher_topk(tiny, hc, len(head), rows, 5, store)  # read back from the store
     assert torch.equal(again[0][1], got[0][1])
+
+
+def test_teacher_fill_shares_each_paragraph_and_is_read_back_by_the_next_run(tiny, tmp_path):
+    """teacher_fill reads [head][ctx] once per paragraph and its questions' tails after it: the same top-k as
+    each question read whole; its shards are read back by a new store (what a later run sees), and only
+    questions it lacks are computed."""
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    head = head_of(builder)
+    hc = head_cache(tiny, head)
+    paras = [Para([3, 4, 5, 6], [("q1", [20, 21], [22, 23, 24]), ("q2", [25], [26, 27])]),
+             Para([7, 8], [("q3", [30, 31, 32], [33])])]
+    store = TensorStore(tmp_path / "t")
+    assert teacher_fill(tiny, hc, len(head), paras, 5, store) == 3
+    rows = [Row(p.ids, t + a, len(t), "qa", q, p.ids) for p in paras for q, t, a in p.questions]
+    want = teacher_topk(tiny, hc, len(head), rows, 5, None)  # each question's whole prompt, no store
+    for r, (v, ix) in zip(rows, want):
+        e = store.get(teacher_key(r))
+        assert torch.equal(e["i"].long(), ix) and torch.allclose(e["v"].float(), v, atol=2e-3)
+    again = TensorStore(tmp_path / "t")
+    assert again.loaded == 3 and teacher_fill(tiny, hc, len(head), paras, 5, again) == 0
+    paras[1].questions.append(("q4", [40], [41, 42]))
+    assert teacher_fill(tiny, hc, len(head), paras, 5, again) == 1
+
+
+def test_a_tensor_store_skips_a_torn_shard(tmp_path):
+    st = TensorStore(tmp_path)
+    st.put("a", {"x": torch.arange(3)})
+    st.flush()
+    (tmp_path / "shard-torn.safetensors").write_bytes(b"\x00\x01not safetensors")
+    back = TensorStore(tmp_path)
+    assert back.loaded == 1 and torch.equal(back.get("a")["x"], torch.arange(3))
+
+
+def test_step_precision():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert step_precision("auto", cuda) == "bf16" and step_precision("fp32", cuda) == "fp32"
+    assert step_precision("auto", cpu) == ("bf16" if cpu_has_bf16() else "fp32")
+    assert step_precision("bf16", cpu) == "bf16"
+    with pytest.raises(LatentWireError, match="--enc-precision"):
+        EncConfig(enc_precision="fp8").validate()
 
 
 @pytest.mark.parametrize("tune", ["full", "lora", "top"])
@@ -275,7 +318,7 @@ def test_a_sigterm_ends_the_step_then_saves_what_resume_continues(tiny, tmp_path
 
     def log(msg):
         said.append(msg)
-        if len(said) == 1:  # the first held-out evaluation, after step 1
+        if msg.startswith("step 1:"):  # the first held-out evaluation, after step 1
             os.kill(os.getpid(), signal.SIGTERM)
     m = train_encoder(tiny, ex, builder, small(enc_eval_every=1), tmp_path, progress=False, log=log)
     assert m["record"]["steps"] == 1 and not m["record"]["finished"]
@@ -327,8 +370,37 @@ def test_cached_bottom_states_give_the_senders_own_states_and_gradients(tiny):
     assert all(p.grad is not None for n, p in cached.named_parameters() if p.requires_grad and "layers.1" in n)
     cached.states(ids, mask)
     assert cached.bottom.hits == 2 and cached.bottom.misses == 2
+    # a prefix (a continuation example, the first-M control) is served from its paragraph's states
+    pre = cached.states(ids[:1, :3], mask[:1, :3])
+    assert cached.bottom.misses == 2 and torch.allclose(pre[0], a[0, :3], atol=1e-5)
     with pytest.raises(LatentWireError, match="--enc-tune top"):
         small(enc_cache_bottom=True).validate()
+
+
+def test_bottom_states_fill_once_and_are_read_back_from_their_folder(tiny, tmp_path):
+    torch.manual_seed(0)
+    enc = build_encoder(tiny, small(enc_tune="top", enc_top_layers=1, enc_cache_bottom=True))
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [10, 11, 12]]
+    assert enc.bottom.fill(enc.sender, seqs, tmp_path) == 2
+    other = build_encoder(tiny, small(enc_tune="top", enc_top_layers=1, enc_cache_bottom=True))
+    other.load_state_dict(enc.state_dict())
+    assert other.bottom.fill(other.sender, seqs + [[5, 6, 7]], tmp_path) == 0  # read back; a prefix needs none
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    with torch.no_grad():
+        want = enc.sender(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        got = other.states(ids, torch.ones_like(ids, dtype=torch.bool))
+    assert other.bottom.misses == 0 and torch.allclose(got, want, atol=1e-5)
+
+
+def test_train_encoder_without_an_eval_file_trains(tmp_path):
+    """train-encoder holds out its own paragraphs: --squad-train alone is enough."""
+    from conftest import run_cli, squad_json
+    (tmp_path / "train.json").write_text(json.dumps(squad_json(synthetic_squad(8, 0))))
+    r = run_cli("train-encoder", "--model", "tiny-random", "--squad-train", str(tmp_path / "train.json"),
+                "--enc-steps-a", "1", "--enc-steps-b", "1", "--enc-batch", "2", "--enc-heldout-paragraphs", "2",
+                "--enc-heldout-questions", "2", "--no-progress", "--out", str(tmp_path / "enc"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "enc" / "encoder.json").is_file() and "teacher top-k" in r.stdout
 
 
 def test_gpu_encoder_script_trains_evaluates_and_archives_on_the_tiny_model(tmp_path):
@@ -381,23 +453,28 @@ def test_the_encoder_on_the_real_default_model(smollm, tmp_path):
 
 
 def test_encoder_cost_benchmark_prints_its_table(tmp_path):
-    """benchmarks/encoder_cost.py on the tiny model: a row per variant with both stages' step times, the caches'
-    costs for the CPU variant, and the hours to the GPU run's examples; results.jsonl and table.md written."""
+    """benchmarks/encoder_cost.py on the tiny model: a row per lever with both stages' step times and examples/s,
+    the stored caches' costs, the receiver's own bound, and the hours to the GPU run's examples; results.jsonl and
+    table.md written; an unknown row refused in one line."""
     import sys
     from pathlib import Path
 
     from conftest import run_script
     root = Path(__file__).resolve().parents[1]
     r = run_script([sys.executable, str(root / "benchmarks" / "encoder_cost.py"), "--model", "tiny-random",
-                    "--batch", "2", "--repeats", "1", "--variants", "top2,top2+cache", "--out", str(tmp_path)])
+                    "--batch", "2", "--repeats", "1", "--fill", "2", "--levers", "base,head,bottom,receiver",
+                    "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [x["variant"] for x in rows] == ["top2", "top2+cache"]
-    assert all(x["step_s_A"] > 0 and x["hours_to_gpu_examples"] > 0 for x in rows)
-    assert rows[1]["cache_s_per_paragraph"] > 0 and rows[1]["cache_s_per_question"] > 0
-    assert "| top2+cache |" in r.stdout and "load average" in (tmp_path / "table.md").read_text()
-    bad = run_script([sys.executable, str(root / "benchmarks" / "encoder_cost.py"), "--variants", "nope"])
-    assert bad.returncode == 2 and "--variants nope" in bad.stderr
+    assert [x["lever"] for x in rows] == ["base", "head", "bottom", "receiver"]
+    assert rows[0]["threads"] == 1 and rows[0]["precision"] == "fp32" and rows[0]["head"] == "span"
+    assert rows[1]["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert rows[1]["threads"] == 2 and rows[1]["head"] == "trained positions"
+    assert all(x["step_s_A"] > 0 and x["examples_per_s_B"] > 0 and x["hours_to_gpu_examples"] > 0 for x in rows)
+    assert rows[2]["bottom_s_per_paragraph"] > 0 and rows[2]["teacher_s_per_question"] > 0
+    assert "| bottom |" in r.stdout and "load average" in (tmp_path / "table.md").read_text()
+    bad = run_script([sys.executable, str(root / "benchmarks" / "encoder_cost.py"), "--levers", "nope"])
+    assert bad.returncode == 2 and "--levers nope" in bad.stderr
 
 
 def test_an_encoder_payload_file_names_its_weights(tiny, trained, tmp_path):
@@ -432,3 +509,32 @@ def test_step_host_benchmark_counts_a_steps_ops_and_flops(tmp_path):
     assert b["tflop"] > 0 and b["peak_bound_steps_s"] == pytest.approx(1000 / b["peak_ms"])
     assert "| B |" in (tmp_path / "table.md").read_text()
     assert step_host.main(["--model", "tiny-random", "--tokens", "2", "--out", str(tmp_path)]) == 2
+
+
+def test_encoder_curves_plots_runs_against_references_and_reuses_them(tmp_path):
+    """benchmarks/encoder_curves.py on a tiny run: the curves' table (every evaluation, against truncation), the
+    plot, the references on the run's held-out questions computed once and then reused, said so; a folder without
+    evaluations refused in one line."""
+    import sys
+    from pathlib import Path
+
+    from conftest import run_cli, run_script, squad_json
+    (tmp_path / "train.json").write_text(json.dumps(squad_json(synthetic_squad(8, 0))))
+    r = run_cli("train-encoder", "--model", "tiny-random", "--squad-train", str(tmp_path / "train.json"),
+                "--enc-steps-a", "1", "--enc-steps-b", "1", "--enc-batch", "2", "--enc-heldout-paragraphs", "2",
+                "--enc-heldout-questions", "3", "--enc-eval-every", "1", "--no-progress", "--out", str(tmp_path / "e"))
+    assert r.returncode == 0, r.stderr
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "encoder_curves.py"),
+              "--runs", str(tmp_path / "e"), "--out", str(tmp_path / "c")]
+    first = run_script(script)
+    assert first.returncode == 0, first.stderr
+    assert "| e | 1 | 2 |" in first.stdout and "| e | 2 | 4 |" in first.stdout and "truncate r=4" in first.stdout
+    assert (tmp_path / "c" / "curves.png").stat().st_size > 0 and "reused" not in first.stdout
+    again = run_script(script)
+    assert again.returncode == 0 and "references reused" in again.stdout
+    assert json.loads((tmp_path / "c" / "curves.json").read_text())["references"] == \
+        json.loads((tmp_path / "c" / "references.json").read_text())["f1"]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text((tmp_path / "e" / "config.json").read_text())
+    bad = run_script(script[:2] + ["--runs", str(tmp_path / "x"), "--out", str(tmp_path / "c")])
+    assert bad.returncode == 2 and "no held-out evaluation" in bad.stderr

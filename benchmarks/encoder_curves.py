@@ -1,0 +1,154 @@
+"""Learning curves of `latentwire train-encoder` runs: held-out F1 through the
+wire against examples seen and against CPU minutes of training steps, with
+the text, truncation at equal positions (r = the runs' --enc-ratio) and
+nothing on the same held-out questions as lines.
+
+Each run folder's heldout.jsonl (one row per evaluation: step, F1, seconds)
+and config.json are read; the reference lines are computed once on the
+runs' held-out questions (the same split: same data, seed and hold-out
+sizes, checked) and kept in --out/references.json, reused -- and said so --
+only when the model's weights, the questions, the ratio and the template are
+identical.
+
+  python benchmarks/encoder_curves.py --runs runs/enc/top2 --squad-train ../shared/squad/train-v1.1-first44.json \
+      --out docs/encoder-curves
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REFERENCES = ("text", "truncate", "none")
+
+
+def load_run(folder: Path) -> dict:
+    """A run's config.json and evaluations (one-line errors naming the folder)."""
+    from latentwire.errors import LatentWireError
+    from latentwire.runio import read_jsonl
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LatentWireError(f"--runs {folder}: no readable config.json ({e})") from None
+    evals = read_jsonl(folder / "heldout.jsonl", skip_bad=True) if (folder / "heldout.jsonl").is_file() else []
+    if not evals:
+        raise LatentWireError(f"--runs {folder}: no held-out evaluation in heldout.jsonl yet")
+    batch = cfg["enc"]["enc_batch"]
+    points = [{"step": e["step"], "examples": e["step"] * batch, "cpu_min": e["seconds"] / 60,
+               "f1": e["heldout_f1"]} for e in evals]
+    return {"name": folder.name, "folder": str(folder), "config": cfg, "points": points}
+
+
+def heldout_prompts(runs: list[dict], squad_train: str | None, lm):
+    """The held-out prompts every run evaluated on (refused when the runs' splits differ)."""
+    from latentwire.config import EncConfig
+    from latentwire.data import PromptBuilder, load_squad_json
+    from latentwire.errors import LatentWireError
+    from latentwire.lmtrain import split_training
+    split_keys = ("enc_seed", "enc_heldout_paragraphs", "enc_heldout_questions", "enc_max_tokens")
+    first = runs[0]["config"]
+    for r in runs[1:]:
+        for k in split_keys:
+            if r["config"]["enc"][k] != first["enc"][k]:
+                raise LatentWireError(f"--runs {r['folder']}: {k} differs from {runs[0]['folder']} (another "
+                                      "held-out split)")
+    path = squad_train or first["data"]["squad_train"]
+    if not path:
+        raise LatentWireError("--squad-train: the runs name no training file; give it")
+    train = load_squad_json(path, "--squad-train")[0]
+    d = first["data"]
+    builder = PromptBuilder(lm.tokenizer, d["template"], d["max_prompt_tokens"], d["bos"] != "none")
+    ec = EncConfig(**{k: first["enc"][k] for k in split_keys})
+    return split_training(train, builder, ec)[1], path
+
+
+def references(lm, prompts, ratio: int, template: str, out: Path, log=print) -> dict:
+    """F1 of text, truncate_r<ratio> and none on `prompts`; from out/references.json when its key matches."""
+    from latentwire.api import load_pipeline
+    from latentwire.lmtrain import code_version, prompts_f1
+    from latentwire.runio import content_key, write_json
+    key = content_key(lm.weights_digest(), [p.example.id for p in prompts], ratio, template)
+    path = out / "references.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("key") == key:
+            log(f"references reused from {path} (same weights, {len(prompts)} questions, r = {ratio}, {template})")
+            return old["f1"]
+    f1 = {}
+    for kind in REFERENCES:
+        t0 = time.time()
+        pipe = load_pipeline(kind, lm=lm, ratio=ratio, options={"template": template})
+        f1[kind] = prompts_f1(lm, prompts, pipe)
+        log(f"{kind}: F1 {f1[kind]:.2f} on {len(prompts)} held-out questions ({time.time() - t0:.0f} s)")
+    write_json(path, {"key": key, "f1": f1, "questions": len(prompts), "ratio": ratio, "template": template,
+                      "code_version": code_version()})
+    return f1
+
+
+def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, x, label in ((axes[0], "examples", "examples seen"), (axes[1], "cpu_min", "CPU minutes of training steps")):
+        for r in runs:
+            ax.plot([p[x] for p in r["points"]], [p["f1"] for p in r["points"]], marker="o", ms=3, label=r["name"])
+        for kind, style in zip(REFERENCES, ("-", "--", ":")):
+            ax.axhline(ref[kind], color="gray", ls=style, lw=1,
+                       label=f"{kind if kind != 'truncate' else f'truncate r={ratio}'} {ref[kind]:.1f}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out F1 (greedy, through the wire)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(runs: list[dict], ref: dict) -> str:
+    lines = ["| run | step | examples | CPU min | held-out F1 | vs truncation |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        for p in r["points"]:
+            lines.append(f"| {r['name']} | {p['step']} | {p['examples']:,} | {p['cpu_min']:.1f} | {p['f1']:.2f} | "
+                         f"{p['f1'] - ref['truncate']:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", action="append", required=True, help="a train-encoder folder (repeat, or comma-separate)")
+    ap.add_argument("--squad-train", default=None, help="the runs' training file (default: as their config.json says)")
+    ap.add_argument("--out", default="runs/encoder_curves", help="folder for curves.png, table.md, references.json")
+    a = ap.parse_args(argv)
+    from latentwire.errors import LatentWireError
+    from latentwire.models import display_name, load_model
+    from latentwire.runio import atomic_write_text, write_json
+    try:
+        runs = [load_run(Path(f)) for arg in a.runs for f in arg.split(",") if f]
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        model = runs[0]["config"]["model"]["model"]
+        lm = load_model(model)
+        prompts, data = heldout_prompts(runs, a.squad_train, lm)
+        ratio = runs[0]["config"]["enc"]["enc_ratio"]
+        ref = references(lm, prompts, ratio, runs[0]["config"]["data"]["template"], out)
+    except LatentWireError as e:
+        print(f"encoder_curves.py: error: {e}", file=sys.stderr)
+        return 2
+    what = (f"model {display_name(lm.source)}, {len(prompts)} held-out questions of {data} (paragraphs held out of "
+            f"training, seed {runs[0]['config']['enc']['enc_seed']}), greedy")
+    plot(runs, ref, ratio, out / "curves.png", what)
+    cmd = "python benchmarks/encoder_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = (f"`{cmd}` ({what})\n\nreferences on the same questions: text {ref['text']:.2f}, truncate r={ratio} "
+          f"{ref['truncate']:.2f}, none {ref['none']:.2f}\n\n{table(runs, ref)}\n")
+    atomic_write_text(out / "table.md", md)
+    write_json(out / "curves.json", {"runs": runs, "references": ref})
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
