@@ -176,11 +176,12 @@ def teacher_key(r: Row) -> str:
 
 
 @torch.no_grad()
-def teacher_fill(lm, hc, n_head: int, paras: Sequence[Para], k: int, store: TensorStore, progress: bool = False
-                 ) -> int:
-    """The teacher's top-k of every training question that `store` lacks, a paragraph at a time: [head][ctx]
+def teacher_fill(lm, hc, n_head: int, paras: Sequence[Para], k: int, store: TensorStore, progress: bool = False,
+                 flush: bool = True) -> int:
+    """The teacher's top-k of every question of `paras` that `store` lacks, a paragraph at a time: [head][ctx]
     is run once and its K/V copied to the paragraph's questions (~5 a paragraph), which then read only their
-    tails -- a third of the positions of reading each question's whole prompt. Returns the questions computed."""
+    tails -- a third of the positions of reading each question's whole prompt. Returns the questions computed.
+    `flush`: write what was computed to the store's folder at the end (and every 200 paragraphs)."""
     dev = lm.device
     todo = []
     for p in paras:
@@ -203,9 +204,10 @@ def teacher_fill(lm, hc, n_head: int, paras: Sequence[Para], k: int, store: Tens
             n = len(r.tail) - r.t0
             store.put(teacher_key(r), {"v": v[s:s + n].half(), "i": ix[s:s + n].int()})
             s += n
-        if i % 200 == 199:
+        if flush and i % 200 == 199:
             store.flush()
-    store.flush()
+    if flush:
+        store.flush()
     return sum(len(rows) for _, rows in todo)
 
 
@@ -372,28 +374,24 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
     # the receiver is frozen, but gradients must flow through it to the vectors
     lm.model.requires_grad_(False)
 
-    def fill_caches() -> TensorStore | None:
-        """The teacher's top-k of every training question and the bottom's states of every training paragraph,
-        once, before the first step (read from $LATENTWIRE_CACHE where an earlier run computed them)."""
+    def open_caches() -> TensorStore | None:
+        """The stores of the teacher's top-k and of the bottom's states, read from $LATENTWIRE_CACHE where an
+        earlier run with the same model, head, k / layer and precision left them. Filled as training meets a
+        paragraph (the teacher: all of a paragraph's questions at once, sharing its K/V), written at every
+        checkpoint: each is paid once per paragraph over all runs, and only for paragraphs a run reaches --
+        on a CPU without bf16 a paragraph's teacher costs ~2 s, all 2,229 of the training file over an hour."""
         store = None
-        with amp:
-            if cfg.enc_cache_teacher and cfg.enc_w_kl and step < total and cfg.enc_steps_b:
-                # shared by every later run with the same model, head, k and precision
-                t0 = time.perf_counter()
-                store = TensorStore(cache_root() / "enc_teacher" / content_key(
-                    lm.weights_digest(), head, cfg.enc_teacher_topk, precision)[:16])
-                n = teacher_fill(lm, hc, n_head, paras, cfg.enc_teacher_topk, store, progress)
-                log(f"teacher top-k: {len(store) - n} questions read from {store.folder}, {n} computed in "
-                    f"{time.perf_counter() - t0:.0f} s")
-            if enc.bottom is not None and step < total:
-                t0 = time.perf_counter()
-                folder = cache_root() / "enc_bottom" / content_key(lm.weights_digest(), enc.bottom.start,
-                                                                   precision)[:16]
-                n = enc.bottom.fill(enc.sender, [enc.sender_input(p.ids)[0] for p in paras], folder,
-                                    progress=progress)
-                log(f"bottom states: {len(paras) - n} paragraphs read from {folder}, {n} computed in "
-                    f"{time.perf_counter() - t0:.0f} s")
+        if cfg.enc_cache_teacher and cfg.enc_w_kl and cfg.enc_steps_b:
+            store = TensorStore(cache_root() / "enc_teacher" / content_key(
+                lm.weights_digest(), head, cfg.enc_teacher_topk, precision)[:16])
+            log(f"teacher top-k: {len(store)} questions stored in {store.folder}")
+        if enc.bottom is not None:
+            folder = cache_root() / "enc_bottom" / content_key(lm.weights_digest(), enc.bottom.start, precision)[:16]
+            enc.bottom.fill(enc.sender, [], folder)
+            log(f"bottom states: {len(enc.bottom.store)} sequences stored in {folder}")
         return store
+
+    by_ids = {tuple(p.ids): p for p in paras}
 
     def evaluate(at: int) -> None:
         f1 = heldout_f1(enc, lm, held)
@@ -403,16 +401,19 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
             best.update(f1=f1, step=at, state={k: v.detach().cpu().clone() for k, v in enc.trainable_state().items()})
 
     def save_ckpt() -> None:
+        for st in (store, enc.bottom.store if enc.bottom is not None else None):
+            if st is not None:
+                st.flush()
         atomic_torch_save({"step": step, "trainable": enc.trainable_state(), "opt": opt.state_dict(),
                            "best": best, "seconds": seconds, "config": asdict(cfg)}, ckpt)
 
+    store = open_caches()
     bar = tqdm(total=total, initial=step, desc="encoder", disable=not progress)
     stopped = None
     # SIGINT / SIGTERM (a device call's deadline through `timeout`, a Ctrl-C) end the step under way, then stop
     # as the time limit does: the best state, encoder.json and ckpt.pt are written, and --resume continues
     with _StopFlag() as stop:
         try:
-            store = fill_caches()
             while step < total:
                 if cfg.enc_time_limit and seconds >= cfg.enc_time_limit:
                     stopped = f"time limit ({cfg.enc_time_limit:g} s)"
@@ -426,6 +427,9 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
                 for g in opt.param_groups:
                     g["lr"] = g["peak"] * lr_at(step, cfg)
                 with amp:
+                    if store is not None and stage == "B":  # the teacher of each new paragraph, once
+                        teacher_fill(lm, hc, n_head, [by_ids[tuple(r.ctx)] for r in rows], cfg.enc_teacher_topk,
+                                     store, flush=False)
                     terms = loss_step(enc, lm, hc, n_head, rows, cfg, store)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
