@@ -172,7 +172,7 @@ def record(script: str, argv, out: str, rows: list[dict], what: str, tbl: str, t
     printed with it."""
     import os
 
-    from latentwire.runio import atomic_write_text, write_jsonl
+    from latentwire.util.runio import atomic_write_text, write_jsonl
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "results.jsonl", rows)

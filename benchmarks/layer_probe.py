@@ -22,7 +22,7 @@ import torch
 
 from latentwire.data import context_token_ids, interleave_by_title, load_squad_json
 from latentwire.models import load_model
-from latentwire.runio import write_section
+from latentwire.util.runio import write_section
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     from latentwire.compare import score_rows
     from latentwire.run import build_inputs, eval_switches
     from latentwire.stage1 import fit_compressor
-    from latentwire.runio import seed_everything
+    from latentwire.util.runio import seed_everything
     from latentwire.train import train_phase1
 
     cfg = RunConfig()

@@ -31,7 +31,7 @@ from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 
 from latentwire.config import RunConfig  # noqa: E402
 from latentwire.report import REFERENCE_LABELS, plot_f1_vs_bytes  # noqa: E402
-from latentwire.runio import atomic_write_text, write_json  # noqa: E402
+from latentwire.util.runio import atomic_write_text, write_json  # noqa: E402
 
 # (adapter, dims, bits): what matters -- the vocab adapter from fp32 down to
 # codes smaller than the token ids (16 bits a token), and the MLP where it

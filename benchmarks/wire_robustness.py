@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from latentwire.data import load_squad_json
     from latentwire.frame import FRAME_BYTES
     from latentwire.models import load_model
-    from latentwire.runio import atomic_write_text, write_jsonl
+    from latentwire.util.runio import atomic_write_text, write_jsonl
     from latentwire.wire import LMArithmeticCodec, ids_check
 
     examples, _ = load_squad_json(args.squad, "--squad")

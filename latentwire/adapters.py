@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .compress import check_meta, read_artifact
 from .config import AdapterConfig
 from .errors import LatentWireError
-from .runio import atomic_torch_save
+from .util.runio import atomic_torch_save
 
 
 def rms(x: torch.Tensor, dim: int = -1, keepdim: bool = True) -> torch.Tensor:

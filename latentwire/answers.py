@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, dist
+from . import __version__
+from .util import dist
 from .config import RunConfig
 from .generate import generate_predictions
 from .models import cache_root
-from .runio import read_jsonl, write_json
+from .util.runio import read_jsonl, write_json
 
 
 def _fingerprint_sources() -> str:

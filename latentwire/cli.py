@@ -199,7 +199,7 @@ def _wire_command(args) -> None:
         print(ask(pipe, data, args.question, max_new_tokens=args.max_new_tokens,
                   where=f"payload {args.payload}"))
         return
-    from .runio import atomic_write_bytes
+    from .util.runio import atomic_write_bytes
     payload = pipe.send(text)
     atomic_write_bytes(args.output, frame.wrap(pipe, payload))
     utf8 = len(text.encode("utf-8"))
@@ -217,7 +217,7 @@ def _wire_command(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from . import dist
+    from .util import dist
     ok = False
     try:
         # under torchrun / accelerate launch: join the process group (no-op alone)

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from .errors import LatentWireError
-from .runio import atomic_torch_save, safe_torch_load
+from .util.runio import atomic_torch_save, safe_torch_load
 
 
 def svd_flip_components(components: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .config import EncConfig
 from .errors import LatentWireError
-from .runio import atomic_write_bytes, atomic_write_text
+from .util.runio import atomic_write_bytes, atomic_write_text
 from .wire import bounded_quantizer
 
 FORMAT = 1

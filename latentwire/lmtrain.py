@@ -45,7 +45,7 @@ from .forward import cache_copy, forward_after, head_cache, right_pad
 from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
 from .probes import REPEAT_CUE
 from .seqcomp import answer_ids
-from .runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
+from .util.runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
 from .train import _StopFlag
 
 

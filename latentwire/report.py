@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .frame import FRAME_BYTES
-from .runio import atomic_write_text, read_jsonl
+from .util.runio import atomic_write_text, read_jsonl
 from .wire import LMArithmeticCodec
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from . import dist
+from .util import dist
 from .answers import cached_predictions, sharded_predictions, text_predictions
 from .compare import (add_controls, answer_split, control_deltas, measure_readings, pipeline_ratio, pipeline_entry, probe_set, score_rows, send_all,
                       wire_entry)
@@ -29,7 +29,7 @@ from .pipelines import KINDS, BuildContext, build
 from .pipelines.text import text_pipeline
 from .report import metrics_table, write_report
 from .rundir import prepare_run_dir, write_predictions
-from .runio import JsonlLogger, NullLogger, seed_everything, write_json
+from .util.runio import JsonlLogger, NullLogger, seed_everything, write_json
 from .stage1 import training_pool
 from .wire import text_references
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import dist
+from .util import dist
 from .config import SeqConfig
 from .data import context_token_ids
 from .errors import LatentWireError
@@ -50,7 +50,7 @@ from .forward import cache_copy, forward_after, head_cache, logits_kw, right_pad
 from .models import cache_root, get_cache
 from .report import reference_text
 from .pipelines.tokens import budget
-from .runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
+from .util.runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
 from .wire import Quantizer, bounded_quantizer
 
 FORMAT = 1  # of seq_compressor.pt

@@ -12,13 +12,13 @@ from typing import Sequence
 
 import torch
 
-from . import dist
+from .util import dist
 from .adapters import build_adapter, load_adapter_state, save_adapter
 from .compress import check_meta, load_compressor, make_compressor, read_artifact
 from .config import RunConfig
 from .data import Example, PromptBuilder
 from .generate import EvalSwitches
-from .runio import atomic_torch_save
+from .util.runio import atomic_torch_save
 from .train import train_phase1, train_phase2, vocab_sample
 from .wire import make_quantizer
 
@@ -161,7 +161,7 @@ class Stage1:
         diagnostics_NAME.json, added to its metrics entry and the run's verdict."""
         from .adapters import LinearAdapter
         from .diagnose import diagnose, findings, summary_lines
-        from .runio import write_json
+        from .util.runio import write_json
         from .train import vocab_recon_metrics
         mod = self.adapter if name == "latentwire" else None
         # the adapter ends on its best state, whose whole-vocabulary metrics

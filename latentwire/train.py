@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import dist
+from .util import dist
 from .config import TrainConfig
 from .errors import LatentWireError
 from .losses import reconstruction_loss
-from .runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, safe_torch_load, write_jsonl
+from .util.runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, safe_torch_load, write_jsonl
 
 
 class _StopFlag:

@@ -155,7 +155,7 @@ def test_pair_grid_oracle_pick_is_the_per_question_better_answer(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pytest
     from pair_grid import oracle_pick
-    from latentwire.runio import write_jsonl
+    from latentwire.util.runio import write_jsonl
     for d, f1s in (("a", [1.0, 0.0, 0.5]), ("b", [0.0, 0.0, 1.0])):
         (tmp_path / d).mkdir()
         write_jsonl(tmp_path / d / "predictions_learned_r4.jsonl", [{"id": str(i), "f1": f} for i, f in enumerate(f1s)])

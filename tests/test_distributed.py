@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from latentwire import dist
+from latentwire.util import dist
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
 from latentwire.generate import generate_predictions

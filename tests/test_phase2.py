@@ -59,7 +59,7 @@ def test_train_phase2_logs_each_term(tiny, setup, tmp_path):
     out = train_phase2(tiny, a, pca.transform, prompts, EvalSwitches(), TrainConfig(phase2_steps=3, phase2_batch=2), tmp_path,
                        progress=False)
     assert out["phase2_steps"] == 3
-    rows = [r for r in __import__("latentwire.runio", fromlist=["x"]).read_jsonl(tmp_path / "train_log.jsonl")]
+    rows = [r for r in __import__("latentwire.util.runio", fromlist=["x"]).read_jsonl(tmp_path / "train_log.jsonl")]
     assert len(rows) == 3 and {"ce", "kl", "cos_loss", "mse", "loss", "lr"} <= set(rows[0])
     assert any(not torch.equal(b, p) for b, p in zip(before, a.parameters()))
 
@@ -80,7 +80,7 @@ def test_run_with_phase2(tmp_path):
 def test_phase2_resume_is_bit_identical(tiny, setup, tmp_path):
     """Killed after step 3 with its last checkpoint at step 2: the resumed run
     redoes step 3 and ends with the weights and log of an uninterrupted run."""
-    from latentwire.runio import read_jsonl
+    from latentwire.util.runio import read_jsonl
     table, pca, prompts = setup
     cfg = TrainConfig(phase2_steps=6, phase2_batch=2, phase2_ckpt_every=2)
 

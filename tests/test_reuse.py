@@ -12,7 +12,7 @@ from latentwire.errors import LatentWireError
 from latentwire.answers import text_cache_key, text_predictions
 from latentwire.run import run_experiment
 from latentwire.rundir import finished_metrics
-from latentwire.runio import JsonlLogger, read_jsonl
+from latentwire.util.runio import JsonlLogger, read_jsonl
 
 
 def _cfg(tmp_path, **eval_kw):
@@ -115,7 +115,7 @@ def test_torn_log_lines(tmp_path):
 
 
 def test_nccl_group_serves_cpu_tensors_too():
-    from latentwire.dist import backend_for
+    from latentwire.util.dist import backend_for
     assert backend_for(True) == "cpu:gloo,cuda:nccl" and backend_for(False) == "gloo"
 
 

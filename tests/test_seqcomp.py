@@ -10,7 +10,7 @@ import torch
 from latentwire.config import SeqConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.generate import EvalSwitches, generate_predictions, span_payloads
-from latentwire.runio import read_jsonl
+from latentwire.util.runio import read_jsonl
 from latentwire.pipelines.learned import LearnedSeqPipeline
 from latentwire.pipelines.tokens import budget
 from latentwire.wire import bounded_quantizer
@@ -256,7 +256,7 @@ def test_pretraining_reconstructs_the_context_first(tiny, prompts, setup, tmp_pa
     whose target is the context itself (CE only), then the QA steps."""
     from dataclasses import replace
 
-    from latentwire.runio import read_jsonl
+    from latentwire.util.runio import read_jsonl
     from latentwire.seqcomp import autoencode_items
     cfg, layer, hc = setup
     n_head = len(prompts[0].head_ids)

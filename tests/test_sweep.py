@@ -94,7 +94,7 @@ def test_verdict_rules():
 
 
 def test_diagnose_on_tiny_model(tmp_path):
-    from latentwire.runio import read_jsonl
+    from latentwire.util.runio import read_jsonl
     from latentwire.metrics import paired_delta as _paired
     from latentwire.sweep import HYPOTHESES, verdict
     base = _base(tmp_path)

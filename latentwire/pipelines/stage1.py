@@ -30,7 +30,7 @@ def from_run_dir(lm, run_dir: str | Path, flag: str = "--pipeline") -> Embedding
     from ..adapters import build_adapter, load_adapter_state
     from ..compress import load_compressor
     from ..config import AdapterConfig
-    from ..runio import safe_torch_load
+    from ..util.runio import safe_torch_load
     from ..wire import make_quantizer, quantizer_from_state
     run = Path(run_dir)
     cfg = json.loads((run / "config.json").read_text())
