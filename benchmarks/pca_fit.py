@@ -21,7 +21,7 @@ def _token_ids(args):
     import torch
 
     from latentwire.data import load_squad_json, synthetic_squad
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     lm = load_model(args.model)
     if args.squad_train:
         ex, _ = load_squad_json(args.squad_train, "--squad-train")

@@ -29,9 +29,9 @@ import torch
 from latentwire import seqcomp as sc
 from latentwire.config import GROUPS, RunConfig
 from latentwire.errors import LatentWireError
-from latentwire.models import load_model
+from latentwire.llm.models import load_model
 from latentwire.report import reference_text
-from latentwire.forward import head_cache
+from latentwire.llm.forward import head_cache
 from latentwire.run import build_inputs, load_data, seq_prompt_builder, seq_train_prompts
 from latentwire.sweep import apply_overrides
 

@@ -71,10 +71,10 @@ def measure(squad_train: str | None, batch: int, repeats: int, seed: int = 0, to
 
     from latentwire.config import EncConfig
     from latentwire.data import Example, PromptBuilder
-    from latentwire.forward import head_cache
+    from latentwire.llm.forward import head_cache
     from latentwire.lmenc import build_encoder
     from latentwire.lmtrain import Para, loss_step, make_batch, split_training
-    from latentwire.models import LoadedModel, load_model
+    from latentwire.llm.models import LoadedModel, load_model
     from latentwire.probes import REPEAT_CUE
 
     from encoder_cost import training_questions  # benchmarks/ is on the path of a script run from it

@@ -29,7 +29,7 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
 
     from latentwire.adapters import build_adapter
     from latentwire.config import RunConfig
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     from latentwire.answers import sharded_predictions, text_predictions
     from latentwire.compare import score_rows
     from latentwire.run import build_inputs, eval_switches

@@ -82,7 +82,7 @@ COLS = ["adapter", "dims", "bits", "bytes_per_context", "bits_per_token", "n", "
 
 def references(args, first_cfg: RunConfig) -> dict:
     """Text references on exactly the evaluated contexts (the same prompts as every cell)."""
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     from latentwire.run import build_inputs, references
     path = Path(args.out) / "references.json"
     want = {"model": args.model, "squad_eval": args.squad_eval, "max_eval": args.max_eval, "seed": args.seed,

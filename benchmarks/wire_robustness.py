@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import latentwire as lw
     from latentwire.data import load_squad_json
     from latentwire.frame import FRAME_BYTES
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     from latentwire.util.runio import atomic_write_text, write_jsonl
     from latentwire.wire import LMArithmeticCodec, ids_check
 

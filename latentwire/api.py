@@ -45,7 +45,7 @@ def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4
     are kept (opt-* kinds). `codec_model`: the LLM that codes `ac`, `truncate+ac`, `surprisal+ac` (a name as
     for `model`, or a loaded model; default: the receiver). The pipeline carries what `ask` needs: `.lm` and
     `.builder`."""
-    from .models import DEFAULT_MODEL, load_model
+    from .llm.models import DEFAULT_MODEL, load_model
     from .sweep import apply_overrides
     cfg = RunConfig()
     if Path(spec).is_dir() and run_dir_kind(Path(spec)) is not None and (Path(spec) / "config.json").is_file():
@@ -77,7 +77,7 @@ def load_codec(codec_model, lm, device: str = "auto", dtype: str = "auto"):
     if codec_model is None or codec_model is lm or codec_model in (lm.name, lm.source):
         return None
     if isinstance(codec_model, str):
-        from .models import load_model
+        from .llm.models import load_model
         return load_model(codec_model, device, dtype)
     return codec_model
 

@@ -234,7 +234,7 @@ def measure_readings(lm, prompts, pipelines: dict, builder, n_contexts: int, con
     paragraphs: reconstruction (teacher-forced token accuracy and CE of the receiver writing the paragraph
     back after REPEAT_CUE) and continuation (CE per token of the article's next paragraph, its first
     `cont_tokens` tokens, read right after the reading)."""
-    from .forward import head_cache, read_tails
+    from .llm.forward import head_cache, read_tails
     from .probes import Probe, probe_terms, repeat_probe
     ctxs = distinct_contexts(prompts)[:n_contexts]
     if not ctxs:

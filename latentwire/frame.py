@@ -136,7 +136,7 @@ def _model_name(lm) -> str:
 
 def files_digest(paths) -> str | None:
     """A digest of trained weights' files (for `Pipeline.weights_digest`), None when there are none."""
-    from .models import file_digest
+    from .llm.models import file_digest
     files = sorted(Path(p) for p in paths if Path(p).is_file())
     if not files:
         return None

@@ -363,7 +363,7 @@ def load_encoder(lm, folder: str | Path, flag: str = "--pipeline") -> tuple[Pool
     when a tensor is missing or extra). Loads safetensors only: nothing in the folder runs code."""
     from safetensors.torch import load_file
 
-    from .models import same_model_source
+    from .llm.models import same_model_source
     meta = read_meta(folder, flag)
     fp = lm.fingerprint()
     rec = meta.get("receiver", {})

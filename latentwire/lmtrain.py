@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .config import EncConfig
 from .data import Example, PromptBuilder, interleave_by_title
 from .errors import LatentWireError
-from .forward import cache_copy, forward_after, head_cache, right_pad
+from .llm.forward import cache_copy, forward_after, head_cache, right_pad
 from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
 from .probes import REPEAT_CUE
 from .seqcomp import answer_ids
@@ -384,7 +384,7 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
     the weights). Returns encoder.json's content."""
     import shlex
 
-    from .models import display_name, file_digest, load_model
+    from .llm.models import display_name, file_digest, load_model
     from .run import load_data
     enc_cfg.validate()
     cfg.model.validate()

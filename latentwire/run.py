@@ -24,7 +24,7 @@ from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, l
 from .errors import LatentWireError
 from .generate import EvalSwitches
 from .metrics import pipeline_metrics
-from .models import load_model
+from .llm.models import load_model
 from .pipelines import KINDS, BuildContext, build
 from .pipelines.text import text_pipeline
 from .report import metrics_table, write_report

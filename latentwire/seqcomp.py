@@ -46,8 +46,8 @@ from .util import dist
 from .config import SeqConfig
 from .data import context_token_ids
 from .errors import LatentWireError
-from .forward import cache_copy, forward_after, head_cache, logits_kw, right_pad
-from .models import cache_root, get_cache
+from .llm.forward import cache_copy, forward_after, head_cache, logits_kw, right_pad
+from .llm.models import cache_root, get_cache
 from .report import reference_text
 from .pipelines.tokens import budget
 from .util.runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
@@ -192,7 +192,7 @@ def read_compressor_file(path: str | Path, flag: str = "--seq-path") -> dict:
 
 
 def _check_model(flag: str, path, saved: dict | None, lm, role: str) -> None:
-    from .models import same_model_source
+    from .llm.models import same_model_source
     fp = lm.fingerprint()
     for k in ("model", "d_model", "vocab_size"):
         have = (saved or {}).get(k)

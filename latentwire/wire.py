@@ -259,7 +259,7 @@ class LMArithmeticCodec(TextCodec):
         """Steps the LLM over up to LANES contexts at once: lane j's i-th token
         (i < lengths[j]) is pick(j, i, p), where p is its distribution (float64
         numpy [V]) given the head and the lane's earlier tokens."""
-        from .models import cache_kwarg, get_cache
+        from .llm.models import cache_kwarg, get_cache
         if len(lengths) > self.LANES:
             raise ValueError(f"at most {self.LANES} contexts step together")
         steps = max(lengths, default=0)

@@ -10,7 +10,7 @@ import torch
 import latentwire as lw
 from latentwire import frame
 from latentwire.errors import LatentWireError
-from latentwire.models import load_model
+from latentwire.llm.models import load_model
 from latentwire.pipelines import KINDS
 from latentwire.wire import IntegrityError, Payload
 

@@ -11,7 +11,7 @@ import latentwire as lw
 from latentwire.config import EncConfig
 from latentwire.data import Example, PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.forward import head_cache
+from latentwire.llm.forward import head_cache
 from latentwire.lmenc import build_encoder, load_encoder, pool_states, read_meta, save_encoder
 from latentwire.lmtrain import (Row, loss_step, make_batch, receiver_logits, split_training, teacher_topk,
                                 train_encoder)
@@ -198,7 +198,7 @@ def test_weights_shard_under_the_file_limit(tiny, tmp_path, monkeypatch):
 def test_a_folder_for_another_receiver_or_a_damaged_one_is_refused_in_one_line(tiny, trained, tmp_path):
     import shutil
 
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     out, meta = trained
     other = load_model("tiny-random-b")
     with pytest.raises(LatentWireError, match="trained for a receiver with d_model"):

@@ -16,7 +16,7 @@ from latentwire.pipelines import BuildContext, build
 
 @pytest.fixture(scope="module")
 def other():
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     return load_model("tiny-random-b")
 
 

@@ -15,7 +15,7 @@ from latentwire.config import OptConfig, RunConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
 from latentwire.generate import generate_predictions
-from latentwire.forward import context_kv, head_cache
+from latentwire.llm.forward import context_kv, head_cache
 from latentwire.pipelines import KINDS, BuildContext, KVReading, Pipeline, build
 from latentwire.pipelines.optimized import OptimizedPipeline, ParagraphFitter
 from latentwire.pipelines.tokens import budget
@@ -331,7 +331,7 @@ def test_learned_run_folder_send_ask_round_trip(tmp_path):
 def test_a_run_folder_loads_under_another_cache_folder():
     """A GGUF dequantized under another $LATENTWIRE_CACHE is the same model (its folder name carries the GGUF's
     content digest); another model, or another folder name, is not."""
-    from latentwire.models import same_model_source
+    from latentwire.llm.models import same_model_source
     assert same_model_source("/root/.cache/latentwire/gguf/SmolLM2.Q4_1-b179", "/tmp/c/gguf/SmolLM2.Q4_1-b179")
     assert not same_model_source("/root/.cache/latentwire/gguf/SmolLM2.Q4_1-b179", "/tmp/c/gguf/SmolLM2.Q4_1-ffff")
     assert not same_model_source("/a/models/m", "/b/models/m") and same_model_source("org/m", "org/m")

@@ -42,9 +42,9 @@ from typing import Sequence
 import torch
 
 from ..data import PromptBuilder
-from ..decode import sliding_window
+from ..llm.decode import sliding_window
 from ..errors import LatentWireError
-from ..forward import context_kv, head_cache, read_tails
+from ..llm.forward import context_kv, head_cache, read_tails
 from ..probes import (attach_teacher, continue_probes, paragraph_seed, probe_terms, question_probes, repeat_probe,
                       sample_questions)
 from ..util.runio import JsonlLogger, atomic_torch_save, safe_torch_load
