@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     t0, load0 = time.time(), os.getloadavg()[0]
     from contextlib import nullcontext
 
-    from latentwire.wire import torch_threads
+    from latentwire.wire.wire import torch_threads
     with torch_threads(a.threads) if a.threads else nullcontext():  # restored after: main may run in-process
         rows = measure(a.model, a.squad_train, a.variants.split(","), a.batch, a.repeats, a.seed)
     what = (f"model {a.model}, data {rows[0]['data']}, {rows[0]['train_paragraphs']} training paragraphs, "

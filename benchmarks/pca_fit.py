@@ -44,7 +44,7 @@ def worker(args) -> None:
     import psutil
     import torch
 
-    from latentwire.compress import PCA
+    from latentwire.wire.compress import PCA
     lm, ids, src, distinct = _token_ids(args)
     proc = psutil.Process()
     base = proc.memory_info().rss

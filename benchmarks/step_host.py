@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     t0, load0 = time.time(), os.getloadavg()[0]
     from contextlib import nullcontext
 
-    from latentwire.wire import torch_threads
+    from latentwire.wire.wire import torch_threads
     with torch_threads(a.threads) if a.threads else nullcontext():  # restored after: main may run in-process
         rows = measure(a.squad_train, a.batch, a.repeats, a.seed, a.tokens, a.model)
     what = (f"{a.model}'s graph, widths shrunk, rows cut to {a.tokens} tokens; data {rows[0]['data']}, seed {a.seed}, "

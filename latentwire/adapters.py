@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compress import check_meta, read_artifact
+from .wire.compress import check_meta, read_artifact
 from .config import AdapterConfig
 from .errors import LatentWireError
 from .util.runio import atomic_torch_save

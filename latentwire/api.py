@@ -67,7 +67,7 @@ def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4
     pipe = build(spec, ctx, flag=flag)[0]
     pipe.builder = builder
     if Path(spec).is_dir() and getattr(pipe, "weights_digest", None) is None:
-        from .frame import RUN_WEIGHT_FILES, files_digest
+        from .pipelines.frame import RUN_WEIGHT_FILES, files_digest
         pipe.weights_digest = files_digest(Path(spec) / f for f in RUN_WEIGHT_FILES)
     return pipe
 
@@ -83,14 +83,14 @@ def load_codec(codec_model, lm, device: str = "auto", dtype: str = "auto"):
 
 
 def wrap(pipeline: Pipeline, payload: bytes) -> bytes:
-    """A payload in its frame (latentwire/frame.py): what a payload file holds, `frame.FRAME_BYTES` more."""
-    from .frame import wrap as _wrap
+    """A payload in its frame (latentwire/pipelines/frame.py): what a payload file holds, `frame.FRAME_BYTES` more."""
+    from .pipelines.frame import wrap as _wrap
     return _wrap(pipeline, payload)
 
 
 def unwrap(pipeline: Pipeline, data: bytes, where: str = "payload") -> "Payload":
     """The payload of framed bytes, checked against `pipeline` (one-line LatentWireError naming both sides)."""
-    from .frame import unwrap as _unwrap
+    from .pipelines.frame import unwrap as _unwrap
     return _unwrap(pipeline, data, where)
 
 
@@ -100,7 +100,7 @@ def ask(pipeline: Pipeline, payload: bytes, question: str, *, max_new_tokens: in
     reading where the context goes) and its greedy decoding. `payload`: a `Payload` as `pipeline.send` gives
     it, or the bytes of a payload file (framed: checked against this pipeline first, see `unwrap`)."""
     from .generate import answer
-    from .wire import IntegrityError, Payload
+    from .wire.wire import IntegrityError, Payload
     framed = not isinstance(payload, Payload)
     if framed:
         payload = unwrap(pipeline, payload, where)

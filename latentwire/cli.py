@@ -190,7 +190,7 @@ def _wire_command(args) -> None:
             raise LatentWireError("--max-new-tokens must be >= 1")
     if not args.ratio >= 1:
         raise LatentWireError(f"--ratio must be >= 1 (got {args.ratio:g})")
-    from . import frame
+    from .pipelines import frame
     if args.cmd == "ask":  # what needs no model is checked before one loads
         frame.check(data, f"payload {args.payload}", frame.kind_label(args.pipeline, args.ratio))
     pipe = load_pipeline(args.pipeline, args.model, args.ratio, options=opts, out=args.fits,

@@ -38,7 +38,7 @@ from .data import context_token_ids, distinct_contexts
 from .generate import EvalSwitches, span_payloads
 from .metrics import paired_delta, pipeline_metrics, retention, score_example
 from .pipelines.base import Pipeline
-from .wire import wire_stats
+from .wire.wire import wire_stats
 
 
 def is_learned(p) -> bool:

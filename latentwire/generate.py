@@ -30,7 +30,7 @@ from .llm.decode import (BatchDecoder, RunPrefix, common_prefix_len, decode_answ
 from .errors import LatentWireError
 from .pipelines.base import EmbeddingPipeline, KVReading, Pipeline
 from .pipelines.text import text_pipeline
-from .wire import FloatQuantizer, Payload
+from .wire.wire import FloatQuantizer, Payload
 
 # [N, d] -> [N, d], row-wise: a row's output depends only on that row (every
 # compressor and adapter here is per token); diagnostics rely on it.

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from .config import EncConfig
 from .errors import LatentWireError
 from .util.runio import atomic_write_bytes, atomic_write_text
-from .wire import bounded_quantizer
+from .wire.wire import bounded_quantizer
 
 FORMAT = 1
 """Of encoder.json: a reader refuses other formats."""

@@ -31,7 +31,7 @@ from .report import metrics_table, write_report
 from .rundir import prepare_run_dir, write_predictions
 from .util.runio import JsonlLogger, NullLogger, seed_everything, write_json
 from .stage1 import training_pool
-from .wire import text_references
+from .wire.wire import text_references
 
 
 def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:

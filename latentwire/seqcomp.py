@@ -51,7 +51,7 @@ from .llm.models import cache_root, get_cache
 from .report import reference_text
 from .pipelines.tokens import budget
 from .util.runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
-from .wire import Quantizer, bounded_quantizer
+from .wire.wire import Quantizer, bounded_quantizer
 
 FORMAT = 1  # of seq_compressor.pt
 

@@ -14,13 +14,13 @@ import torch
 
 from .util import dist
 from .adapters import build_adapter, load_adapter_state, save_adapter
-from .compress import check_meta, load_compressor, make_compressor, read_artifact
+from .wire.compress import check_meta, load_compressor, make_compressor, read_artifact
 from .config import RunConfig
 from .data import Example, PromptBuilder
 from .generate import EvalSwitches
 from .util.runio import atomic_torch_save
 from .train import train_phase1, train_phase2, vocab_sample
-from .wire import make_quantizer
+from .wire.wire import make_quantizer
 
 
 def training_pool(builder: PromptBuilder, train: Sequence[Example]) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from latentwire.adapters import MLPAdapter, VocabAdapter, build_adapter, load_adapter_state, rms, save_adapter
-from latentwire.compress import PCA
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig
 from latentwire.errors import LatentWireError
 from latentwire.losses import answer_cross_entropy, logit_kl, reconstruction_loss

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from latentwire.adapters import build_adapter
-from latentwire.compress import PCA
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig
 from latentwire.data import PromptBuilder, interleave_by_title, load_squad_json, synthetic_squad
 from latentwire.generate import EvalSwitches, generate_predictions

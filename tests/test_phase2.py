@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from latentwire.adapters import build_adapter
-from latentwire.compress import PCA
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, TrainConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.generate import EvalSwitches

@@ -19,7 +19,7 @@ from latentwire.llm.forward import context_kv, head_cache
 from latentwire.pipelines import KINDS, BuildContext, KVReading, Pipeline, build
 from latentwire.pipelines.optimized import OptimizedPipeline, ParagraphFitter
 from latentwire.pipelines.tokens import budget
-from latentwire.wire import Payload, RowQuantizer
+from latentwire.wire.wire import Payload, RowQuantizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

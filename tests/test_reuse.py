@@ -139,7 +139,7 @@ def test_a_crafted_pickle_is_refused_and_never_run(tmp_path):
 
     import torch
 
-    from latentwire.compress import load_compressor
+    from latentwire.wire.compress import load_compressor
     marker = tmp_path / "ran"
 
     class Evil:

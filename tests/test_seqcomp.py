@@ -13,7 +13,7 @@ from latentwire.generate import EvalSwitches, generate_predictions, span_payload
 from latentwire.util.runio import read_jsonl
 from latentwire.pipelines.learned import LearnedSeqPipeline
 from latentwire.pipelines.tokens import budget
-from latentwire.wire import bounded_quantizer
+from latentwire.wire.wire import bounded_quantizer
 from latentwire.seqcomp import (SeqCompressor, answer_ids, build_compressor,
                                 cached_items, collate, context_states, head_cache, load_compressor,
                                 prepare_learned, reference_losses, resolve_layer, save_compressor, seq_loss, teacher_topk,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentwire.adapters import build_adapter
-from latentwire.compress import PCA
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, RunConfig, TrainConfig, apply_preset
 from latentwire.errors import LatentWireError
 from latentwire.run import run_experiment

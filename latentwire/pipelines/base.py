@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..wire import Payload, Quantizer
+from ..wire.wire import Payload, Quantizer
 
 READS = ("ids", "embeds", "kv")
 
@@ -145,7 +145,7 @@ class Pipeline:
         return {"name": self.name}
 
     def identity(self) -> dict:
-        """What this pipeline's payloads depend on, for the frame of a payload file (latentwire/frame.py): the
+        """What this pipeline's payloads depend on, for the frame of a payload file (latentwire/pipelines/frame.py): the
         `pipeline` label a reader must match (its `name`: the kind with its ratio), and digests of the `receiver`
         model, the `codec` model (an LLM that codes the bytes) and the trained `weights` -- None where the
         payload does not depend on it. The default (receiver and `weights_digest`) fits token-id and embedding

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data import context_token_ids
-from ..wire import Payload
+from ..wire.wire import Payload
 from .base import Pipeline
 from .tokens import budget
 

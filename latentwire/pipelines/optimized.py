@@ -48,7 +48,7 @@ from ..llm.forward import context_kv, head_cache, read_tails
 from ..probes import (attach_teacher, continue_probes, paragraph_seed, probe_terms, question_probes, repeat_probe,
                       sample_questions)
 from ..util.runio import JsonlLogger, atomic_torch_save, safe_torch_load
-from ..wire import FloatQuantizer, Payload, RowQuantizer, read_varint, varint
+from ..wire.wire import FloatQuantizer, Payload, RowQuantizer, read_varint, varint
 from .base import KVReading, Pipeline
 from .tokens import budget
 

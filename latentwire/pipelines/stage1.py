@@ -28,10 +28,10 @@ def from_run_dir(lm, run_dir: str | Path, flag: str = "--pipeline") -> Embedding
     """The `latentwire` pipeline of a Stage 1 run folder: its compressor.pt,
     quantizer.pt (for --bits 1..8) and adapter.pt, each checked against `lm`."""
     from ..adapters import build_adapter, load_adapter_state
-    from ..compress import load_compressor
+    from ..wire.compress import load_compressor
     from ..config import AdapterConfig
     from ..util.runio import safe_torch_load
-    from ..wire import make_quantizer, quantizer_from_state
+    from ..wire.wire import make_quantizer, quantizer_from_state
     run = Path(run_dir)
     cfg = json.loads((run / "config.json").read_text())
     fp = lm.fingerprint()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..data import context_token_ids
-from ..wire import LMArithmeticCodec, Payload, TextCodec, Utf8Codec
+from ..wire.wire import LMArithmeticCodec, Payload, TextCodec, Utf8Codec
 from .base import Pipeline
 
 

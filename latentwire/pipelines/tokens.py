@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..wire import LMArithmeticCodec, Payload, TokenIdCodec
+from ..wire.wire import LMArithmeticCodec, Payload, TokenIdCodec
 from .base import Pipeline
 
 SELECT_KINDS = ("truncate", "surprisal", "none")
