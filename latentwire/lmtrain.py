@@ -46,7 +46,7 @@ from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
 from .probes import REPEAT_CUE
 from .seqcomp import answer_ids
 from .util.runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
-from .train import _StopFlag
+from .stage1.train import _StopFlag
 
 
 # ------------------------------------------------------------- data

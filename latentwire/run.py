@@ -30,7 +30,7 @@ from .pipelines.text import text_pipeline
 from .report import metrics_table, write_report
 from .rundir import prepare_run_dir, write_predictions
 from .util.runio import JsonlLogger, NullLogger, seed_everything, write_json
-from .stage1 import training_pool
+from .stage1.stage1 import training_pool
 from .wire.wire import text_references
 
 
@@ -268,7 +268,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         events.log(event="codec_model", source=codec.source, d_model=codec.d_model, vocab=codec.vocab_size)
     fp = lm.fingerprint() | {"compress_dim": k}
     if cfg.eval.stage1:  # saved artifacts are checked before any work starts
-        from .stage1 import check_saved_artifacts
+        from .stage1.stage1 import check_saved_artifacts
         check_saved_artifacts(cfg, fp)
     events.log(event="model", source=lm.source, d_model=lm.d_model, vocab=lm.vocab_size, device=str(lm.device),
                dtype=str(lm.dtype))
@@ -279,7 +279,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     sw = eval_switches(cfg)
     stage1 = None
     if cfg.eval.stage1:
-        from .stage1 import Stage1, fit_stage1
+        from .stage1.stage1 import Stage1, fit_stage1
         stage1 = Stage1(*fit_stage1(cfg, lm, inp, fp, k, out, events, resume, log, sw))
     learned, seq_summary = None, None
     if "learned" in cfg.eval.sequence_kinds():

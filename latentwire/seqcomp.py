@@ -459,7 +459,7 @@ def train_seq(lm, comp: SeqCompressor, items: Sequence[dict], hc, n_head: int, c
     step) every --seq-ckpt-every steps and on SIGINT/SIGTERM; `resume=True`
     continues exactly where the last one left off. Under torchrun each rank
     takes its share of every step's questions (DDP averages gradients)."""
-    from .train import _Checkpoint, _drop_rows_after, _StopFlag, checked_step, warmup_cosine
+    from .stage1.train import _Checkpoint, _drop_rows_after, _StopFlag, checked_step, warmup_cosine
     out_dir = Path(out_dir)
     d = dist.current()
     if not items:

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from latentwire.adapters import build_adapter
+from latentwire.stage1.adapters import build_adapter
 from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, TrainConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.generate import EvalSwitches
-from latentwire.train import phase2_batch, phase2_loss, train_phase2
+from latentwire.stage1.train import phase2_batch, phase2_loss, train_phase2
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import sys
 import pytest
 import torch
 
-from latentwire.adapters import build_adapter
+from latentwire.stage1.adapters import build_adapter
 from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, RunConfig, TrainConfig, apply_preset
 from latentwire.errors import LatentWireError
 from latentwire.run import run_experiment
-from latentwire.train import train_phase1, warmup_cosine
+from latentwire.stage1.train import train_phase1, warmup_cosine
 
 
 def _setup(seed=0):
@@ -217,7 +217,7 @@ def test_cli_eval_writes_predictions_and_metrics(tmp_path):
 
 
 def test_findings_name_the_cause():
-    from latentwire.diagnose import findings
+    from latentwire.stage1.diagnose import findings
     d = {"norm_status": "TOO HIGH", "norm_ratio": 7.9, "cos": 0.89, "collapsed": True, "top_output": "",
          "top_output_share": 0.9, "diversity": 0.05, "text_diversity": 0.8}
     lines = findings("seed", {"f1_retention": 0.0, "agreement": 0.0, "token_recovery_vocab": 0.1}, d)
@@ -276,7 +276,7 @@ def test_diagnostic_stats_match_position_by_position(tiny):
     import torch.nn.functional as F
 
     from latentwire.data import PromptBuilder, synthetic_squad
-    from latentwire.diagnose import per_example_embedding_stats
+    from latentwire.stage1.diagnose import per_example_embedding_stats
     from latentwire.generate import EvalSwitches
     table = tiny.embedding_table()
     g = torch.Generator().manual_seed(0)

@@ -27,7 +27,7 @@ def stage1_pipeline(name: str, lm, comp, quant, decoder, work: torch.device, inf
 def from_run_dir(lm, run_dir: str | Path, flag: str = "--pipeline") -> EmbeddingPipeline:
     """The `latentwire` pipeline of a Stage 1 run folder: its compressor.pt,
     quantizer.pt (for --bits 1..8) and adapter.pt, each checked against `lm`."""
-    from ..adapters import build_adapter, load_adapter_state
+    from ..stage1.adapters import build_adapter, load_adapter_state
     from ..wire.compress import load_compressor
     from ..config import AdapterConfig
     from ..util.runio import safe_torch_load

@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .util import dist
-from .config import TrainConfig
-from .errors import LatentWireError
+from ..util import dist
+from ..config import TrainConfig
+from ..errors import LatentWireError
 from .losses import reconstruction_loss
-from .util.runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, safe_torch_load, write_jsonl
+from ..util.runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, safe_torch_load, write_jsonl
 
 
 class _StopFlag:
@@ -314,7 +314,7 @@ def phase2_batch(lm, prompts, switches, pad_id: int):
     `recon` (prompt positions that go through compressor+adapter), `labels`
     (gold answer tokens, -100 elsewhere, aligned so logits[:, t] predicts
     labels[:, t]), `prompt_pos` and `answer_pos` (where the KL may be taken)."""
-    from .generate import wire_mask
+    from ..generate import wire_mask
     tok = lm.tokenizer
     seqs, metas = [], []
     for p in prompts:
