@@ -56,9 +56,9 @@ def measure(model: str, squad_train: str | None, variants, batch: int, repeats: 
     from latentwire.config import EncConfig
     from latentwire.data import Example, PromptBuilder
     from latentwire.llm.forward import head_cache
-    from latentwire.lmenc import build_encoder
+    from latentwire.encoder.lmenc import build_encoder
     from latentwire.llm.forward import right_pad
-    from latentwire.lmtrain import loss_step, make_batch, split_training, teacher_topk
+    from latentwire.encoder.lmtrain import loss_step, make_batch, split_training, teacher_topk
     from latentwire.llm.models import load_model
     from latentwire.probes import REPEAT_CUE
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from latentwire import seqcomp as sc
+from latentwire.encoder import seqcomp as sc
 from latentwire.config import GROUPS, RunConfig
 from latentwire.errors import LatentWireError
 from latentwire.llm.models import load_model

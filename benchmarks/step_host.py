@@ -72,8 +72,8 @@ def measure(squad_train: str | None, batch: int, repeats: int, seed: int = 0, to
     from latentwire.config import EncConfig
     from latentwire.data import Example, PromptBuilder
     from latentwire.llm.forward import head_cache
-    from latentwire.lmenc import build_encoder
-    from latentwire.lmtrain import Para, loss_step, make_batch, split_training
+    from latentwire.encoder.lmenc import build_encoder
+    from latentwire.encoder.lmtrain import Para, loss_step, make_batch, split_training
     from latentwire.llm.models import LoadedModel, load_model
     from latentwire.probes import REPEAT_CUE
 

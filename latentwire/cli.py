@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             _wire_command(args)
         elif args.cmd == "train-encoder":
             from .config import EncConfig
-            from .lmtrain import train_job
+            from .encoder.lmtrain import train_job
             cfg = _build(args, ("model", "data"))
             enc = EncConfig(**{f.name: getattr(args, f"enc.{f.name}") for f in fields(EncConfig)})
             meta = train_job(cfg, enc, args.out, resume=args.resume, progress=not args.no_progress,

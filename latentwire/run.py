@@ -246,7 +246,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
 
     data = load_data(cfg)  # a bad data file is reported before the model loads
     if "learned" in cfg.eval.sequence_kinds():
-        from .seqcomp import read_compressor_file
+        from .encoder.seqcomp import read_compressor_file
         for flag, path in (("--seq-path", cfg.seq.seq_path), ("--seq-sender-path", cfg.seq.seq_sender_path)):
             if path:
                 read_compressor_file(path, flag)  # so is a bad saved compressor
@@ -284,7 +284,7 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     learned, seq_summary = None, None
     if "learned" in cfg.eval.sequence_kinds():
         from .pipelines.learned import LearnedSeqPipeline
-        from .seqcomp import prepare_learned
+        from .encoder.seqcomp import prepare_learned
         comp, layer, seq_summary = prepare_learned(lm, cfg.seq, seq_train_prompts(cfg, lm, inp.train),
                                                    prompts[0].head_ids, out, cfg.seq.seq_seed, cfg.progress, resume,
                                                    log, use_cache=use_cache, sender=sender)

@@ -1,4 +1,4 @@
-"""The pooled LM encoder (latentwire/lmenc.py, lmtrain.py) on the tiny random models: pooling math, shapes and
+"""The pooled LM encoder (latentwire/encoder/lmenc.py, lmtrain.py) on the tiny random models: pooling math, shapes and
 bytes on the wire, the batch assembly against plain forwards, a training step, weights that round-trip and ship,
 the first-M control and the answer split in a run."""
 import json
@@ -12,8 +12,8 @@ from latentwire.config import EncConfig
 from latentwire.data import Example, PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
 from latentwire.llm.forward import head_cache
-from latentwire.lmenc import build_encoder, load_encoder, pool_states, read_meta, save_encoder
-from latentwire.lmtrain import (Row, loss_step, make_batch, receiver_logits, split_training, teacher_topk,
+from latentwire.encoder.lmenc import build_encoder, load_encoder, pool_states, read_meta, save_encoder
+from latentwire.encoder.lmtrain import (Row, loss_step, make_batch, receiver_logits, split_training, teacher_topk,
                                 train_encoder)
 from latentwire.pipelines.learned import PooledLMPipeline
 from latentwire.pipelines.tokens import budget
@@ -184,7 +184,7 @@ def test_saved_weights_round_trip_and_hold_only_the_trainable_part(tiny, trained
 
 
 def test_weights_shard_under_the_file_limit(tiny, tmp_path, monkeypatch):
-    import latentwire.lmenc as lmenc
+    import latentwire.encoder.lmenc as lmenc
     monkeypatch.setattr(lmenc, "SHARD_BYTES", 20_000)
     enc = build_encoder(tiny, small())
     meta = save_encoder(enc, tmp_path, tiny, small(), {"steps": 0})
@@ -225,7 +225,7 @@ def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_pat
     digest); send/ask answer as the evaluation path does. Without shipped weights: one line."""
     import shutil
 
-    import latentwire.weights as weights
+    import latentwire.encoder.weights as weights
     from conftest import run_cli
 
     from latentwire.generate import generate_predictions

@@ -137,7 +137,7 @@ def test_learned_wire_across_models_and_a_second_receiver(tmp_path):
     second receiver (tiny-random, width 64, another vocabulary) loads that
     sender frozen and trains only its decoder: same payload bytes for both."""
     from latentwire.run import run_experiment
-    from latentwire.seqcomp import read_compressor_file
+    from latentwire.encoder.seqcomp import read_compressor_file
     first = run_experiment(_learned_cfg(tmp_path, "tiny-random-b", None, "first"), use_cache=False,
                            log=lambda *a: None)
     saved = tmp_path / "first" / "seq_compressor.pt"

@@ -14,7 +14,7 @@ from latentwire.util.runio import read_jsonl
 from latentwire.pipelines.learned import LearnedSeqPipeline
 from latentwire.pipelines.tokens import budget
 from latentwire.wire.wire import bounded_quantizer
-from latentwire.seqcomp import (SeqCompressor, answer_ids, build_compressor,
+from latentwire.encoder.seqcomp import (SeqCompressor, answer_ids, build_compressor,
                                 cached_items, collate, context_states, head_cache, load_compressor,
                                 prepare_learned, reference_losses, resolve_layer, save_compressor, seq_loss, teacher_topk,
                                 train_seq)
@@ -257,7 +257,7 @@ def test_pretraining_reconstructs_the_context_first(tiny, prompts, setup, tmp_pa
     from dataclasses import replace
 
     from latentwire.util.runio import read_jsonl
-    from latentwire.seqcomp import autoencode_items
+    from latentwire.encoder.seqcomp import autoencode_items
     cfg, layer, hc = setup
     n_head = len(prompts[0].head_ids)
     items, _ = cached_items(tiny, prompts, layer, 16, hc, n_head, None, progress=False)
@@ -291,7 +291,7 @@ def test_token_reconstruction_learns_to_send_every_token(tiny, prompts, setup, t
     throughput; a saved compressor keeps its decoder kind."""
     from dataclasses import replace
 
-    from latentwire.seqcomp import autoencode_items, recon_loss
+    from latentwire.encoder.seqcomp import autoencode_items, recon_loss
     _, _, hc = setup
     n_head = len(prompts[0].head_ids)
     cfg = SeqConfig(seq_ratio=1, seq_width=64, seq_layers=0, seq_dim=16, seq_bits=16, seq_decoder="vocab",

@@ -1,4 +1,4 @@
-"""Training the pooled LM encoder (latentwire/lmenc.py): a plain loop.
+"""Training the pooled LM encoder (latentwire/encoder/lmenc.py): a plain loop.
 
 Stage A (self-supervised, `enc_steps_a`): each example is, at random,
 * reconstruction -- the encoder reads the paragraph; the frozen receiver
@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import EncConfig
-from .data import Example, PromptBuilder, interleave_by_title
-from .errors import LatentWireError
-from .llm.forward import cache_copy, forward_after, head_cache, right_pad
+from ..config import EncConfig
+from ..data import Example, PromptBuilder, interleave_by_title
+from ..errors import LatentWireError
+from ..llm.forward import cache_copy, forward_after, head_cache, right_pad
 from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
-from .probes import REPEAT_CUE
+from ..probes import REPEAT_CUE
 from .seqcomp import answer_ids
-from .util.runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
-from .stage1.train import _StopFlag
+from ..util.runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
+from ..stage1.train import _StopFlag
 
 
 # ------------------------------------------------------------- data
@@ -229,9 +229,9 @@ def lr_at(step: int, cfg: EncConfig) -> float:
 
 def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
     """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
-    from .generate import generate_predictions
-    from .metrics import score_example
-    from .pipelines.learned import PooledLMPipeline
+    from ..generate import generate_predictions
+    from ..metrics import score_example
+    from ..pipelines.learned import PooledLMPipeline
     if not prompts:
         return float("nan")
     was = enc.training
@@ -367,7 +367,7 @@ def code_version() -> str:
     """The package version and, from a git checkout, the commit (with '+dirty' when files differ)."""
     import subprocess
 
-    from . import __version__
+    from .. import __version__
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+dirty"], capture_output=True,
@@ -384,8 +384,8 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
     the weights). Returns encoder.json's content."""
     import shlex
 
-    from .llm.models import display_name, file_digest, load_model
-    from .run import load_data
+    from ..llm.models import display_name, file_digest, load_model
+    from ..run import load_data
     enc_cfg.validate()
     cfg.model.validate()
     for flag, v in (("--sender-model", cfg.model.sender_model), ("--codec-model", cfg.model.codec_model),
