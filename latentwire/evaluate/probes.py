@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .data import FEWSHOT_SHOTS, Example, PromptBuilder
+from ..data import FEWSHOT_SHOTS, Example, PromptBuilder
 
 REPEAT_CUE = "\nRepeat the context:"
 """The cue after which a receiver writes the paragraph back (copy objective, reconstruction accuracy)."""
@@ -110,7 +110,7 @@ def repeat_probe(builder: PromptBuilder, ctx_ids: Sequence[int]) -> Probe:
 def attach_teacher(lm, hc, n_head: int, ctx_ids: Sequence[int], probes: Sequence[Probe], topk: int = 64,
                    batch: int = 16) -> None:
     """The teacher's top-k at each probe's target positions: the LLM reading [head][paragraph as text][tail][target]."""
-    from .llm.forward import read_tails
+    from ..llm.forward import read_tails
     reading = torch.tensor(list(ctx_ids), dtype=torch.long)
     for b in range(0, len(probes), batch):
         chunk = probes[b:b + batch]

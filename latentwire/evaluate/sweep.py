@@ -24,10 +24,10 @@ from dataclasses import fields
 from pathlib import Path
 
 
-from .config import GROUPS, RunConfig, apply_preset
-from .errors import LatentWireError
+from ..config import GROUPS, RunConfig, apply_preset
+from ..errors import LatentWireError
 from .metrics import paired_delta
-from .util.runio import atomic_write_text, read_jsonl
+from ..util.runio import atomic_write_text, read_jsonl
 
 RESULT_COLUMNS = ["name", "pipeline", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
                   "token_recovery_vocab", "cos", "norm_ratio", "norm_status", "collapsed", "wire_bytes",
@@ -147,7 +147,7 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
     own metrics.json after each run."""
     from .run import run_experiment
     from .rundir import config_diff, finished_metrics
-    from .util.runio import atomic_write_text
+    from ..util.runio import atomic_write_text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
