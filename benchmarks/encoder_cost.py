@@ -42,7 +42,7 @@ def training_questions(squad_train: str | None) -> tuple[list, str]:
     synthetic set's training articles."""
     from latentwire.config import RunConfig
     from latentwire.data import load_squad_json
-    from latentwire.evaluate.run import load_data
+    from latentwire.evaluation.run import load_data
     if squad_train:
         return load_squad_json(squad_train, "--squad-train")[0], squad_train
     train, _, d = load_data(RunConfig())
@@ -60,7 +60,7 @@ def measure(model: str, squad_train: str | None, variants, batch: int, repeats: 
     from latentwire.llm.forward import right_pad
     from latentwire.encoder.lmtrain import loss_step, make_batch, split_training, teacher_topk
     from latentwire.llm.models import load_model
-    from latentwire.evaluate.probes import REPEAT_CUE
+    from latentwire.evaluation.probes import REPEAT_CUE
 
     train, desc = training_questions(squad_train)
     lm = load_model(model)

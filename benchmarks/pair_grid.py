@@ -35,7 +35,7 @@ from stage1_grid import grid_parser, run_cell  # noqa: E402
 
 from latentwire.config import apply_preset  # noqa: E402
 from latentwire.util.runio import atomic_write_text, read_jsonl  # noqa: E402
-from latentwire.evaluate.metrics import paired_delta  # noqa: E402
+from latentwire.evaluation.metrics import paired_delta  # noqa: E402
 
 
 def learned_cfg(args, name: str, receiver: str, sender: str | None = None, sender_path: str | None = None):

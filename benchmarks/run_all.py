@@ -84,8 +84,8 @@ def _task(kind: str, payload: dict) -> dict:
         # fill the text-baseline cache once so the cells do not all compute it
         from latentwire.config import RunConfig
         from latentwire.llm.models import load_model
-        from latentwire.evaluate.answers import text_predictions
-        from latentwire.evaluate.run import build_inputs
+        from latentwire.evaluation.answers import text_predictions
+        from latentwire.evaluation.run import build_inputs
         cfg = RunConfig()
         cfg.model.model = payload["model"]
         cfg.data.squad_train, cfg.data.squad_eval = payload["squad_train"], payload["squad_eval"]

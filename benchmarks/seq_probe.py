@@ -30,10 +30,10 @@ from latentwire.encoder import seqcomp as sc
 from latentwire.config import GROUPS, RunConfig
 from latentwire.errors import LatentWireError
 from latentwire.llm.models import load_model
-from latentwire.evaluate.report import reference_text
+from latentwire.evaluation.report import reference_text
 from latentwire.llm.forward import head_cache
-from latentwire.evaluate.run import build_inputs, load_data, seq_prompt_builder, seq_train_prompts
-from latentwire.evaluate.sweep import apply_overrides
+from latentwire.evaluation.run import build_inputs, load_data, seq_prompt_builder, seq_train_prompts
+from latentwire.evaluation.sweep import apply_overrides
 
 
 def run_config(folder: Path) -> RunConfig:

@@ -75,7 +75,7 @@ def measure(squad_train: str | None, batch: int, repeats: int, seed: int = 0, to
     from latentwire.encoder.lmenc import build_encoder
     from latentwire.encoder.lmtrain import Para, loss_step, make_batch, split_training
     from latentwire.llm.models import LoadedModel, load_model
-    from latentwire.evaluate.probes import REPEAT_CUE
+    from latentwire.evaluation.probes import REPEAT_CUE
 
     from encoder_cost import training_questions  # benchmarks/ is on the path of a script run from it
     train, desc = training_questions(squad_train)

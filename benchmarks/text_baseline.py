@@ -33,7 +33,7 @@ def prefill_positions(prompts, batch_size: int, share_prefix: bool, max_new_toke
     with or without the shared-prefix tree (the same choice generation makes),
     and with the run's common prefix counted once -- the work, independent of timing."""
     from latentwire.llm.decode import choose_tree, common_prefix_len, tree_cost
-    from latentwire.evaluate.generate import plan_batches
+    from latentwire.evaluation.generate import plan_batches
     total, shared_once = 0, 0
     run_len = min(common_prefix_len(torch.tensor(prompts[0].ids), torch.tensor(p.ids)) for p in prompts)
     for idx in plan_batches(prompts, batch_size, share_prefix):
@@ -78,7 +78,7 @@ LOOPS = [  # (key, label)
 
 def throughput(lm, prompts, batch_size: int = 8, max_new_tokens: int = 16, repeats: int = 3) -> dict:
     from latentwire.llm.decode import sliding_window
-    from latentwire.evaluate.generate import generate_predictions
+    from latentwire.evaluation.generate import generate_predictions
     run = {
         "gen1_full": lambda: hf_generate(lm, prompts, 1, max_new_tokens, False),
         "gen1_nl": lambda: hf_generate(lm, prompts, 1, max_new_tokens, True),

@@ -30,9 +30,9 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
     from latentwire.stage1.adapters import build_adapter
     from latentwire.config import RunConfig
     from latentwire.llm.models import load_model
-    from latentwire.evaluate.answers import sharded_predictions, text_predictions
-    from latentwire.evaluate.compare import score_rows
-    from latentwire.evaluate.run import build_inputs, eval_switches
+    from latentwire.evaluation.answers import sharded_predictions, text_predictions
+    from latentwire.evaluation.compare import score_rows
+    from latentwire.evaluation.run import build_inputs, eval_switches
     from latentwire.stage1.stage1 import fit_compressor
     from latentwire.util.runio import seed_everything
     from latentwire.stage1.train import train_phase1

@@ -46,7 +46,7 @@ def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4
     for `model`, or a loaded model; default: the receiver). The pipeline carries what `ask` needs: `.lm` and
     `.builder`."""
     from .llm.models import DEFAULT_MODEL, load_model
-    from .evaluate.sweep import apply_overrides
+    from .evaluation.sweep import apply_overrides
     cfg = RunConfig()
     if Path(spec).is_dir() and run_dir_kind(Path(spec)) is not None and (Path(spec) / "config.json").is_file():
         saved = json.loads((Path(spec) / "config.json").read_text())
@@ -99,7 +99,7 @@ def ask(pipeline: Pipeline, payload: bytes, question: str, *, max_new_tokens: in
     """The receiver's answer to `question` from a payload: the evaluation's prompt (its template, the payload's
     reading where the context goes) and its greedy decoding. `payload`: a `Payload` as `pipeline.send` gives
     it, or the bytes of a payload file (framed: checked against this pipeline first, see `unwrap`)."""
-    from .evaluate.generate import answer
+    from .evaluation.generate import answer
     from .wire.wire import IntegrityError, Payload
     framed = not isinstance(payload, Payload)
     if framed:
@@ -124,7 +124,7 @@ def evaluate(pipelines: Sequence[Pipeline], squad_path: str | None = None, *, ma
     SQuAD questions (`squad_path`: an official JSON file; None: the built-in synthetic set's evaluation
     articles) through the same evaluation, controls and report as `latentwire run`; returns metrics.json's
     content and writes the run folder `out`."""
-    from .evaluate.run import evaluate_run
+    from .evaluation.run import evaluate_run
     pipes = list(pipelines)
     if not pipes:
         raise LatentWireError("evaluate: no pipelines given")

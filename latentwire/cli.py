@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out}: {r['steps']} steps in {r['seconds']:.0f} s, best held-out F1 {r['heldout_f1']:.2f} "
                   f"(step {r['best_step']}); {meta['bytes']:,} bytes of weights in {len(meta['files'])} file(s)")
         elif args.cmd == "eval":
-            from .evaluate.run import text_baseline_eval
+            from .evaluation.run import text_baseline_eval
             cfg = _build(args, ("model", "data", "eval"))
             m = text_baseline_eval(cfg)
             if not m:  # a rank other than 0 under a launcher: rank 0 prints
@@ -255,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['f1_ci95'][0]:.1f}-{t['f1_ci95'][1]:.1f} | {t['exact_match']:.2f} |")
             print(f"run folder: {cfg.out} (predictions.jsonl, metrics.json)")
         elif args.cmd == "run":
-            from .evaluate.run import run_experiment
+            from .evaluation.run import run_experiment
             cfg = _build(args, tuple(_GROUPS), _explicit(argv))
             run_experiment(cfg, use_cache=not args.no_cache, resume=args.resume, overwrite=args.overwrite)
         elif args.cmd == "sweep":
-            from .evaluate.sweep import apply_overrides, expand, load_sweep_file, run_sweep
+            from .evaluation.sweep import apply_overrides, expand, load_sweep_file, run_sweep
             spec = load_sweep_file(args.file)
             base = apply_overrides(RunConfig(), spec.get("base") or {}, where=f"sweep file {args.file}: base")
             base.progress = False
@@ -269,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             if spec.get("compare"):
                 from pathlib import Path
 
-                from .evaluate.sweep import compare_runs
+                from .evaluation.sweep import compare_runs
                 print(compare_runs(rows, spec["compare"], Path(out), base.eval.n_boot, base.data.seed), end="")
                 print(f"paired comparisons: {out}/compare.md")
         else:
-            from .evaluate.sweep import run_diagnose
+            from .evaluation.sweep import run_diagnose
             explicit = _explicit(argv)
             cfg = _build(args, tuple(_GROUPS))
             if args.h3_phase2_steps < 1:

@@ -138,7 +138,7 @@ def test_seq_probe_smoke(tmp_path):
     """benchmarks/seq_probe.py on a tiny learned run: the trained state's loss on
     training and dev questions beside the references."""
     from conftest import tiny_learned_config
-    from latentwire.evaluate.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     run_experiment(tiny_learned_config(tmp_path / "run", "learned"), use_cache=False, log=lambda *a: None)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path / "run"), "--n", "4"]
     p = run_script(cmd, cwd=tmp_path)

@@ -7,7 +7,7 @@ from latentwire.stage1.adapters import build_adapter
 from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig
 from latentwire.data import PromptBuilder, interleave_by_title, load_squad_json, synthetic_squad
-from latentwire.evaluate.generate import EvalSwitches, generate_predictions
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions
 from latentwire.stage1.train import recon_metrics
 
 pytestmark = pytest.mark.integration

@@ -228,7 +228,7 @@ def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_pat
     import latentwire.encoder.weights as weights
     from conftest import run_cli
 
-    from latentwire.evaluate.generate import generate_predictions
+    from latentwire.evaluation.generate import generate_predictions
     out, meta = trained
     monkeypatch.setattr(weights, "SHIPPED", tmp_path / "none")
     with pytest.raises(LatentWireError, match="no trained encoder is shipped"):

@@ -4,7 +4,7 @@ import torch
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
 from latentwire.llm.decode import generate_one_at_a_time, generate_seed_loop, greedy_generate, left_pad, stop_token_ids
-from latentwire.evaluate.generate import EvalSwitches, generate_predictions, pipeline_embeds
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions, pipeline_embeds
 from latentwire.llm.models import (embedding_table, load_model, load_tokenizer, resolve_device, resolve_dtype,
                                resolve_model_source)
 

@@ -5,7 +5,7 @@ from latentwire.stage1.adapters import build_adapter
 from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, TrainConfig
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.evaluate.generate import EvalSwitches
+from latentwire.evaluation.generate import EvalSwitches
 from latentwire.stage1.train import phase2_batch, phase2_loss, train_phase2
 
 
@@ -66,7 +66,7 @@ def test_train_phase2_logs_each_term(tiny, setup, tmp_path):
 
 def test_run_with_phase2(tmp_path):
     from latentwire.config import RunConfig
-    from latentwire.evaluate.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     c = RunConfig()
     c.model.model = "tiny-random"
     c.data.synthetic_articles, c.data.max_eval = 6, 4

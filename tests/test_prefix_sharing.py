@@ -7,7 +7,7 @@ import torch
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.llm.decode import (CacheNotCopyable, generate_one_at_a_time, greedy_generate, left_pad, prefix_tree,
                                stop_token_ids, tree_cost, tree_generate)
-from latentwire.evaluate.generate import generate_predictions, plan_batches
+from latentwire.evaluation.generate import generate_predictions, plan_batches
 
 
 def _prompts(tiny, template="fewshot"):

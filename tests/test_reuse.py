@@ -9,9 +9,9 @@ import pytest
 from latentwire.config import RunConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.evaluate.answers import text_cache_key, text_predictions
-from latentwire.evaluate.run import run_experiment
-from latentwire.evaluate.rundir import finished_metrics
+from latentwire.evaluation.answers import text_cache_key, text_predictions
+from latentwire.evaluation.run import run_experiment
+from latentwire.evaluation.rundir import finished_metrics
 from latentwire.util.runio import JsonlLogger, read_jsonl
 
 
@@ -85,7 +85,7 @@ def test_data_paths_compared_as_files(tmp_path, monkeypatch):
     ../shared/... cleared a finished 2-hour run made with /work/shared/...;
     another file is still a difference."""
     from dataclasses import asdict
-    from latentwire.evaluate.rundir import config_diff
+    from latentwire.evaluation.rundir import config_diff
     (tmp_path / "d").mkdir()
     for n in ("train.json", "dev.json"):
         (tmp_path / "d" / n).write_text("{}")
@@ -120,7 +120,7 @@ def test_nccl_group_serves_cpu_tensors_too():
 
 
 def test_sweep_reruns_a_finished_entry_when_base_changed(tmp_path):
-    from latentwire.evaluate.sweep import apply_overrides, run_sweep
+    from latentwire.evaluation.sweep import apply_overrides, run_sweep
     base = _cfg(tmp_path)
     runs = [{"name": "a", "ratio": 4}]
     logs = []

@@ -9,7 +9,7 @@ import torch
 
 from latentwire.config import SeqConfig
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.evaluate.generate import EvalSwitches, generate_predictions, span_payloads
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions, span_payloads
 from latentwire.util.runio import read_jsonl
 from latentwire.pipelines.learned import LearnedSeqPipeline
 from latentwire.pipelines.tokens import budget
@@ -227,7 +227,7 @@ def test_run_with_the_learned_compressor_only(tmp_path):
     evaluates on the wire beside the baseline and its controls (another
     paragraph's payload, nothing -- added by the run); nothing of Stage 1 is made."""
     from conftest import tiny_learned_config
-    from latentwire.evaluate.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     m = run_experiment(tiny_learned_config(tmp_path / "run"), use_cache=False, log=lambda *a: None)
     assert set(m["pipelines"]) == {"text", "learned_r4", "learned_r4:other", "truncate_r4", "none"}
     assert m["controls"] == {"learned_r4": {"other": "learned_r4:other", "none": "none", "truncate": "truncate_r4"}}

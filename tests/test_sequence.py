@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.evaluate.generate import EvalSwitches, generate_predictions, pipeline_rows, span_payloads
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions, pipeline_rows, span_payloads
 from latentwire.pipelines.pooled import mean_pool, meanpool_pipeline
 from latentwire.pipelines.tokens import TokenSelectPipeline, budget, surprisal
 from latentwire.wire.wire import FloatQuantizer
@@ -85,7 +85,7 @@ def test_batched_equals_one_at_a_time(tiny, prompts, make):
 
 def test_run_with_sequence_baselines(tmp_path):
     from latentwire.config import RunConfig
-    from latentwire.evaluate.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     c = RunConfig()
     c.model.model = "tiny-random"
     c.data.synthetic_articles, c.data.max_eval = 6, 8

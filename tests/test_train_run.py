@@ -9,7 +9,7 @@ from latentwire.stage1.adapters import build_adapter
 from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, RunConfig, TrainConfig, apply_preset
 from latentwire.errors import LatentWireError
-from latentwire.evaluate.run import run_experiment
+from latentwire.evaluation.run import run_experiment
 from latentwire.stage1.train import train_phase1, warmup_cosine
 
 
@@ -266,7 +266,7 @@ def test_context_window_and_nonfinite_guards(tmp_path, tiny):
     with pytest.raises(LatentWireError, match="exceeds the model's context window"):
         run_experiment(c, use_cache=False, log=lambda *a: None)
     from latentwire.data import PromptBuilder, synthetic_squad
-    from latentwire.evaluate.generate import EvalSwitches, pipeline_embeds
+    from latentwire.evaluation.generate import EvalSwitches, pipeline_embeds
     p = PromptBuilder(tiny.tokenizer, "plain", 200).build(synthetic_squad(2)[0])
     with pytest.raises(LatentWireError, match="not finite"):
         pipeline_embeds(tiny, [p], lambda x: x * float("inf"), EvalSwitches(), tiny.tokenizer.pad_token_id)
@@ -277,7 +277,7 @@ def test_diagnostic_stats_match_position_by_position(tiny):
 
     from latentwire.data import PromptBuilder, synthetic_squad
     from latentwire.stage1.diagnose import per_example_embedding_stats
-    from latentwire.evaluate.generate import EvalSwitches
+    from latentwire.evaluation.generate import EvalSwitches
     table = tiny.embedding_table()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(table.shape[1], table.shape[1], generator=g) * 0.5

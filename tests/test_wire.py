@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from latentwire.wire.compress import PCA
 from latentwire.data import PromptBuilder, context_token_ids, synthetic_squad
-from latentwire.evaluate.generate import (EvalSwitches, as_pipeline, generate_predictions, pipeline_rows, span_payloads,
+from latentwire.evaluation.generate import (EvalSwitches, as_pipeline, generate_predictions, pipeline_rows, span_payloads,
                                  wire_mask, wire_span)
 from latentwire.pipelines.base import EmbeddingPipeline
 from latentwire.pipelines.text import text_pipeline

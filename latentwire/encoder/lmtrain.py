@@ -43,7 +43,7 @@ from ..data import Example, PromptBuilder, interleave_by_title
 from ..errors import LatentWireError
 from ..llm.forward import cache_copy, forward_after, head_cache, right_pad
 from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
-from ..evaluate.probes import REPEAT_CUE
+from ..evaluation.probes import REPEAT_CUE
 from .seqcomp import answer_ids
 from ..util.runio import JsonlLogger, atomic_torch_save, safe_torch_load, write_json
 from ..stage1.train import _StopFlag
@@ -229,8 +229,8 @@ def lr_at(step: int, cfg: EncConfig) -> float:
 
 def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
     """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
-    from ..evaluate.generate import generate_predictions
-    from ..evaluate.metrics import score_example
+    from ..evaluation.generate import generate_predictions
+    from ..evaluation.metrics import score_example
     from ..pipelines.learned import PooledLMPipeline
     if not prompts:
         return float("nan")
@@ -385,7 +385,7 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
     import shlex
 
     from ..llm.models import display_name, file_digest, load_model
-    from ..evaluate.run import load_data
+    from ..evaluation.run import load_data
     enc_cfg.validate()
     cfg.model.validate()
     for flag, v in (("--sender-model", cfg.model.sender_model), ("--codec-model", cfg.model.codec_model),

@@ -48,7 +48,7 @@ from ..data import context_token_ids
 from ..errors import LatentWireError
 from ..llm.forward import cache_copy, forward_after, head_cache, logits_kw, right_pad
 from ..llm.models import cache_root, get_cache
-from ..evaluate.report import reference_text
+from ..evaluation.report import reference_text
 from ..pipelines.tokens import budget
 from ..util.runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
 from ..wire.wire import Quantizer, bounded_quantizer

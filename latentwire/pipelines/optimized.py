@@ -45,7 +45,7 @@ from ..data import PromptBuilder
 from ..llm.decode import sliding_window
 from ..errors import LatentWireError
 from ..llm.forward import context_kv, head_cache, read_tails
-from ..evaluate.probes import (attach_teacher, continue_probes, paragraph_seed, probe_terms, question_probes, repeat_probe,
+from ..evaluation.probes import (attach_teacher, continue_probes, paragraph_seed, probe_terms, question_probes, repeat_probe,
                       sample_questions)
 from ..util.runio import JsonlLogger, atomic_torch_save, safe_torch_load
 from ..wire.wire import FloatQuantizer, Payload, RowQuantizer, read_varint, varint

@@ -4,7 +4,7 @@ compressor (PCA to --compress-dim) and quantizes the codes (--bits); the
 receiver dequantizes and maps each code back into the embedding space with
 the adapter (`vocab`: retrieval over its own table; `mlp`; or the PCA inverse,
 the `linear_inverse` control). Fitted and trained by `latentwire run`
-(latentwire/evaluate/run.py, stage "Stage 1"); loaded from a run folder here."""
+(latentwire/evaluation/run.py, stage "Stage 1"); loaded from a run folder here."""
 from __future__ import annotations
 
 import json

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Prompt
-from ..evaluate.generate import EmbedTransform, EvalSwitches, wire_mask
+from ..evaluation.generate import EmbedTransform, EvalSwitches, wire_mask
 
 NORM_LOW, NORM_HIGH = 0.8, 1.2
 

@@ -17,7 +17,7 @@ from .adapters import build_adapter, load_adapter_state, save_adapter
 from ..wire.compress import check_meta, load_compressor, make_compressor, read_artifact
 from ..config import RunConfig
 from ..data import Example, PromptBuilder
-from ..evaluate.generate import EvalSwitches
+from ..evaluation.generate import EvalSwitches
 from ..util.runio import atomic_torch_save
 from .train import train_phase1, train_phase2, vocab_sample
 from ..wire.wire import make_quantizer

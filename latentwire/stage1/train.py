@@ -314,7 +314,7 @@ def phase2_batch(lm, prompts, switches, pad_id: int):
     `recon` (prompt positions that go through compressor+adapter), `labels`
     (gold answer tokens, -100 elsewhere, aligned so logits[:, t] predicts
     labels[:, t]), `prompt_pos` and `answer_pos` (where the KL may be taken)."""
-    from ..evaluate.generate import wire_mask
+    from ..evaluation.generate import wire_mask
     tok = lm.tokenizer
     seqs, metas = [], []
     for p in prompts:

@@ -26,7 +26,7 @@ from ..util.runio import read_jsonl, write_json
 def _fingerprint_sources() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent.parent
-    for name in ("llm/decode.py", "evaluate/generate.py", "llm/forward.py", "wire/wire.py", "data.py", "llm/models.py",
+    for name in ("llm/decode.py", "evaluation/generate.py", "llm/forward.py", "wire/wire.py", "data.py", "llm/models.py",
                  "pipelines/base.py", "pipelines/text.py", "pipelines/tokens.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
