@@ -22,6 +22,9 @@ from .data import Example, PromptBuilder
 from .errors import LatentWireError
 from .pipelines import BuildContext, Pipeline, build, run_dir_kind
 
+# The models, the frame, the generation and the run are imported inside the functions that use them, so that
+# `import latentwire` loads only the registry and the wire (start-up time).
+
 
 def _builder(lm, cfg: RunConfig) -> PromptBuilder:
     return PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")

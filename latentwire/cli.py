@@ -25,6 +25,9 @@ from .config import GROUPS as _GROUPS
 from .config import RunConfig, apply_preset, field_docs
 from .errors import LatentWireError
 
+# Each command imports what it runs inside its branch (the API, the run, the sweep, training): `latentwire --help`
+# and a bad flag answer without loading them (start-up time).
+
 
 def _add_group(p: argparse.ArgumentParser, key: str, cls, suppress: bool = False) -> None:
     g = p.add_argument_group(key)

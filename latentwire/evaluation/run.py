@@ -27,11 +27,15 @@ from .metrics import pipeline_metrics
 from ..llm.models import load_model
 from ..pipelines import KINDS, BuildContext, build
 from ..pipelines.text import text_pipeline
-from .report import metrics_table, write_report
+from .report import answer_split_table, controls_table, metrics_table, write_report
 from .rundir import prepare_run_dir, write_predictions
 from ..util.runio import JsonlLogger, NullLogger, seed_everything, write_json
-from ..stage1.stage1 import training_pool
+from ..stage1.stage1 import Stage1, check_saved_artifacts, fit_stage1, training_pool
 from ..wire.wire import text_references
+from ..pipelines.cross import CrossModelPipeline, SenderIdsPipeline
+from ..encoder.seqcomp import prepare_learned, read_compressor_file
+from ..pipelines.learned import LearnedSeqPipeline
+from ..pipelines.optimized import fit_summary
 
 
 def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:
@@ -200,14 +204,12 @@ def build_pipelines(cfg: RunConfig, lm, prompts, builder: PromptBuilder, out: Pa
 
     def make(spec: str, ratio: float) -> list:
         if s_ctx is not None and spec in CROSS_KINDS:
-            from ..pipelines.cross import CrossModelPipeline
             return [CrossModelPipeline(p, sender.tokenizer, lm.tokenizer, sender.source, lm)
                     for p in build(spec, BuildContext(**{**s_ctx.__dict__, "ratio": ratio}))]
         return build(spec, BuildContext(**{**ctx.__dict__, "ratio": ratio, "sender": sender}))
 
     pipes: dict = {}
     if sender is not None:
-        from ..pipelines.cross import SenderIdsPipeline
         pipes["sender_ids"] = SenderIdsPipeline(sender.tokenizer, sender.vocab_size, lm.vocab_size, sender.source, lm)
     specs = cfg.eval.sequence_kinds() + cfg.eval.pipeline_specs()
     per_ratio = [s for s in specs if s in KINDS and KINDS[s].ratio]
@@ -246,7 +248,6 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
 
     data = load_data(cfg)  # a bad data file is reported before the model loads
     if "learned" in cfg.eval.sequence_kinds():
-        from ..encoder.seqcomp import read_compressor_file
         for flag, path in (("--seq-path", cfg.seq.seq_path), ("--seq-sender-path", cfg.seq.seq_sender_path)):
             if path:
                 read_compressor_file(path, flag)  # so is a bad saved compressor
@@ -268,7 +269,6 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         events.log(event="codec_model", source=codec.source, d_model=codec.d_model, vocab=codec.vocab_size)
     fp = lm.fingerprint() | {"compress_dim": k}
     if cfg.eval.stage1:  # saved artifacts are checked before any work starts
-        from ..stage1.stage1 import check_saved_artifacts
         check_saved_artifacts(cfg, fp)
     events.log(event="model", source=lm.source, d_model=lm.d_model, vocab=lm.vocab_size, device=str(lm.device),
                dtype=str(lm.dtype))
@@ -279,12 +279,9 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     sw = eval_switches(cfg)
     stage1 = None
     if cfg.eval.stage1:
-        from ..stage1.stage1 import Stage1, fit_stage1
         stage1 = Stage1(*fit_stage1(cfg, lm, inp, fp, k, out, events, resume, log, sw))
     learned, seq_summary = None, None
     if "learned" in cfg.eval.sequence_kinds():
-        from ..pipelines.learned import LearnedSeqPipeline
-        from ..encoder.seqcomp import prepare_learned
         comp, layer, seq_summary = prepare_learned(lm, cfg.seq, seq_train_prompts(cfg, lm, inp.train),
                                                    prompts[0].head_ids, out, cfg.seq.seq_seed, cfg.progress, resume,
                                                    log, use_cache=use_cache, sender=sender)
@@ -356,7 +353,6 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
             entry["answer_cache"] = {k: cached[k] for k in ("hits", "misses", "path")}
             log(f"{name}: {cached['misses']} answers generated, {cached['hits']} read from the answer cache")
         if hasattr(pipe, "fitter"):
-            from ..pipelines.optimized import fit_summary
             entry["fits"] = fit_summary(pipe.fitter)
         metrics["pipelines"][name] = entry
         if stage1 is not None and name in stage1.names:
@@ -381,10 +377,8 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
     write_report(out, metrics, diags, asdict(cfg))
     log("\n" + metrics_table(metrics))
     if controls:
-        from .report import controls_table
         log("\n" + controls_table(metrics))
     if metrics.get("answer_split"):
-        from .report import answer_split_table
         log("\n" + answer_split_table(metrics))
     if metrics.get("verdict"):
         log("\n".join(["", "verdict:"] + [f"- {v}" for v in metrics["verdict"]]))

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..wire.wire import Payload, Quantizer
+from ..data import context_token_ids
+from ..errors import LatentWireError
 
 READS = ("ids", "embeds", "kv")
 
@@ -131,7 +133,6 @@ class Pipeline:
 
     def context_ids(self, text: str) -> list[int]:
         """The receiver's tokens of a context as it sits in a prompt (after 'Context:')."""
-        from ..data import context_token_ids
         if self.lm is None:
             raise ValueError(f"{self.name}: no receiver model to tokenize the context with")
         return context_token_ids(self.lm.tokenizer, text)
@@ -194,7 +195,6 @@ class EmbeddingPipeline(Pipeline):
 
 def check_pipeline(obj, where: str) -> "Pipeline":
     """A plug-in's object, checked: the interface's methods and a known `reads` (one-line error naming `where`)."""
-    from ..errors import LatentWireError
     missing = [m for m in ("send", "receive", "describe") if not callable(getattr(obj, m, None))]
     if missing:
         raise LatentWireError(f"{where}: gave {type(obj).__name__}, which has no {', '.join(missing)} "

@@ -51,6 +51,7 @@ from ..util.runio import JsonlLogger, atomic_torch_save, safe_torch_load
 from ..wire.wire import FloatQuantizer, Payload, RowQuantizer, read_varint, varint
 from .base import KVReading, Pipeline
 from .tokens import budget
+from ..config import OptConfig
 
 FORMS = ("emb", "kv")
 OBJECTIVES = ("copy", "use")
@@ -299,7 +300,6 @@ def fit_summary(fitter: ParagraphFitter) -> dict:
 
 def _build(form: str, objective: str):
     def build(ctx):
-        from ..config import OptConfig
         cfg = ctx.cfg.opt if ctx.cfg is not None else OptConfig()
         builder = ctx.extra.get("builder") or PromptBuilder(ctx.lm.tokenizer, "fewshot")
         kind = f"opt-{form}-{objective}"

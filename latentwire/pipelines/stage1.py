@@ -14,6 +14,11 @@ import torch
 
 from ..errors import LatentWireError
 from .base import EmbeddingPipeline
+from ..stage1.adapters import build_adapter, load_adapter_state
+from ..wire.compress import load_compressor
+from ..config import AdapterConfig
+from ..util.runio import safe_torch_load
+from ..wire.wire import make_quantizer, quantizer_from_state
 
 
 def stage1_pipeline(name: str, lm, comp, quant, decoder, work: torch.device, info: dict) -> EmbeddingPipeline:
@@ -27,11 +32,6 @@ def stage1_pipeline(name: str, lm, comp, quant, decoder, work: torch.device, inf
 def from_run_dir(lm, run_dir: str | Path, flag: str = "--pipeline") -> EmbeddingPipeline:
     """The `latentwire` pipeline of a Stage 1 run folder: its compressor.pt,
     quantizer.pt (for --bits 1..8) and adapter.pt, each checked against `lm`."""
-    from ..stage1.adapters import build_adapter, load_adapter_state
-    from ..wire.compress import load_compressor
-    from ..config import AdapterConfig
-    from ..util.runio import safe_torch_load
-    from ..wire.wire import make_quantizer, quantizer_from_state
     run = Path(run_dir)
     cfg = json.loads((run / "config.json").read_text())
     fp = lm.fingerprint()
