@@ -6,7 +6,8 @@ the probes made from a paragraph (probes.py). On more than one layer:
   use them); metrics.py is a leaf anyone above the pipelines may use;
 * probes.py sits below the pipelines (the per-paragraph ceiling, latentwire/pipelines/optimized.py, fits on
   its probes); its question probes answer through generate.py -- an exception the layers contract lists;
-* run.py, compare.py, answers.py, rundir.py sit above Stage 1 and the sequence compressor; sweep.py above run.py.
+* answers.py, compare.py and rundir.py sit beside Stage 1's stage of a run and the v0.1 compressor, above
+  Stage 1's training; run.py above them all; sweep.py above run.py.
 
 May import: anything below it (pipelines, stage1, encoder's lmenc/seqcomp, wire, llm, util, config, data, errors).
 Imported by: latentwire.api, latentwire.cli, latentwire.encoder.lmtrain (which loads data as a run does); lower

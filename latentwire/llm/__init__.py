@@ -4,5 +4,5 @@ shared prefixes (decode.py), and the tiny random models behind `--model tiny-ran
 
 May import: latentwire.util, latentwire.data, latentwire.errors (tiny.py's synthetic corpus) -- nothing about
 prompts' wire, pipelines or the evaluation.
-Imported by: latentwire.wire.wire and everything above it (pipelines, stage1, encoder, evaluate, api, cli).
+Imported by: latentwire.wire and everything above it (pipelines, stage1, encoder, evaluation, api, cli).
 """
