@@ -160,7 +160,7 @@ def test_optimized_starts_at_truncation(tiny, prompts, builder, form):
     p = prompts[0]
     M = budget(len(p.context_ids), 4)
     n_values = M * tiny.d_model if form == "emb" else M * 2 * 2 * 2 * (tiny.d_model // 4)  # 2 layers, 2 kv heads
-    extra = 0 if form == "emb" else len(lw.wire.varint(len(p.head_ids)))
+    extra = 0 if form == "emb" else len(lw.wire.wire.varint(len(p.head_ids)))
     assert len(pipe.send(p.context_text, p.context_ids)) == 4 * n_values + extra
     stats = fit.fit(p.context_text, p.context_ids)["stats"]
     assert stats["probes_by_kind"] == {"continue": 4} and stats["steps"] == 1

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LatentWireError
-from ..util.runio import write_json
-from ..util import dist
-from .tiny import tiny_model_and_tokenizer, tiny_tokenizer
+
+# runio, dist and tiny are imported inside the functions that use them: decoding (decode -> forward -> models)
+# imports no prompt, data, I/O or process module (tests/test_models_and_generation.py)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
@@ -208,6 +208,7 @@ def file_digest(path: Path) -> str:
     """sha256 of a file's bytes. Hashing ~270 MB takes about a second, so
     each digest is remembered per (path, size, mtime) in digests.json beside
     the caches (rewritten atomically; a lost entry is only hashed again)."""
+    from ..util.runio import write_json
     st = path.stat()
     where = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     memo_path = cache_root() / "gguf" / "digests.json"
@@ -380,6 +381,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    from ..util import dist
     d = dist.current()
     if d.enabled and not d.is_main:
         dist.barrier(d)  # rank 0 assembles/converts a GGUF first; the others then read its cache
@@ -391,6 +393,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         if d.enabled and d.is_main:
             dist.barrier(d)
     if kind == "tiny":
+        from .tiny import tiny_model_and_tokenizer
         model, tok = tiny_model_and_tokenizer(**TINY_MODELS[name])
         source = name
     else:
@@ -471,6 +474,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     load_model; a hub id is read from the local cache only)."""
     kind, path = resolve_model_source(name)
     if kind == "tiny":
+        from .tiny import tiny_tokenizer
         tok = tiny_tokenizer(**{k: v for k, v in TINY_MODELS[name].items() if k == "vocab_size"})
     else:
         from transformers import AutoTokenizer
