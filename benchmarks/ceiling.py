@@ -51,11 +51,11 @@ from stage1_grid import run_cell  # noqa: E402
 
 from latentwire.config import RunConfig  # noqa: E402
 from latentwire.errors import LatentWireError  # noqa: E402
-from latentwire.metrics import paired_delta  # noqa: E402
-from latentwire.compare import answer_within  # noqa: E402
+from latentwire.evaluation.metrics import paired_delta  # noqa: E402
+from latentwire.evaluation.compare import answer_within  # noqa: E402
 from latentwire.data import load_squad_json  # noqa: E402
-from latentwire.models import display_name, load_tokenizer  # noqa: E402
-from latentwire.runio import read_jsonl, write_section  # noqa: E402
+from latentwire.llm.models import display_name, load_tokenizer  # noqa: E402
+from latentwire.util.runio import read_jsonl, write_section  # noqa: E402
 
 KINDS = ("opt-emb-copy", "opt-emb-use", "opt-kv-copy", "opt-kv-use")
 OPT_FLAGS = {"opt_steps": int, "opt_lr": float, "opt_copy_steps": int, "opt_copy_lr": float, "opt_questions": int,

@@ -61,7 +61,7 @@ def training_questions(squad_train: str | None) -> tuple[list, str]:
     synthetic set's training articles."""
     from latentwire.config import RunConfig
     from latentwire.data import load_squad_json
-    from latentwire.run import load_data
+    from latentwire.evaluation.run import load_data
     if squad_train:
         return load_squad_json(squad_train, "--squad-train")[0], squad_train
     train, _, d = load_data(RunConfig())
@@ -76,13 +76,13 @@ def measure(model: str, squad_train: str | None, levers, batch: int, repeats: in
 
     from latentwire.config import EncConfig
     from latentwire.data import Example, PromptBuilder
-    from latentwire.forward import head_cache
-    from latentwire.lmenc import build_encoder
-    from latentwire.lmtrain import loss_step, make_batch, receiver_logits, split_training, step_precision, teacher_fill
-    from latentwire.models import load_model
-    from latentwire.probes import REPEAT_CUE
-    from latentwire.runio import TensorStore
-    from latentwire.wire import torch_threads
+    from latentwire.llm.forward import head_cache
+    from latentwire.encoder.lmenc import build_encoder
+    from latentwire.encoder.lmtrain import loss_step, make_batch, receiver_logits, split_training, step_precision, teacher_fill
+    from latentwire.llm.models import load_model
+    from latentwire.evaluation.probes import REPEAT_CUE
+    from latentwire.util.runio import TensorStore
+    from latentwire.wire.wire import torch_threads
 
     train, desc = training_questions(squad_train)
     lm = load_model(model)
@@ -168,7 +168,7 @@ def measure(model: str, squad_train: str | None, levers, batch: int, repeats: in
 def _enc_ids(enc, rows):
     import torch
 
-    from latentwire.forward import right_pad
+    from latentwire.llm.forward import right_pad
     return right_pad([torch.tensor(enc.sender_input(r.enc_ids)[0], dtype=torch.long) for r in rows])
 
 
@@ -226,7 +226,7 @@ def record(script: str, argv, out: str, rows: list[dict], what: str, tbl: str, t
     printed with it."""
     import os
 
-    from latentwire.runio import atomic_write_text, write_jsonl
+    from latentwire.util.runio import atomic_write_text, write_jsonl
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "results.jsonl", rows)

@@ -27,7 +27,7 @@ REFERENCES = ("text", "truncate", "none")
 def load_run(folder: Path) -> dict:
     """A run's config.json and evaluations (one-line errors naming the folder)."""
     from latentwire.errors import LatentWireError
-    from latentwire.runio import read_jsonl
+    from latentwire.util.runio import read_jsonl
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -46,7 +46,7 @@ def heldout_prompts(runs: list[dict], squad_train: str | None, lm):
     from latentwire.config import EncConfig
     from latentwire.data import PromptBuilder, load_squad_json
     from latentwire.errors import LatentWireError
-    from latentwire.lmtrain import split_training
+    from latentwire.encoder.lmtrain import split_training
     split_keys = ("enc_seed", "enc_heldout_paragraphs", "enc_heldout_questions", "enc_max_tokens")
     first = runs[0]["config"]
     for r in runs[1:]:
@@ -67,8 +67,8 @@ def heldout_prompts(runs: list[dict], squad_train: str | None, lm):
 def references(lm, prompts, ratio: int, template: str, out: Path, log=print) -> dict:
     """F1 of text, truncate_r<ratio> and none on `prompts`; from out/references.json when its key matches."""
     from latentwire.api import load_pipeline
-    from latentwire.lmtrain import code_version, prompts_f1
-    from latentwire.runio import content_key, write_json
+    from latentwire.encoder.lmtrain import code_version, prompts_f1
+    from latentwire.util.runio import content_key, write_json
     key = content_key(lm.weights_digest(), [p.example.id for p in prompts], ratio, template)
     path = out / "references.json"
     if path.is_file():
@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/encoder_curves", help="folder for curves.png, table.md, references.json")
     a = ap.parse_args(argv)
     from latentwire.errors import LatentWireError
-    from latentwire.models import display_name, load_model
-    from latentwire.runio import atomic_write_text, write_json
+    from latentwire.llm.models import display_name, load_model
+    from latentwire.util.runio import atomic_write_text, write_json
     try:
         runs = [load_run(Path(f)) for arg in a.runs for f in arg.split(",") if f]
         out = Path(a.out)

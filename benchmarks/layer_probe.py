@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 import torch
 
 from latentwire.data import context_token_ids, interleave_by_title, load_squad_json
-from latentwire.models import load_model
-from latentwire.runio import write_section
+from latentwire.llm.models import load_model
+from latentwire.util.runio import write_section
 
 
 @torch.no_grad()

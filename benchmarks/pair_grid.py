@@ -34,8 +34,8 @@ from seq_grid import SEQ_FLAGS, base_config  # noqa: E402
 from stage1_grid import grid_parser, run_cell  # noqa: E402
 
 from latentwire.config import apply_preset  # noqa: E402
-from latentwire.runio import atomic_write_text, read_jsonl  # noqa: E402
-from latentwire.metrics import paired_delta  # noqa: E402
+from latentwire.util.runio import atomic_write_text, read_jsonl  # noqa: E402
+from latentwire.evaluation.metrics import paired_delta  # noqa: E402
 
 
 def learned_cfg(args, name: str, receiver: str, sender: str | None = None, sender_path: str | None = None):

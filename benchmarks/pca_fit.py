@@ -21,7 +21,7 @@ def _token_ids(args):
     import torch
 
     from latentwire.data import load_squad_json, synthetic_squad
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     lm = load_model(args.model)
     if args.squad_train:
         ex, _ = load_squad_json(args.squad_train, "--squad-train")
@@ -44,7 +44,7 @@ def worker(args) -> None:
     import psutil
     import torch
 
-    from latentwire.compress import PCA
+    from latentwire.wire.compress import PCA
     lm, ids, src, distinct = _token_ids(args)
     proc = psutil.Process()
     base = proc.memory_info().rss

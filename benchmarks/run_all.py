@@ -83,9 +83,9 @@ def _task(kind: str, payload: dict) -> dict:
     if kind == "warm":
         # fill the text-baseline cache once so the cells do not all compute it
         from latentwire.config import RunConfig
-        from latentwire.models import load_model
-        from latentwire.answers import text_predictions
-        from latentwire.run import build_inputs
+        from latentwire.llm.models import load_model
+        from latentwire.evaluation.answers import text_predictions
+        from latentwire.evaluation.run import build_inputs
         cfg = RunConfig()
         cfg.model.model = payload["model"]
         cfg.data.squad_train, cfg.data.squad_eval = payload["squad_train"], payload["squad_eval"]
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     from pca_fit import compare, format_result
     from text_baseline import eval_prompts, format_throughput, throughput
 
-    from latentwire.models import display_name, load_model
+    from latentwire.llm.models import display_name, load_model
     lm = load_model(args.model)
     thr = []
     for n in args.throughput_n:

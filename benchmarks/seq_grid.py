@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 
 from latentwire.config import RunConfig, apply_preset  # noqa: E402
-from latentwire.models import display_name  # noqa: E402
-from latentwire.report import controls_table, plot_f1_vs_bytes, reference_text, references_table  # noqa: E402
-from latentwire.runio import atomic_write_text, read_jsonl, write_section  # noqa: E402
-from latentwire.metrics import paired_delta  # noqa: E402
+from latentwire.llm.models import display_name  # noqa: E402
+from latentwire.evaluation.report import controls_table, plot_f1_vs_bytes, reference_text, references_table  # noqa: E402
+from latentwire.util.runio import atomic_write_text, read_jsonl, write_section  # noqa: E402
+from latentwire.evaluation.metrics import paired_delta  # noqa: E402
 
 
 def base_config(args, name: str) -> RunConfig:

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from latentwire import seqcomp as sc
+from latentwire.encoder import seqcomp as sc
 from latentwire.config import GROUPS, RunConfig
 from latentwire.errors import LatentWireError
-from latentwire.models import load_model
-from latentwire.report import reference_text
-from latentwire.forward import head_cache
-from latentwire.run import build_inputs, load_data, seq_prompt_builder, seq_train_prompts
-from latentwire.sweep import apply_overrides
+from latentwire.llm.models import load_model
+from latentwire.evaluation.report import reference_text
+from latentwire.llm.forward import head_cache
+from latentwire.evaluation.run import build_inputs, load_data, seq_prompt_builder, seq_train_prompts
+from latentwire.evaluation.sweep import apply_overrides
 
 
 def run_config(folder: Path) -> RunConfig:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from latentwire.config import RunConfig, apply_preset
-from latentwire.rundir import finished_metrics
-from latentwire.run import run_experiment
+from latentwire.evaluation.rundir import finished_metrics
+from latentwire.evaluation.run import run_experiment
 
 
 def cell_config(args, adapter: str, ratio: float, controls: bool, preset: str = "none") -> RunConfig:

@@ -71,11 +71,11 @@ def measure(squad_train: str | None, batch: int, repeats: int, seed: int = 0, to
 
     from latentwire.config import EncConfig
     from latentwire.data import Example, PromptBuilder
-    from latentwire.forward import head_cache
-    from latentwire.lmenc import build_encoder
-    from latentwire.lmtrain import Para, loss_step, make_batch, split_training
-    from latentwire.models import LoadedModel, load_model
-    from latentwire.probes import REPEAT_CUE
+    from latentwire.llm.forward import head_cache
+    from latentwire.encoder.lmenc import build_encoder
+    from latentwire.encoder.lmtrain import Para, loss_step, make_batch, split_training
+    from latentwire.llm.models import LoadedModel, load_model
+    from latentwire.evaluation.probes import REPEAT_CUE
 
     from encoder_cost import training_questions  # benchmarks/ is on the path of a script run from it
     train, desc = training_questions(squad_train)
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     t0, load0 = time.time(), os.getloadavg()[0]
     from contextlib import nullcontext
 
-    from latentwire.wire import torch_threads
+    from latentwire.wire.wire import torch_threads
     with torch_threads(a.threads) if a.threads else nullcontext():  # restored after: main may run in-process
         rows = measure(a.squad_train, a.batch, a.repeats, a.seed, a.tokens, a.model)
     what = (f"{a.model}'s graph, widths shrunk, rows cut to {a.tokens} tokens; data {rows[0]['data']}, seed {a.seed}, "

@@ -32,8 +32,8 @@ def prefill_positions(prompts, batch_size: int, share_prefix: bool, max_new_toke
     """Positions the prefills compute (padding included) under our batching,
     with or without the shared-prefix tree (the same choice generation makes),
     and with the run's common prefix counted once -- the work, independent of timing."""
-    from latentwire.decode import choose_tree, common_prefix_len, tree_cost
-    from latentwire.generate import plan_batches
+    from latentwire.llm.decode import choose_tree, common_prefix_len, tree_cost
+    from latentwire.evaluation.generate import plan_batches
     total, shared_once = 0, 0
     run_len = min(common_prefix_len(torch.tensor(prompts[0].ids), torch.tensor(p.ids)) for p in prompts)
     for idx in plan_batches(prompts, batch_size, share_prefix):
@@ -50,7 +50,7 @@ def hf_generate(lm, prompts, batch_size: int, max_new_tokens: int, newline_stop:
     """`model.generate` as a user would call it: greedy, left-padded batches
     (sorted by length), stopping at EOS -- and, with `newline_stop`, at every
     token whose text holds a newline (the same stop set as ours)."""
-    from latentwire.decode import decode_answer, left_pad, stop_token_ids
+    from latentwire.llm.decode import decode_answer, left_pad, stop_token_ids
     tok = lm.tokenizer
     stops = stop_token_ids(tok) if newline_stop else [tok.eos_token_id]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
@@ -77,8 +77,8 @@ LOOPS = [  # (key, label)
 
 
 def throughput(lm, prompts, batch_size: int = 8, max_new_tokens: int = 16, repeats: int = 3) -> dict:
-    from latentwire.decode import sliding_window
-    from latentwire.generate import generate_predictions
+    from latentwire.llm.decode import sliding_window
+    from latentwire.evaluation.generate import generate_predictions
     run = {
         "gen1_full": lambda: hf_generate(lm, prompts, 1, max_new_tokens, False),
         "gen1_nl": lambda: hf_generate(lm, prompts, 1, max_new_tokens, True),
@@ -134,7 +134,7 @@ def format_throughput(results: list[dict]) -> str:
 def load_times(model: str) -> dict:
     """Cold (dequantize the GGUF into a fresh, private cache) vs cached load."""
     old = os.environ.get("LATENTWIRE_CACHE")
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     try:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["LATENTWIRE_CACHE"] = cache
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     lt = load_times(args.model)
     lm = load_model(args.model)
     results = []

@@ -27,15 +27,15 @@ def cost_to_retention(model: str, squad_train: str | None, squad_eval: str | Non
                       n_probe: int = 40, target: float = 0.95, epochs: int = 3, seed: int = 0) -> dict:
     import torch
 
-    from latentwire.adapters import build_adapter
+    from latentwire.stage1.adapters import build_adapter
     from latentwire.config import RunConfig
-    from latentwire.models import load_model
-    from latentwire.answers import sharded_predictions, text_predictions
-    from latentwire.compare import score_rows
-    from latentwire.run import build_inputs, eval_switches
-    from latentwire.stage1 import fit_compressor
-    from latentwire.runio import seed_everything
-    from latentwire.train import train_phase1
+    from latentwire.llm.models import load_model
+    from latentwire.evaluation.answers import sharded_predictions, text_predictions
+    from latentwire.evaluation.compare import score_rows
+    from latentwire.evaluation.run import build_inputs, eval_switches
+    from latentwire.stage1.stage1 import fit_compressor
+    from latentwire.util.runio import seed_everything
+    from latentwire.stage1.train import train_phase1
 
     cfg = RunConfig()
     cfg.model.model = model

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage1_grid import grid_parser, markdown_table, run_cell  # noqa: E402
 
 from latentwire.config import RunConfig  # noqa: E402
-from latentwire.report import REFERENCE_LABELS, plot_f1_vs_bytes  # noqa: E402
-from latentwire.runio import atomic_write_text, write_json  # noqa: E402
+from latentwire.evaluation.report import REFERENCE_LABELS, plot_f1_vs_bytes  # noqa: E402
+from latentwire.util.runio import atomic_write_text, write_json  # noqa: E402
 
 # (adapter, dims, bits): what matters -- the vocab adapter from fp32 down to
 # codes smaller than the token ids (16 bits a token), and the MLP where it
@@ -82,8 +82,8 @@ COLS = ["adapter", "dims", "bits", "bytes_per_context", "bits_per_token", "n", "
 
 def references(args, first_cfg: RunConfig) -> dict:
     """Text references on exactly the evaluated contexts (the same prompts as every cell)."""
-    from latentwire.models import load_model
-    from latentwire.run import build_inputs, references
+    from latentwire.llm.models import load_model
+    from latentwire.evaluation.run import build_inputs, references
     path = Path(args.out) / "references.json"
     want = {"model": args.model, "squad_eval": args.squad_eval, "max_eval": args.max_eval, "seed": args.seed,
             "ac_contexts": args.ac_contexts}

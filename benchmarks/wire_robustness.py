@@ -55,10 +55,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import latentwire as lw
     from latentwire.data import load_squad_json
-    from latentwire.frame import FRAME_BYTES
-    from latentwire.models import load_model
-    from latentwire.runio import atomic_write_text, write_jsonl
-    from latentwire.wire import LMArithmeticCodec, ids_check
+    from latentwire.pipelines.frame import FRAME_BYTES
+    from latentwire.llm.models import load_model
+    from latentwire.util.runio import atomic_write_text, write_jsonl
+    from latentwire.wire.wire import LMArithmeticCodec, ids_check
 
     examples, _ = load_squad_json(args.squad, "--squad")
     contexts = list(dict.fromkeys(e.context for e in examples))[:args.contexts]

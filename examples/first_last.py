@@ -19,7 +19,7 @@ import re
 import torch
 
 from latentwire import Payload, Pipeline
-from latentwire.wire import TokenIdCodec
+from latentwire.wire.wire import TokenIdCodec
 
 
 def first_and_last_sentence(text: str) -> str:

@@ -22,6 +22,9 @@ from .data import Example, PromptBuilder
 from .errors import LatentWireError
 from .pipelines import BuildContext, Pipeline, build, run_dir_kind
 
+# The models, the frame, the generation and the run are imported inside the functions that use them, so that
+# `import latentwire` loads only the registry and the wire (start-up time).
+
 
 def _builder(lm, cfg: RunConfig) -> PromptBuilder:
     return PromptBuilder(lm.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens, cfg.data.bos != "none")
@@ -45,8 +48,8 @@ def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4
     are kept (opt-* kinds). `codec_model`: the LLM that codes `ac`, `truncate+ac`, `surprisal+ac` (a name as
     for `model`, or a loaded model; default: the receiver). The pipeline carries what `ask` needs: `.lm` and
     `.builder`."""
-    from .models import DEFAULT_MODEL, load_model
-    from .sweep import apply_overrides
+    from .llm.models import DEFAULT_MODEL, load_model
+    from .evaluation.sweep import apply_overrides
     cfg = RunConfig()
     if Path(spec).is_dir() and run_dir_kind(Path(spec)) is not None and (Path(spec) / "config.json").is_file():
         saved = json.loads((Path(spec) / "config.json").read_text())
@@ -67,7 +70,7 @@ def load_pipeline(spec: str = "text", model: str | None = None, ratio: float = 4
     pipe = build(spec, ctx, flag=flag)[0]
     pipe.builder = builder
     if Path(spec).is_dir() and getattr(pipe, "weights_digest", None) is None:
-        from .frame import RUN_WEIGHT_FILES, files_digest
+        from .pipelines.frame import RUN_WEIGHT_FILES, files_digest
         pipe.weights_digest = files_digest(Path(spec) / f for f in RUN_WEIGHT_FILES)
     return pipe
 
@@ -77,20 +80,20 @@ def load_codec(codec_model, lm, device: str = "auto", dtype: str = "auto"):
     if codec_model is None or codec_model is lm or codec_model in (lm.name, lm.source):
         return None
     if isinstance(codec_model, str):
-        from .models import load_model
+        from .llm.models import load_model
         return load_model(codec_model, device, dtype)
     return codec_model
 
 
 def wrap(pipeline: Pipeline, payload: bytes) -> bytes:
-    """A payload in its frame (latentwire/frame.py): what a payload file holds, `frame.FRAME_BYTES` more."""
-    from .frame import wrap as _wrap
+    """A payload in its frame (latentwire/pipelines/frame.py): what a payload file holds, `frame.FRAME_BYTES` more."""
+    from .pipelines.frame import wrap as _wrap
     return _wrap(pipeline, payload)
 
 
 def unwrap(pipeline: Pipeline, data: bytes, where: str = "payload") -> "Payload":
     """The payload of framed bytes, checked against `pipeline` (one-line LatentWireError naming both sides)."""
-    from .frame import unwrap as _unwrap
+    from .pipelines.frame import unwrap as _unwrap
     return _unwrap(pipeline, data, where)
 
 
@@ -99,8 +102,8 @@ def ask(pipeline: Pipeline, payload: bytes, question: str, *, max_new_tokens: in
     """The receiver's answer to `question` from a payload: the evaluation's prompt (its template, the payload's
     reading where the context goes) and its greedy decoding. `payload`: a `Payload` as `pipeline.send` gives
     it, or the bytes of a payload file (framed: checked against this pipeline first, see `unwrap`)."""
-    from .generate import answer
-    from .wire import IntegrityError, Payload
+    from .evaluation.generate import answer
+    from .wire.wire import IntegrityError, Payload
     framed = not isinstance(payload, Payload)
     if framed:
         payload = unwrap(pipeline, payload, where)
@@ -124,7 +127,7 @@ def evaluate(pipelines: Sequence[Pipeline], squad_path: str | None = None, *, ma
     SQuAD questions (`squad_path`: an official JSON file; None: the built-in synthetic set's evaluation
     articles) through the same evaluation, controls and report as `latentwire run`; returns metrics.json's
     content and writes the run folder `out`."""
-    from .run import evaluate_run
+    from .evaluation.run import evaluate_run
     pipes = list(pipelines)
     if not pipes:
         raise LatentWireError("evaluate: no pipelines given")

@@ -25,6 +25,9 @@ from .config import GROUPS as _GROUPS
 from .config import RunConfig, apply_preset, field_docs
 from .errors import LatentWireError
 
+# Each command imports what it runs inside its branch (the API, the run, the sweep, training): `latentwire --help`
+# and a bad flag answer without loading them (start-up time).
+
 
 def _add_group(p: argparse.ArgumentParser, key: str, cls, suppress: bool = False) -> None:
     g = p.add_argument_group(key)
@@ -190,7 +193,7 @@ def _wire_command(args) -> None:
             raise LatentWireError("--max-new-tokens must be >= 1")
     if not args.ratio >= 1:
         raise LatentWireError(f"--ratio must be >= 1 (got {args.ratio:g})")
-    from . import frame
+    from .pipelines import frame
     if args.cmd == "ask":  # what needs no model is checked before one loads
         frame.check(data, f"payload {args.payload}", frame.kind_label(args.pipeline, args.ratio))
     pipe = load_pipeline(args.pipeline, args.model, args.ratio, options=opts, out=args.fits,
@@ -199,7 +202,7 @@ def _wire_command(args) -> None:
         print(ask(pipe, data, args.question, max_new_tokens=args.max_new_tokens,
                   where=f"payload {args.payload}"))
         return
-    from .runio import atomic_write_bytes
+    from .util.runio import atomic_write_bytes
     payload = pipe.send(text)
     atomic_write_bytes(args.output, frame.wrap(pipe, payload))
     utf8 = len(text.encode("utf-8"))
@@ -217,7 +220,7 @@ def _wire_command(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from . import dist
+    from .util import dist
     ok = False
     try:
         # under torchrun / accelerate launch: join the process group (no-op alone)
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             _wire_command(args)
         elif args.cmd == "train-encoder":
             from .config import EncConfig
-            from .lmtrain import train_job
+            from .encoder.lmtrain import train_job
             cfg = _build(args, ("model", "data"))
             enc = EncConfig(**{f.name: getattr(args, f"enc.{f.name}") for f in fields(EncConfig)})
             meta = train_job(cfg, enc, args.out, resume=args.resume, progress=not args.no_progress,
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out}: {r['steps']} steps in {r['seconds']:.0f} s, best held-out F1 {r['heldout_f1']:.2f} "
                   f"(step {r['best_step']}); {meta['bytes']:,} bytes of weights in {len(meta['files'])} file(s)")
         elif args.cmd == "eval":
-            from .run import text_baseline_eval
+            from .evaluation.run import text_baseline_eval
             cfg = _build(args, ("model", "data", "eval"))
             m = text_baseline_eval(cfg)
             if not m:  # a rank other than 0 under a launcher: rank 0 prints
@@ -255,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['f1_ci95'][0]:.1f}-{t['f1_ci95'][1]:.1f} | {t['exact_match']:.2f} |")
             print(f"run folder: {cfg.out} (predictions.jsonl, metrics.json)")
         elif args.cmd == "run":
-            from .run import run_experiment
+            from .evaluation.run import run_experiment
             cfg = _build(args, tuple(_GROUPS), _explicit(argv))
             run_experiment(cfg, use_cache=not args.no_cache, resume=args.resume, overwrite=args.overwrite)
         elif args.cmd == "sweep":
-            from .sweep import apply_overrides, expand, load_sweep_file, run_sweep
+            from .evaluation.sweep import apply_overrides, expand, load_sweep_file, run_sweep
             spec = load_sweep_file(args.file)
             base = apply_overrides(RunConfig(), spec.get("base") or {}, where=f"sweep file {args.file}: base")
             base.progress = False
@@ -269,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             if spec.get("compare"):
                 from pathlib import Path
 
-                from .sweep import compare_runs
+                from .evaluation.sweep import compare_runs
                 print(compare_runs(rows, spec["compare"], Path(out), base.eval.n_boot, base.data.seed), end="")
                 print(f"paired comparisons: {out}/compare.md")
         else:
-            from .sweep import run_diagnose
+            from .evaluation.sweep import run_diagnose
             explicit = _explicit(argv)
             cfg = _build(args, tuple(_GROUPS))
             if args.h3_phase2_steps < 1:

@@ -370,7 +370,7 @@ class TrainConfig:
 
 @dataclass
 class SeqConfig:
-    """The learned sequence compressor (`--sequence learned`, latentwire/seqcomp.py)."""
+    """The learned sequence compressor (`--sequence learned`, latentwire/encoder/seqcomp.py)."""
     seq_ratio: int = 4
     """Context tokens per latent: the receiver reads M = ceil(L / r) vectors for a context of L tokens."""
     seq_layer: int | None = None
@@ -520,7 +520,7 @@ class OptConfig:
 
 @dataclass
 class EncConfig:
-    """The pooled LM encoder (`latentwire train-encoder`, latentwire/lmenc.py and lmtrain.py): a trainable copy
+    """The pooled LM encoder (`latentwire train-encoder`, latentwire/encoder/lmenc.py and lmtrain.py): a trainable copy
     of the receiver's LM reads the paragraph, its final states mean-pooled over every r tokens, through a
     projector into the frozen receiver's embedding space."""
     enc_ratio: int = 4

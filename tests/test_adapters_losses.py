@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from latentwire.adapters import MLPAdapter, VocabAdapter, build_adapter, load_adapter_state, rms, save_adapter
-from latentwire.compress import PCA
+from latentwire.stage1.adapters import MLPAdapter, VocabAdapter, build_adapter, load_adapter_state, rms, save_adapter
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig
 from latentwire.errors import LatentWireError
-from latentwire.losses import answer_cross_entropy, logit_kl, reconstruction_loss
+from latentwire.stage1.losses import answer_cross_entropy, logit_kl, reconstruction_loss
 
 
 @pytest.fixture

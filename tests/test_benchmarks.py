@@ -138,7 +138,7 @@ def test_seq_probe_smoke(tmp_path):
     """benchmarks/seq_probe.py on a tiny learned run: the trained state's loss on
     training and dev questions beside the references."""
     from conftest import tiny_learned_config
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     run_experiment(tiny_learned_config(tmp_path / "run", "learned"), use_cache=False, log=lambda *a: None)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seq_probe.py"), str(tmp_path / "run"), "--n", "4"]
     p = run_script(cmd, cwd=tmp_path)
@@ -155,7 +155,7 @@ def test_pair_grid_oracle_pick_is_the_per_question_better_answer(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import pytest
     from pair_grid import oracle_pick
-    from latentwire.runio import write_jsonl
+    from latentwire.util.runio import write_jsonl
     for d, f1s in (("a", [1.0, 0.0, 0.5]), ("b", [0.0, 0.0, 1.0])):
         (tmp_path / d).mkdir()
         write_jsonl(tmp_path / d / "predictions_learned_r4.jsonl", [{"id": str(i), "f1": f} for i, f in enumerate(f1s)])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from latentwire.compress import PCA, Identity, RandomProjection, load_compressor, svd_flip_components
+from latentwire.wire.compress import PCA, Identity, RandomProjection, load_compressor, svd_flip_components
 from latentwire.errors import LatentWireError
 
 

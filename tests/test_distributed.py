@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from latentwire import dist
+from latentwire.util import dist
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.generate import generate_predictions
+from latentwire.evaluation.generate import generate_predictions
 
 ARGS = ["run", "--model", "tiny-random", "--epochs", "2", "--steps-per-epoch", "15", "--eval-every", "10",
         "--batch-tokens", "256", "--synthetic-articles", "6", "--max-eval", "9", "--batch-size", "2",
@@ -113,7 +113,7 @@ def test_sharded_generation_covers_every_question_once(tiny):
 
 def test_device_map_with_launched_processes_is_refused(monkeypatch):
     from latentwire.config import RunConfig
-    from latentwire.run import _resolve_placement
+    from latentwire.evaluation.run import _resolve_placement
     cfg = RunConfig()
     cfg.model.device_map = "auto"
     monkeypatch.setattr(dist, "current", lambda: dist.Dist(rank=0, world=2))

@@ -1,4 +1,4 @@
-"""Payloads that travel: the frame of a payload file (latentwire/frame.py), the integrity check of LLM-coded
+"""Payloads that travel: the frame of a payload file (latentwire/pipelines/frame.py), the integrity check of LLM-coded
 payloads (wire.LMArithmeticCodec), and a codec model other than the receiver (--codec-model)."""
 import copy
 import re
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import latentwire as lw
-from latentwire import frame
+from latentwire.pipelines import frame
 from latentwire.errors import LatentWireError
-from latentwire.models import load_model
+from latentwire.llm.models import load_model
 from latentwire.pipelines import KINDS
-from latentwire.wire import IntegrityError, Payload
+from latentwire.wire.wire import IntegrityError, Payload
 
 ROOT = Path(__file__).resolve().parents[1]
 PARA = ROOT / "examples" / "paragraph.txt"

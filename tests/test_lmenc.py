@@ -1,4 +1,4 @@
-"""The pooled LM encoder (latentwire/lmenc.py, lmtrain.py) on the tiny random models: pooling math, shapes and
+"""The pooled LM encoder (latentwire/encoder/lmenc.py, lmtrain.py) on the tiny random models: pooling math, shapes and
 bytes on the wire, the batch assembly against plain forwards, a training step, weights that round-trip and ship,
 the first-M control and the answer split in a run."""
 import json
@@ -11,11 +11,12 @@ import latentwire as lw
 from latentwire.config import EncConfig
 from latentwire.data import Example, PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.forward import head_cache
-from latentwire.lmenc import build_encoder, load_encoder, pool_states, read_meta, save_encoder
-from latentwire.lmtrain import (Para, Row, cpu_has_bf16, loss_step, make_batch, receiver_logits, split_training,
-                                step_precision, teacher_fill, teacher_key, teacher_topk, train_encoder)
-from latentwire.runio import TensorStore
+from latentwire.llm.forward import head_cache
+from latentwire.encoder.lmenc import build_encoder, load_encoder, pool_states, read_meta, save_encoder
+from latentwire.encoder.lmtrain import (Para, Row, cpu_has_bf16, loss_step, make_batch, receiver_logits,
+                                        split_training, step_precision, teacher_fill, teacher_key, teacher_topk,
+                                        train_encoder)
+from latentwire.util.runio import TensorStore
 from latentwire.pipelines.learned import PooledLMPipeline
 from latentwire.pipelines.tokens import budget
 
@@ -227,7 +228,7 @@ def test_saved_weights_round_trip_and_hold_only_the_trainable_part(tiny, trained
 
 
 def test_weights_shard_under_the_file_limit(tiny, tmp_path, monkeypatch):
-    import latentwire.lmenc as lmenc
+    import latentwire.encoder.lmenc as lmenc
     monkeypatch.setattr(lmenc, "SHARD_BYTES", 20_000)
     enc = build_encoder(tiny, small())
     meta = save_encoder(enc, tmp_path, tiny, small(), {"steps": 0})
@@ -241,7 +242,7 @@ def test_weights_shard_under_the_file_limit(tiny, tmp_path, monkeypatch):
 def test_a_folder_for_another_receiver_or_a_damaged_one_is_refused_in_one_line(tiny, trained, tmp_path):
     import shutil
 
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     out, meta = trained
     other = load_model("tiny-random-b")
     with pytest.raises(LatentWireError, match="trained for a receiver with d_model"):
@@ -268,10 +269,10 @@ def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_pat
     digest); send/ask answer as the evaluation path does. Without shipped weights: one line."""
     import shutil
 
-    import latentwire.weights as weights
+    import latentwire.encoder.weights as weights
     from conftest import run_cli
 
-    from latentwire.generate import generate_predictions
+    from latentwire.evaluation.generate import generate_predictions
     out, meta = trained
     monkeypatch.setattr(weights, "SHIPPED", tmp_path / "none")
     with pytest.raises(LatentWireError, match="no trained encoder is shipped"):
@@ -301,6 +302,8 @@ def test_training_stops_at_its_time_limit_and_resumes(tiny, tmp_path):
     quiet = lambda *a: None  # noqa: E731
     m1 = train_encoder(tiny, ex, builder, small(enc_time_limit=1e-9), tmp_path, progress=False, log=quiet)
     assert m1["record"]["steps"] == 1 and not m1["record"]["finished"]
+    with open(tmp_path / "train_log.jsonl", "a") as f:  # a step a killed run logged after its last checkpoint
+        f.write(json.dumps({"step": 2, "stage": "A"}) + "\n")
     m2 = train_encoder(tiny, ex, builder, small(), tmp_path, resume=True, progress=False, log=quiet)
     assert m2["record"]["steps"] == 4 and m2["record"]["finished"]
     steps = [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]

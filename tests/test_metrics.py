@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from latentwire.metrics import aggregate, bootstrap_ci, exact_match_score, f1_score, normalize_answer, score_example
+from latentwire.evaluation.metrics import aggregate, bootstrap_ci, exact_match_score, f1_score, normalize_answer, score_example
 
 
 @pytest.mark.parametrize("raw,norm", [

@@ -3,9 +3,9 @@ import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.decode import generate_one_at_a_time, generate_seed_loop, greedy_generate, left_pad, stop_token_ids
-from latentwire.generate import EvalSwitches, generate_predictions, pipeline_embeds
-from latentwire.models import (embedding_table, load_model, load_tokenizer, resolve_device, resolve_dtype,
+from latentwire.llm.decode import generate_one_at_a_time, generate_seed_loop, greedy_generate, left_pad, stop_token_ids
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions, pipeline_embeds
+from latentwire.llm.models import (embedding_table, load_model, load_tokenizer, resolve_device, resolve_dtype,
                                resolve_model_source)
 
 
@@ -50,7 +50,7 @@ def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
     a different or changed file gets its own."""
     import hashlib
 
-    from latentwire.models import _gguf_cache_dir, cache_root
+    from latentwire.llm.models import _gguf_cache_dir, cache_root
     monkeypatch.setenv("LATENTWIRE_CACHE", str(tmp_path / "cache"))
     a, b, c = (tmp_path / d / "model.gguf" for d in ("venv1", "venv2", "other"))
     for f, data in ((a, b"GGUF same bytes"), (b, b"GGUF same bytes"), (c, b"GGUF other bytes")):
@@ -185,7 +185,7 @@ def test_seed_loop_gives_the_batched_answers(tiny):
 
 
 def test_display_name_drops_the_cache_folder_of_a_gguf():
-    from latentwire.models import display_name
+    from latentwire.llm.models import display_name
     assert display_name("/root/.cache/latentwire/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f") == \
         "SmolLM2-135M-Instruct.Q4_1"
     assert display_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -199,17 +199,17 @@ def test_decoding_imports_no_prompts_or_pipelines():
     import sys
     from pathlib import Path
     code = ("import sys, types; pkg = types.ModuleType('latentwire'); pkg.__path__ = [sys.argv[1]]; "
-            "sys.modules['latentwire'] = pkg; import latentwire.decode; "
+            "sys.modules['latentwire'] = pkg; import latentwire.llm.decode; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('latentwire.'))))")
     here = str(Path(__file__).resolve().parents[1] / "latentwire")
     out = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True, check=True).stdout.split()
-    assert set(out) <= {"latentwire.decode", "latentwire.errors", "latentwire.forward", "latentwire.models"}, out
+    assert set(out) <= {"latentwire.llm", "latentwire.llm.decode", "latentwire.errors", "latentwire.llm.forward", "latentwire.llm.models"}, out
 
 
 def test_an_empty_cache_variable_means_the_default_folder(monkeypatch, tmp_path):
     from pathlib import Path
 
-    from latentwire.models import cache_root
+    from latentwire.llm.models import cache_root
     monkeypatch.setenv("LATENTWIRE_CACHE", "")
     assert cache_root() == Path.home() / ".cache" / "latentwire"
     monkeypatch.setenv("LATENTWIRE_CACHE", str(tmp_path))

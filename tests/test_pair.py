@@ -8,7 +8,7 @@ import torch
 from latentwire.config import RunConfig
 from latentwire.data import PromptBuilder, context_token_ids, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.generate import generate_predictions
+from latentwire.evaluation.generate import generate_predictions
 from latentwire.pipelines.cross import CrossModelPipeline, SenderIdsPipeline, cross_pipelines, ids_to_text
 from latentwire.pipelines.tokens import TokenSelectPipeline, budget
 from latentwire.pipelines import BuildContext, build
@@ -16,7 +16,7 @@ from latentwire.pipelines import BuildContext, build
 
 @pytest.fixture(scope="module")
 def other():
-    from latentwire.models import load_model
+    from latentwire.llm.models import load_model
     return load_model("tiny-random-b")
 
 
@@ -90,7 +90,7 @@ def _pair_cfg(tmp_path, receiver, sender, name):
 
 
 def test_one_sender_two_receivers_end_to_end(tmp_path):
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     cross = run_experiment(_pair_cfg(tmp_path, "tiny-random", "tiny-random-b", "cross"), use_cache=False,
                            log=lambda *a: None)
     own = run_experiment(_pair_cfg(tmp_path, "tiny-random-b", "tiny-random-b", "own"), use_cache=False,
@@ -136,8 +136,8 @@ def test_learned_wire_across_models_and_a_second_receiver(tmp_path):
     """One sender (tiny-random-b, width 96) trained with its own receiver; a
     second receiver (tiny-random, width 64, another vocabulary) loads that
     sender frozen and trains only its decoder: same payload bytes for both."""
-    from latentwire.run import run_experiment
-    from latentwire.seqcomp import read_compressor_file
+    from latentwire.evaluation.run import run_experiment
+    from latentwire.encoder.seqcomp import read_compressor_file
     first = run_experiment(_learned_cfg(tmp_path, "tiny-random-b", None, "first"), use_cache=False,
                            log=lambda *a: None)
     saved = tmp_path / "first" / "seq_compressor.pt"
@@ -160,7 +160,7 @@ def test_learned_wire_across_models_and_a_second_receiver(tmp_path):
 
 
 def test_shared_sender_is_checked(tmp_path):
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     run_experiment(_learned_cfg(tmp_path, "tiny-random-b", None, "first"), use_cache=False, log=lambda *a: None)
     saved = str(tmp_path / "first" / "seq_compressor.pt")
     # the saved sender is tiny-random-b: another sender model is refused, naming the flag

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from latentwire.adapters import build_adapter
-from latentwire.compress import PCA
+from latentwire.stage1.adapters import build_adapter
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, TrainConfig
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.generate import EvalSwitches
-from latentwire.train import phase2_batch, phase2_loss, train_phase2
+from latentwire.evaluation.generate import EvalSwitches
+from latentwire.stage1.train import phase2_batch, phase2_loss, train_phase2
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +59,14 @@ def test_train_phase2_logs_each_term(tiny, setup, tmp_path):
     out = train_phase2(tiny, a, pca.transform, prompts, EvalSwitches(), TrainConfig(phase2_steps=3, phase2_batch=2), tmp_path,
                        progress=False)
     assert out["phase2_steps"] == 3
-    rows = [r for r in __import__("latentwire.runio", fromlist=["x"]).read_jsonl(tmp_path / "train_log.jsonl")]
+    rows = [r for r in __import__("latentwire.util.runio", fromlist=["x"]).read_jsonl(tmp_path / "train_log.jsonl")]
     assert len(rows) == 3 and {"ce", "kl", "cos_loss", "mse", "loss", "lr"} <= set(rows[0])
     assert any(not torch.equal(b, p) for b, p in zip(before, a.parameters()))
 
 
 def test_run_with_phase2(tmp_path):
     from latentwire.config import RunConfig
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     c = RunConfig()
     c.model.model = "tiny-random"
     c.data.synthetic_articles, c.data.max_eval = 6, 4
@@ -80,7 +80,7 @@ def test_run_with_phase2(tmp_path):
 def test_phase2_resume_is_bit_identical(tiny, setup, tmp_path):
     """Killed after step 3 with its last checkpoint at step 2: the resumed run
     redoes step 3 and ends with the weights and log of an uninterrupted run."""
-    from latentwire.runio import read_jsonl
+    from latentwire.util.runio import read_jsonl
     table, pca, prompts = setup
     cfg = TrainConfig(phase2_steps=6, phase2_batch=2, phase2_ckpt_every=2)
 

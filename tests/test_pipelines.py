@@ -14,12 +14,12 @@ import latentwire as lw
 from latentwire.config import OptConfig, RunConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.generate import generate_predictions
-from latentwire.forward import context_kv, head_cache
+from latentwire.evaluation.generate import generate_predictions
+from latentwire.llm.forward import context_kv, head_cache
 from latentwire.pipelines import KINDS, BuildContext, KVReading, Pipeline, build
 from latentwire.pipelines.optimized import OptimizedPipeline, ParagraphFitter
 from latentwire.pipelines.tokens import budget
-from latentwire.wire import Payload, RowQuantizer
+from latentwire.wire.wire import Payload, RowQuantizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_optimized_starts_at_truncation(tiny, prompts, builder, form):
     p = prompts[0]
     M = budget(len(p.context_ids), 4)
     n_values = M * tiny.d_model if form == "emb" else M * 2 * 2 * 2 * (tiny.d_model // 4)  # 2 layers, 2 kv heads
-    extra = 0 if form == "emb" else len(lw.wire.varint(len(p.head_ids)))
+    extra = 0 if form == "emb" else len(lw.wire.wire.varint(len(p.head_ids)))
     assert len(pipe.send(p.context_text, p.context_ids)) == 4 * n_values + extra
     stats = fit.fit(p.context_text, p.context_ids)["stats"]
     assert stats["probes_by_kind"] == {"continue": 4} and stats["steps"] == 1
@@ -183,7 +183,7 @@ def test_controls_tell_a_payload_that_carries_its_paragraph(tmp_path):
     """A run with a pipeline fitted to carry its input (opt-emb-copy: the receiver repeats the paragraph from
     M = L vectors): its own payload reconstructs its paragraph far better than another paragraph's payload and
     than nothing -- the controls every learned run reports can tell a wire that carries the paragraph."""
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     c = RunConfig()
     c.model.model = "tiny-random"
     c.data.synthetic_articles, c.data.max_eval = 6, 8
@@ -292,7 +292,7 @@ def test_plugin_pipeline_is_evaluated_beside_ours(tmp_path):
 
 
 def test_max_eval_contexts_keeps_every_question_of_the_first_paragraphs():
-    from latentwire.run import load_data
+    from latentwire.evaluation.run import load_data
     c = RunConfig()
     c.data.synthetic_articles, c.data.max_eval_contexts, c.data.max_eval = 20, 3, 0
     _, ev, _ = load_data(c)
@@ -308,12 +308,12 @@ def test_learned_run_folder_send_ask_round_trip(tmp_path):
     default), `ask` answers from it as the evaluation path does for that question."""
     from conftest import tiny_learned_config
 
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     run = tmp_path / "run"
     m = run_experiment(tiny_learned_config(run), use_cache=False, log=lambda *a: None)
     pipe = lw.load_pipeline(str(run))
     assert pipe.name == "learned_r4" and pipe.lm.name == "tiny-random"
-    from latentwire.run import load_data
+    from latentwire.evaluation.run import load_data
     _, ev, _ = load_data(tiny_learned_config(run))
     p = pipe.builder.build(ev[0])
     para = tmp_path / "para.txt"
@@ -331,7 +331,7 @@ def test_learned_run_folder_send_ask_round_trip(tmp_path):
 def test_a_run_folder_loads_under_another_cache_folder():
     """A GGUF dequantized under another $LATENTWIRE_CACHE is the same model (its folder name carries the GGUF's
     content digest); another model, or another folder name, is not."""
-    from latentwire.models import same_model_source
+    from latentwire.llm.models import same_model_source
     assert same_model_source("/root/.cache/latentwire/gguf/SmolLM2.Q4_1-b179", "/tmp/c/gguf/SmolLM2.Q4_1-b179")
     assert not same_model_source("/root/.cache/latentwire/gguf/SmolLM2.Q4_1-b179", "/tmp/c/gguf/SmolLM2.Q4_1-ffff")
     assert not same_model_source("/a/models/m", "/b/models/m") and same_model_source("org/m", "org/m")

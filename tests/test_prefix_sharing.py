@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.decode import (CacheNotCopyable, generate_one_at_a_time, greedy_generate, left_pad, prefix_tree,
+from latentwire.llm.decode import (CacheNotCopyable, generate_one_at_a_time, greedy_generate, left_pad, prefix_tree,
                                stop_token_ids, tree_cost, tree_generate)
-from latentwire.generate import generate_predictions, plan_batches
+from latentwire.evaluation.generate import generate_predictions, plan_batches
 
 
 def _prompts(tiny, template="fewshot"):
@@ -88,7 +88,7 @@ def test_tree_generate_equals_full_prefill_ids_and_embeds(tiny):
 
 
 def test_shared_prefix_predictions_equal_unshared_and_one_at_a_time(tiny, monkeypatch):
-    import latentwire.decode as dec
+    import latentwire.llm.decode as dec
     prompts = _prompts(tiny)
     calls = []
     real = dec.tree_generate
@@ -122,7 +122,7 @@ def _gemma(tiny, window: int):
     """Gemma 3 (sliding-window layers, scaled embeddings) wrapped like a loaded model."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from latentwire.models import LoadedModel
+    from latentwire.llm.models import LoadedModel
     cfg = Gemma3TextConfig(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                            sliding_window=window, pad_token_id=tiny.tokenizer.pad_token_id)
@@ -145,7 +145,7 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
     a batch whose tree is longer than the window is prefilled in full (with
     the tree, answers differ: checked by hand); inside the window the tree is
     exact, for Gemma 3's cache as for Llama's."""
-    import latentwire.decode as dec
+    import latentwire.llm.decode as dec
     prompts = _prompts(tiny)[:12]
     real = dec.tree_generate
     for window, expect_tree in ((32, False), (1024, True)):
@@ -162,7 +162,7 @@ def test_sliding_window_model_shares_only_within_the_window(tiny, monkeypatch):
 
 def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypatch):
     """Warned about once; the run's later batches are prefilled in full without trying the tree again."""
-    import latentwire.decode as dec
+    import latentwire.llm.decode as dec
     prompts = _prompts(tiny)[:8]
     ref = generate_predictions(tiny, prompts, batch_size=4, max_new_tokens=6, progress=False, share_prefix=False)
     tries = []
@@ -177,7 +177,7 @@ def test_a_cache_that_cannot_be_copied_falls_back_to_full_prefill(tiny, monkeypa
 
 
 def test_run_prefix_is_computed_once_and_answers_do_not_change(tiny, monkeypatch):
-    from latentwire.decode import RunPrefix
+    from latentwire.llm.decode import RunPrefix
     prompts = _prompts(tiny)
     seen = []
     orig = RunPrefix.take

@@ -9,10 +9,10 @@ import pytest
 from latentwire.config import RunConfig
 from latentwire.data import PromptBuilder, synthetic_squad
 from latentwire.errors import LatentWireError
-from latentwire.answers import text_cache_key, text_predictions
-from latentwire.run import run_experiment
-from latentwire.rundir import finished_metrics
-from latentwire.runio import JsonlLogger, read_jsonl
+from latentwire.evaluation.answers import text_cache_key, text_predictions
+from latentwire.evaluation.run import run_experiment
+from latentwire.evaluation.rundir import finished_metrics
+from latentwire.util.runio import JsonlLogger, read_jsonl
 
 
 def _cfg(tmp_path, **eval_kw):
@@ -85,7 +85,7 @@ def test_data_paths_compared_as_files(tmp_path, monkeypatch):
     ../shared/... cleared a finished 2-hour run made with /work/shared/...;
     another file is still a difference."""
     from dataclasses import asdict
-    from latentwire.rundir import config_diff
+    from latentwire.evaluation.rundir import config_diff
     (tmp_path / "d").mkdir()
     for n in ("train.json", "dev.json"):
         (tmp_path / "d" / n).write_text("{}")
@@ -115,12 +115,12 @@ def test_torn_log_lines(tmp_path):
 
 
 def test_nccl_group_serves_cpu_tensors_too():
-    from latentwire.dist import backend_for
+    from latentwire.util.dist import backend_for
     assert backend_for(True) == "cpu:gloo,cuda:nccl" and backend_for(False) == "gloo"
 
 
 def test_sweep_reruns_a_finished_entry_when_base_changed(tmp_path):
-    from latentwire.sweep import apply_overrides, run_sweep
+    from latentwire.evaluation.sweep import apply_overrides, run_sweep
     base = _cfg(tmp_path)
     runs = [{"name": "a", "ratio": 4}]
     logs = []
@@ -139,7 +139,7 @@ def test_a_crafted_pickle_is_refused_and_never_run(tmp_path):
 
     import torch
 
-    from latentwire.compress import load_compressor
+    from latentwire.wire.compress import load_compressor
     marker = tmp_path / "ran"
 
     class Evil:

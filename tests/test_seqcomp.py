@@ -9,12 +9,12 @@ import torch
 
 from latentwire.config import SeqConfig
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.generate import EvalSwitches, generate_predictions, span_payloads
-from latentwire.runio import read_jsonl
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions, span_payloads
+from latentwire.util.runio import read_jsonl
 from latentwire.pipelines.learned import LearnedSeqPipeline
 from latentwire.pipelines.tokens import budget
-from latentwire.wire import bounded_quantizer
-from latentwire.seqcomp import (SeqCompressor, answer_ids, build_compressor,
+from latentwire.wire.wire import bounded_quantizer
+from latentwire.encoder.seqcomp import (SeqCompressor, answer_ids, build_compressor,
                                 cached_items, collate, context_states, head_cache, load_compressor,
                                 prepare_learned, reference_losses, resolve_layer, save_compressor, seq_loss, teacher_topk,
                                 train_seq)
@@ -227,7 +227,7 @@ def test_run_with_the_learned_compressor_only(tmp_path):
     evaluates on the wire beside the baseline and its controls (another
     paragraph's payload, nothing -- added by the run); nothing of Stage 1 is made."""
     from conftest import tiny_learned_config
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     m = run_experiment(tiny_learned_config(tmp_path / "run"), use_cache=False, log=lambda *a: None)
     assert set(m["pipelines"]) == {"text", "learned_r4", "learned_r4:other", "truncate_r4", "none"}
     assert m["controls"] == {"learned_r4": {"other": "learned_r4:other", "none": "none", "truncate": "truncate_r4"}}
@@ -256,8 +256,8 @@ def test_pretraining_reconstructs_the_context_first(tiny, prompts, setup, tmp_pa
     whose target is the context itself (CE only), then the QA steps."""
     from dataclasses import replace
 
-    from latentwire.runio import read_jsonl
-    from latentwire.seqcomp import autoencode_items
+    from latentwire.util.runio import read_jsonl
+    from latentwire.encoder.seqcomp import autoencode_items
     cfg, layer, hc = setup
     n_head = len(prompts[0].head_ids)
     items, _ = cached_items(tiny, prompts, layer, 16, hc, n_head, None, progress=False)
@@ -291,7 +291,7 @@ def test_token_reconstruction_learns_to_send_every_token(tiny, prompts, setup, t
     throughput; a saved compressor keeps its decoder kind."""
     from dataclasses import replace
 
-    from latentwire.seqcomp import autoencode_items, recon_loss
+    from latentwire.encoder.seqcomp import autoencode_items, recon_loss
     _, _, hc = setup
     n_head = len(prompts[0].head_ids)
     cfg = SeqConfig(seq_ratio=1, seq_width=64, seq_layers=0, seq_dim=16, seq_bits=16, seq_decoder="vocab",

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from latentwire.data import PromptBuilder, synthetic_squad
-from latentwire.generate import EvalSwitches, generate_predictions, pipeline_rows, span_payloads
+from latentwire.evaluation.generate import EvalSwitches, generate_predictions, pipeline_rows, span_payloads
 from latentwire.pipelines.pooled import mean_pool, meanpool_pipeline
 from latentwire.pipelines.tokens import TokenSelectPipeline, budget, surprisal
-from latentwire.wire import FloatQuantizer
+from latentwire.wire.wire import FloatQuantizer
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_token_selection_bytes_positions_and_order(tiny, prompts, kind):
 
 
 def test_surprisal_matches_the_lm_code_length(tiny, prompts):
-    from latentwire.wire import lm_code_length_bits
+    from latentwire.wire.wire import lm_code_length_bits
     p = prompts[1]
     total = float(surprisal(tiny, p.head_ids, p.context_ids).sum())
     assert total == pytest.approx(lm_code_length_bits(tiny, p.head_ids, [p.context_ids])[0], rel=1e-6)
@@ -85,7 +85,7 @@ def test_batched_equals_one_at_a_time(tiny, prompts, make):
 
 def test_run_with_sequence_baselines(tmp_path):
     from latentwire.config import RunConfig
-    from latentwire.run import run_experiment
+    from latentwire.evaluation.run import run_experiment
     c = RunConfig()
     c.model.model = "tiny-random"
     c.data.synthetic_articles, c.data.max_eval = 6, 8

@@ -5,7 +5,7 @@ import pytest
 
 from latentwire.config import RunConfig
 from latentwire.errors import LatentWireError
-from latentwire.sweep import apply_overrides, compare_runs, expand, load_sweep_file, run_diagnose, run_sweep, verdict
+from latentwire.evaluation.sweep import apply_overrides, compare_runs, expand, load_sweep_file, run_diagnose, run_sweep, verdict
 
 
 def _base(tmp_path):
@@ -94,9 +94,9 @@ def test_verdict_rules():
 
 
 def test_diagnose_on_tiny_model(tmp_path):
-    from latentwire.runio import read_jsonl
-    from latentwire.metrics import paired_delta as _paired
-    from latentwire.sweep import HYPOTHESES, verdict
+    from latentwire.util.runio import read_jsonl
+    from latentwire.evaluation.metrics import paired_delta as _paired
+    from latentwire.evaluation.sweep import HYPOTHESES, verdict
     base = _base(tmp_path)
     base.adapter.preset = "seed"
     res = run_diagnose(base, tmp_path / "dg", log=lambda *a: None, phase2_steps=1)
@@ -124,7 +124,7 @@ def test_diagnose_on_tiny_model(tmp_path):
 
 
 def test_verdict_rule():
-    from latentwire.sweep import verdict
+    from latentwire.evaluation.sweep import verdict
     assert verdict((3.0, 1.0, 5.0), (0.0, -1.0, 1.0)) == "supported"  # F1 interval above 0
     assert verdict((0.0, -1.0, 1.0), (2.0, 0.5, 4.0)) == "supported"  # agreement interval above 0
     assert verdict((0.2, -1.0, 1.5), (0.0, -0.5, 0.5)) == "not supported"  # both stay below +2 points
@@ -152,7 +152,7 @@ def test_half_finished_run_resumes_or_restarts_when_its_flags_changed(tmp_path):
 
 
 def test_overwrite_clears_both_phases_checkpoints(tmp_path):
-    from latentwire.rundir import RUN_STATE_FILES, prepare_run_dir
+    from latentwire.evaluation.rundir import RUN_STATE_FILES, prepare_run_dir
     for f in RUN_STATE_FILES:
         (tmp_path / f).write_text("x")
     with pytest.raises(LatentWireError, match="already holds a run"):

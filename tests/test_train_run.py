@@ -5,12 +5,12 @@ import sys
 import pytest
 import torch
 
-from latentwire.adapters import build_adapter
-from latentwire.compress import PCA
+from latentwire.stage1.adapters import build_adapter
+from latentwire.wire.compress import PCA
 from latentwire.config import AdapterConfig, RunConfig, TrainConfig, apply_preset
 from latentwire.errors import LatentWireError
-from latentwire.run import run_experiment
-from latentwire.train import train_phase1, warmup_cosine
+from latentwire.evaluation.run import run_experiment
+from latentwire.stage1.train import train_phase1, warmup_cosine
 
 
 def _setup(seed=0):
@@ -217,7 +217,7 @@ def test_cli_eval_writes_predictions_and_metrics(tmp_path):
 
 
 def test_findings_name_the_cause():
-    from latentwire.diagnose import findings
+    from latentwire.stage1.diagnose import findings
     d = {"norm_status": "TOO HIGH", "norm_ratio": 7.9, "cos": 0.89, "collapsed": True, "top_output": "",
          "top_output_share": 0.9, "diversity": 0.05, "text_diversity": 0.8}
     lines = findings("seed", {"f1_retention": 0.0, "agreement": 0.0, "token_recovery_vocab": 0.1}, d)
@@ -266,7 +266,7 @@ def test_context_window_and_nonfinite_guards(tmp_path, tiny):
     with pytest.raises(LatentWireError, match="exceeds the model's context window"):
         run_experiment(c, use_cache=False, log=lambda *a: None)
     from latentwire.data import PromptBuilder, synthetic_squad
-    from latentwire.generate import EvalSwitches, pipeline_embeds
+    from latentwire.evaluation.generate import EvalSwitches, pipeline_embeds
     p = PromptBuilder(tiny.tokenizer, "plain", 200).build(synthetic_squad(2)[0])
     with pytest.raises(LatentWireError, match="not finite"):
         pipeline_embeds(tiny, [p], lambda x: x * float("inf"), EvalSwitches(), tiny.tokenizer.pad_token_id)
@@ -276,8 +276,8 @@ def test_diagnostic_stats_match_position_by_position(tiny):
     import torch.nn.functional as F
 
     from latentwire.data import PromptBuilder, synthetic_squad
-    from latentwire.diagnose import per_example_embedding_stats
-    from latentwire.generate import EvalSwitches
+    from latentwire.stage1.diagnose import per_example_embedding_stats
+    from latentwire.evaluation.generate import EvalSwitches
     table = tiny.embedding_table()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(table.shape[1], table.shape[1], generator=g) * 0.5

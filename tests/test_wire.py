@@ -9,13 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from latentwire.compress import PCA
+from latentwire.wire.compress import PCA
 from latentwire.data import PromptBuilder, context_token_ids, synthetic_squad
-from latentwire.generate import (EvalSwitches, as_pipeline, generate_predictions, pipeline_rows, span_payloads,
+from latentwire.evaluation.generate import (EvalSwitches, as_pipeline, generate_predictions, pipeline_rows, span_payloads,
                                  wire_mask, wire_span)
 from latentwire.pipelines.base import EmbeddingPipeline
 from latentwire.pipelines.text import text_pipeline
-from latentwire.wire import (FloatQuantizer, LMArithmeticCodec, LzmaCodec, ScalarQuantizer, ids_check,
+from latentwire.wire.wire import (FloatQuantizer, LMArithmeticCodec, LzmaCodec, ScalarQuantizer, ids_check,
                              TokenIdCodec, Utf8Codec, ZstdCodec, lm_code_length_bits, make_quantizer, pack_rows,
                              read_varint, unpack_rows, varint, wire_stats)
 
@@ -97,7 +97,7 @@ def test_lm_code_length_matches_a_direct_computation(tiny, prompts):
 def test_lm_code_length_under_a_small_logits_budget_is_unchanged(tiny, prompts, monkeypatch):
     # a big vocabulary makes the logits of a batch huge (Gemma-3: 4 GB for 8 contexts): the batch then shrinks,
     # down to one context at a time (equal up to float32 batching noise)
-    import latentwire.wire as w
+    import latentwire.wire.wire as w
     ctxs = [p.context_ids for p in prompts]
     full = lm_code_length_bits(tiny, prompts[0].head_ids, ctxs, batch_size=8)
     monkeypatch.setattr(w, "LOGITS_BUDGET", 1)
@@ -203,7 +203,7 @@ def test_identity_pipeline_gives_text_answers(tiny, prompts):
 def test_wire_report_without_zstandard_leaves_out_only_zstd(tiny, prompts, monkeypatch):
     # a bare GPU image had torch + transformers but not zstandard: the run must
     # still measure every other reference and say what it left out
-    from latentwire.wire import text_references
+    from latentwire.wire.wire import text_references
     said = []
     full = text_references(tiny, prompts, code_length=False, log=said.append)
     assert "zstd" in full and not said

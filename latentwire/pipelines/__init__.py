@@ -19,6 +19,14 @@ Families live in their own modules (imported lazily, so that importing this
 registry is cheap and cycle-free): text.py (text, ac), tokens.py (truncate,
 surprisal, none, +ac), pooled.py (meanpool), stage1.py, learned.py,
 optimized.py (the per-paragraph ceiling), cross.py (another sender model).
+The payload file's frame (frame.py) labels a payload with these kinds.
+
+May import: the models a pipeline loads (latentwire.stage1.adapters, latentwire.encoder.lmenc / weights), the
+paragraph probes (latentwire.evaluation.probes), latentwire.wire, latentwire.llm, latentwire.config,
+latentwire.data, latentwire.util, latentwire.errors -- and, inside a function, the v0.1 compressor
+(latentwire.encoder.seqcomp), an upward import the layers contract in pyproject.toml lists.
+Imported by: the package's __init__ (the public names), latentwire.api, latentwire.cli, the evaluation
+(generate.py and above), Stage 1's training and stage, the encoder's training and seqcomp.py.
 """
 from __future__ import annotations
 

@@ -25,7 +25,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..wire import Payload, Quantizer
+from ..wire.wire import Payload, Quantizer
+from ..data import context_token_ids
+from ..errors import LatentWireError
 
 READS = ("ids", "embeds", "kv")
 
@@ -131,7 +133,6 @@ class Pipeline:
 
     def context_ids(self, text: str) -> list[int]:
         """The receiver's tokens of a context as it sits in a prompt (after 'Context:')."""
-        from ..data import context_token_ids
         if self.lm is None:
             raise ValueError(f"{self.name}: no receiver model to tokenize the context with")
         return context_token_ids(self.lm.tokenizer, text)
@@ -145,7 +146,7 @@ class Pipeline:
         return {"name": self.name}
 
     def identity(self) -> dict:
-        """What this pipeline's payloads depend on, for the frame of a payload file (latentwire/frame.py): the
+        """What this pipeline's payloads depend on, for the frame of a payload file (latentwire/pipelines/frame.py): the
         `pipeline` label a reader must match (its `name`: the kind with its ratio), and digests of the `receiver`
         model, the `codec` model (an LLM that codes the bytes) and the trained `weights` -- None where the
         payload does not depend on it. The default (receiver and `weights_digest`) fits token-id and embedding
@@ -194,7 +195,6 @@ class EmbeddingPipeline(Pipeline):
 
 def check_pipeline(obj, where: str) -> "Pipeline":
     """A plug-in's object, checked: the interface's methods and a known `reads` (one-line error naming `where`)."""
-    from ..errors import LatentWireError
     missing = [m for m in ("send", "receive", "describe") if not callable(getattr(obj, m, None))]
     if missing:
         raise LatentWireError(f"{where}: gave {type(obj).__name__}, which has no {', '.join(missing)} "

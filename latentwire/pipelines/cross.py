@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..data import context_token_ids
-from ..wire import Payload, TokenIdCodec
+from ..wire.wire import Payload, TokenIdCodec
 from .base import Pipeline
 
 

@@ -1,12 +1,12 @@
 """The learned wires, one family (`--pipeline learned`, `--pipeline DIR`):
 
-* `PooledLMPipeline` -- the pooled LM encoder (latentwire/lmenc.py): a
+* `PooledLMPipeline` -- the pooled LM encoder (latentwire/encoder/lmenc.py): a
   fine-tuned copy of the receiver's LM reads the paragraph, its final states
   mean-pooled over every r tokens (M = ceil(L / r)), optionally squeezed to
   d_z quantized codes; the receiver maps them into its embedding space. A
   folder of `latentwire train-encoder` (encoder.json + safetensors), or the
   weights shipped for the default model (`--pipeline learned`).
-* `LearnedSeqPipeline` -- the v0.1 sequence compressor (latentwire/seqcomp.py),
+* `LearnedSeqPipeline` -- the v0.1 sequence compressor (latentwire/encoder/seqcomp.py),
   kept as a labelled variant: a small encoder on the frozen sender's hidden
   states at one layer; a run folder's `seq_compressor.pt` (`--pipeline
   RUN_DIR`, `--seq-path`), or trained by `latentwire run --sequence learned`.
@@ -18,9 +18,12 @@ from pathlib import Path
 import torch
 
 from ..data import context_token_ids
-from ..wire import Payload
+from ..wire.wire import Payload
 from .base import Pipeline
 from .tokens import budget
+from ..encoder.lmenc import META, load_encoder
+from ..errors import LatentWireError
+from ..encoder.weights import shipped_encoder
 
 
 class LearnedSeqPipeline(Pipeline):
@@ -36,7 +39,7 @@ class LearnedSeqPipeline(Pipeline):
 
     @torch.no_grad()
     def encode(self, text, ids):
-        from ..seqcomp import context_states
+        from ..encoder.seqcomp import context_states  # upward: the layers contract lists it
         if self.sender is not None:  # another model: it reads its own tokens of the text
             ids = context_token_ids(self.sender.tokenizer, text)
         h = context_states(self.sender or self.lm, ids, self.layer)
@@ -75,7 +78,7 @@ class LearnedSeqPipeline(Pipeline):
 
 def from_file(lm, path: str | Path, sender=None, flag: str = "--seq-path") -> LearnedSeqPipeline:
     """A saved compressor (checked against the receiver and sender models; one-line errors naming `flag`)."""
-    from ..seqcomp import load_compressor
+    from ..encoder.seqcomp import load_compressor  # upward: the layers contract lists it
     comp, meta = load_compressor(lm, path, sender, flag=flag)
     comp.to(lm.device if lm.device.type == "cuda" else "cpu")
     return LearnedSeqPipeline(lm, comp, meta["shape"]["layer"], sender=sender)
@@ -141,7 +144,6 @@ class PooledLMPipeline(Pipeline):
 
 def encoder_pipeline(lm, folder: str | Path, flag: str = "--pipeline") -> PooledLMPipeline:
     """A trained encoder's folder (encoder.json + safetensors) as a pipeline for receiver `lm`."""
-    from ..lmenc import load_encoder
     enc, meta = load_encoder(lm, folder, flag)
     enc.to(lm.device)
     return PooledLMPipeline(lm, enc, meta=meta)
@@ -150,13 +152,10 @@ def encoder_pipeline(lm, folder: str | Path, flag: str = "--pipeline") -> Pooled
 def build_learned(ctx) -> Pipeline:
     """`--pipeline learned`: the learned wire of ctx.run_dir (an encoder folder, or a v0.1 run's
     seq_compressor.pt), else the encoder shipped for the receiver model."""
-    from ..errors import LatentWireError
-    from ..lmenc import META
     if ctx.run_dir is not None:
         if (Path(ctx.run_dir) / META).is_file():
             return encoder_pipeline(ctx.lm, ctx.run_dir)
         return from_file(ctx.lm, Path(ctx.run_dir) / "seq_compressor.pt", ctx.sender, flag="--pipeline")
-    from ..weights import shipped_encoder
     folder = shipped_encoder(ctx.lm)
     if folder is None:
         raise LatentWireError("--pipeline learned: no trained encoder is shipped for this receiver model; train one "

@@ -42,15 +42,16 @@ from typing import Sequence
 import torch
 
 from ..data import PromptBuilder
-from ..decode import sliding_window
+from ..llm.decode import sliding_window
 from ..errors import LatentWireError
-from ..forward import context_kv, head_cache, read_tails
-from ..probes import (attach_teacher, continue_probes, paragraph_seed, probe_terms, question_probes, repeat_probe,
+from ..llm.forward import context_kv, head_cache, read_tails
+from ..evaluation.probes import (attach_teacher, continue_probes, paragraph_seed, probe_terms, question_probes, repeat_probe,
                       sample_questions)
-from ..runio import JsonlLogger, atomic_torch_save, safe_torch_load
-from ..wire import FloatQuantizer, Payload, RowQuantizer, read_varint, varint
+from ..util.runio import JsonlLogger, atomic_torch_save, safe_torch_load
+from ..wire.wire import FloatQuantizer, Payload, RowQuantizer, read_varint, varint
 from .base import KVReading, Pipeline
 from .tokens import budget
+from ..config import OptConfig
 
 FORMS = ("emb", "kv")
 OBJECTIVES = ("copy", "use")
@@ -299,7 +300,6 @@ def fit_summary(fitter: ParagraphFitter) -> dict:
 
 def _build(form: str, objective: str):
     def build(ctx):
-        from ..config import OptConfig
         cfg = ctx.cfg.opt if ctx.cfg is not None else OptConfig()
         builder = ctx.extra.get("builder") or PromptBuilder(ctx.lm.tokenizer, "fewshot")
         kind = f"opt-{form}-{objective}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..wire import FloatQuantizer, Quantizer
+from ..wire.wire import FloatQuantizer, Quantizer
 from .base import EmbeddingPipeline
 from .tokens import budget
 

@@ -4,7 +4,7 @@ compressor (PCA to --compress-dim) and quantizes the codes (--bits); the
 receiver dequantizes and maps each code back into the embedding space with
 the adapter (`vocab`: retrieval over its own table; `mlp`; or the PCA inverse,
 the `linear_inverse` control). Fitted and trained by `latentwire run`
-(latentwire/run.py, stage "Stage 1"); loaded from a run folder here."""
+(latentwire/evaluation/run.py, stage "Stage 1"); loaded from a run folder here."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,11 @@ import torch
 
 from ..errors import LatentWireError
 from .base import EmbeddingPipeline
+from ..stage1.adapters import build_adapter, load_adapter_state
+from ..wire.compress import load_compressor
+from ..config import AdapterConfig
+from ..util.runio import safe_torch_load
+from ..wire.wire import make_quantizer, quantizer_from_state
 
 
 def stage1_pipeline(name: str, lm, comp, quant, decoder, work: torch.device, info: dict) -> EmbeddingPipeline:
@@ -27,11 +32,6 @@ def stage1_pipeline(name: str, lm, comp, quant, decoder, work: torch.device, inf
 def from_run_dir(lm, run_dir: str | Path, flag: str = "--pipeline") -> EmbeddingPipeline:
     """The `latentwire` pipeline of a Stage 1 run folder: its compressor.pt,
     quantizer.pt (for --bits 1..8) and adapter.pt, each checked against `lm`."""
-    from ..adapters import build_adapter, load_adapter_state
-    from ..compress import load_compressor
-    from ..config import AdapterConfig
-    from ..runio import safe_torch_load
-    from ..wire import make_quantizer, quantizer_from_state
     run = Path(run_dir)
     cfg = json.loads((run / "config.json").read_text())
     fp = lm.fingerprint()

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..data import context_token_ids
-from ..wire import LMArithmeticCodec, Payload, TextCodec, Utf8Codec
+from ..wire.wire import LMArithmeticCodec, Payload, TextCodec, Utf8Codec
 from .base import Pipeline
+from .cross import with_codec
 
 
 class TextPipeline(Pipeline):
@@ -77,7 +78,6 @@ def build_text(ctx) -> TextPipeline:
 def build_ac(ctx):
     """The context's own ids, arithmetic-coded with the receiver LLM after its prompt head; with a codec model
     (ctx.codec), the codec's ids of the text, coded with it after its own head and read as text."""
-    from .cross import with_codec
     return with_codec(ctx, lambda lm, head: TextPipeline(LMArithmeticCodec(lm, head), lm, name="ac"))
 
 

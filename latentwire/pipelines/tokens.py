@@ -31,8 +31,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..wire import LMArithmeticCodec, Payload, TokenIdCodec
+from ..wire.wire import LMArithmeticCodec, Payload, TokenIdCodec
 from .base import Pipeline
+from .cross import with_codec
 
 SELECT_KINDS = ("truncate", "surprisal", "none")
 
@@ -118,7 +119,6 @@ def _build(kind: str, coding: str = "ids"):
     def build(ctx):
         ratio = 1 if kind == "none" else ctx.ratio
         if coding == "ac":  # the codec model's side when it is another model (cross.with_codec)
-            from .cross import with_codec
             return with_codec(ctx, lambda lm, head: TokenSelectPipeline(kind, ratio, lm.vocab_size, lm, head, coding))
         return TokenSelectPipeline(kind, ratio, ctx.lm.vocab_size, ctx.lm, ctx.head_ids, coding)
     return build

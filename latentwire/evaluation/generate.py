@@ -24,13 +24,14 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Prompt
-from .decode import (BatchDecoder, RunPrefix, common_prefix_len, decode_answer, greedy_generate, kv_generate, pad_rows,
+from ..data import Prompt
+from ..llm.decode import (BatchDecoder, RunPrefix, common_prefix_len, decode_answer, greedy_generate, kv_generate, pad_rows,
                      stop_token_ids)
-from .errors import LatentWireError
-from .pipelines.base import EmbeddingPipeline, KVReading, Pipeline
-from .pipelines.text import text_pipeline
-from .wire import FloatQuantizer, Payload
+from ..errors import LatentWireError
+from ..pipelines.base import EmbeddingPipeline, KVReading, Pipeline
+from ..pipelines.text import text_pipeline
+from ..wire.wire import FloatQuantizer, Payload
+from ..llm.forward import head_cache, reading_cache
 
 # [N, d] -> [N, d], row-wise: a row's output depends only on that row (every
 # compressor and adapter here is per token); diagnostics rely on it.
@@ -250,7 +251,6 @@ def kv_rows(lm, prompts: Sequence[Prompt], pipeline: Pipeline, payloads: Sequenc
     padded to the longest, padding masked), its past mask, and each row's own
     ids after the context (question and cue) -- decode.kv_generate's inputs.
     `heads`: the head caches computed so far."""
-    from .forward import head_cache, reading_cache
     payloads = prompt_payloads(prompts, pipeline, EvalSwitches()) if payloads is None else payloads
     readings = [pipeline.receive(pl) for pl in payloads]
     head = tuple(prompts[0].head_ids)

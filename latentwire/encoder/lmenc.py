@@ -47,11 +47,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import EncConfig
-from .errors import LatentWireError
-from .forward import decoder_stack
-from .runio import TensorStore, atomic_write_bytes, atomic_write_text, content_key
-from .wire import bounded_quantizer
+from ..config import EncConfig
+from ..errors import LatentWireError
+from ..llm.forward import decoder_stack
+from ..util.runio import TensorStore, atomic_write_bytes, atomic_write_text, content_key
+from ..wire.wire import bounded_quantizer
 
 FORMAT = 1
 """Of encoder.json: a reader refuses other formats."""
@@ -105,7 +105,7 @@ class PooledEncoder(torch.nn.Module):
     def sender_input(self, ids: Sequence[int]) -> tuple[list[int], int]:
         """(the tokens the sender reads, the pooling ratio): all L tokens pooled by r; the first-M control reads
         only the first M = ceil(L / r) tokens, one position each (truncation's content, trained the same way)."""
-        from .pipelines.tokens import budget
+        from ..pipelines.tokens import budget
         ids = list(ids)
         if self.first_m:
             return ids[:budget(len(ids), self.ratio)], 1
@@ -429,7 +429,7 @@ def load_encoder(lm, folder: str | Path, flag: str = "--pipeline") -> tuple[Pool
     when a tensor is missing or extra). Loads safetensors only: nothing in the folder runs code."""
     from safetensors.torch import load_file
 
-    from .models import same_model_source
+    from ..llm.models import same_model_source
     meta = read_meta(folder, flag)
     fp = lm.fingerprint()
     rec = meta.get("receiver", {})

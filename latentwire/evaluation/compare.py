@@ -34,11 +34,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import context_token_ids, distinct_contexts
-from .generate import EvalSwitches, span_payloads
+from ..data import context_token_ids, distinct_contexts
+from .generate import EvalSwitches, span_payloads, wire_span, wire_text
 from .metrics import paired_delta, pipeline_metrics, retention, score_example
-from .pipelines.base import Pipeline
-from .wire import wire_stats
+from ..pipelines.base import Pipeline
+from ..wire.wire import wire_stats
+from ..pipelines.tokens import budget
+from ..llm.forward import head_cache, read_tails
+from .probes import Probe, probe_terms, repeat_probe
 
 
 def is_learned(p) -> bool:
@@ -89,7 +92,6 @@ def send_all(pipe, prompts, sw: EvalSwitches, progress: bool, chunk: int = 32) -
     """Every distinct context's payload, sent and received before generation (a progress bar for slow senders:
     fits, LLM coding), `chunk` contexts at a time through send_many / receive_many where the pipeline has them
     (the LLM-coded wires step 8 contexts together; they sort each chunk by length)."""
-    from .generate import wire_span, wire_text
     seen = {}
     for p in prompts:
         s, e = wire_span(p, sw, pipe)
@@ -184,7 +186,6 @@ def answer_within(tokenizer, example, context_text: str, ratio: float) -> bool:
     """Whether one of the question's gold answers lies wholly inside the first M = ceil(L / r) tokens of the
     context as the prompt holds it (the receiver's tokens of ' ' + context, `data.context_token_ids`): what
     truncation at r keeps. Only a reading that carries more than those tokens can win on the other questions."""
-    from .pipelines.tokens import budget
     if not context_text:
         return False
     offsets = tokenizer(" " + context_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -234,8 +235,6 @@ def measure_readings(lm, prompts, pipelines: dict, builder, n_contexts: int, con
     paragraphs: reconstruction (teacher-forced token accuracy and CE of the receiver writing the paragraph
     back after REPEAT_CUE) and continuation (CE per token of the article's next paragraph, its first
     `cont_tokens` tokens, read right after the reading)."""
-    from .forward import head_cache, read_tails
-    from .probes import Probe, probe_terms, repeat_probe
     ctxs = distinct_contexts(prompts)[:n_contexts]
     if not ctxs:
         return {}

@@ -15,8 +15,9 @@ from typing import Iterable
 
 import torch
 
-from .errors import LatentWireError
-from .runio import atomic_torch_save, safe_torch_load
+from ..errors import LatentWireError
+from ..util.runio import atomic_torch_save, safe_torch_load
+from ..llm.models import same_model_source
 
 
 def svd_flip_components(components: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,6 @@ def make_compressor(kind: str, k: int, seed: int = 0) -> Compressor:
 def check_meta(what: str, path: str | Path, meta: dict, expect: dict) -> None:
     """A saved artifact must match this run: model, d_model, vocabulary size,
     compression dim (and kind). The message names both sides."""
-    from .models import same_model_source
     for key, want in expect.items():
         have = meta.get(key)
         if have is not None and have != want and not (key == "model" and same_model_source(have, want)):

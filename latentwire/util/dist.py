@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as tdist
 
-from .errors import LatentWireError
+from ..errors import LatentWireError
 
 
 @dataclass(frozen=True)

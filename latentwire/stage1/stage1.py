@@ -12,15 +12,17 @@ from typing import Sequence
 
 import torch
 
-from . import dist
-from .adapters import build_adapter, load_adapter_state, save_adapter
-from .compress import check_meta, load_compressor, make_compressor, read_artifact
-from .config import RunConfig
-from .data import Example, PromptBuilder
-from .generate import EvalSwitches
-from .runio import atomic_torch_save
-from .train import train_phase1, train_phase2, vocab_sample
-from .wire import make_quantizer
+from ..util import dist
+from .adapters import LinearAdapter, build_adapter, load_adapter_state, save_adapter
+from ..wire.compress import check_meta, load_compressor, make_compressor, read_artifact
+from ..config import RunConfig
+from ..data import Example, PromptBuilder
+from ..evaluation.generate import EvalSwitches
+from ..util.runio import atomic_torch_save, write_json
+from .train import train_phase1, train_phase2, vocab_recon_metrics, vocab_sample
+from ..wire.wire import make_quantizer
+from ..pipelines.stage1 import stage1_pipeline
+from .diagnose import diagnose, findings, summary_lines
 
 
 def training_pool(builder: PromptBuilder, train: Sequence[Example]) -> torch.Tensor:
@@ -141,7 +143,6 @@ class Stage1:
     def pipelines(self, cfg: RunConfig, lm) -> dict:
         """`latentwire` (compressor + quantizer + adapter) and, with --controls, `linear_inverse` (the PCA
         inverse as the receiver: the seed's failure in one line)."""
-        from .pipelines.stage1 import stage1_pipeline
         info = {"kind": "stage1", "compressor": self.comp.kind}
         linear = stage1_pipeline("linear_inverse", lm, self.comp, self.quant, self.comp.inverse_transform,
                                  self.work, info)
@@ -159,10 +160,6 @@ class Stage1:
                  log, metrics: dict) -> dict:
         """Per-token diagnostics of a Stage 1 pipeline (cosine, norms, token recovery, collapse): written to
         diagnostics_NAME.json, added to its metrics entry and the run's verdict."""
-        from .adapters import LinearAdapter
-        from .diagnose import diagnose, findings, summary_lines
-        from .runio import write_json
-        from .train import vocab_recon_metrics
         mod = self.adapter if name == "latentwire" else None
         # the adapter ends on its best state, whose whole-vocabulary metrics
         # training measured once; Phase 2 changes it

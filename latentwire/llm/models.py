@@ -24,12 +24,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import LatentWireError
+from ..errors import LatentWireError
+
+# runio, dist and tiny are imported inside the functions that use them: decoding (decode -> forward -> models)
+# imports no prompt, data, I/O or process module (tests/test_models_and_generation.py)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
 TINY_MODELS = {TINY_MODEL: {}, "tiny-random-b": {"seed": 1, "hidden_size": 96, "vocab_size": 512}}
-"""The in-process random models (latentwire/tiny.py) by alias: keyword arguments of tiny_model_and_tokenizer."""
+"""The in-process random models (latentwire/llm/tiny.py) by alias: keyword arguments of tiny_model_and_tokenizer."""
 GEMMA_MODEL = "gemma3-270m"
 _ALIASES = {DEFAULT_MODEL, "smollm2", "default"}
 
@@ -205,7 +208,7 @@ def file_digest(path: Path) -> str:
     """sha256 of a file's bytes. Hashing ~270 MB takes about a second, so
     each digest is remembered per (path, size, mtime) in digests.json beside
     the caches (rewritten atomically; a lost entry is only hashed again)."""
-    from .runio import write_json
+    from ..util.runio import write_json
     st = path.stat()
     where = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     memo_path = cache_root() / "gguf" / "digests.json"
@@ -378,7 +381,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    from . import dist
+    from ..util import dist
     d = dist.current()
     if d.enabled and not d.is_main:
         dist.barrier(d)  # rank 0 assembles/converts a GGUF first; the others then read its cache

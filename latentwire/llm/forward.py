@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import LatentWireError
+from ..errors import LatentWireError
 from .models import cache_kwarg, get_cache
 
 

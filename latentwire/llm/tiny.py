@@ -11,13 +11,13 @@ it as a user's command would.
 from __future__ import annotations
 
 import torch
+from ..data import synthetic_corpus_text
 
 
 def tiny_tokenizer(vocab_size: int = 384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import synthetic_corpus_text
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

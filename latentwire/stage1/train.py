@@ -23,11 +23,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import dist
-from .config import TrainConfig
-from .errors import LatentWireError
-from .losses import reconstruction_loss
-from .runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, safe_torch_load, write_jsonl
+from ..util import dist
+from ..config import TrainConfig
+from ..errors import LatentWireError
+from .losses import answer_cross_entropy, logit_kl, reconstruction_loss
+from ..util.runio import JsonlLogger, NullLogger, atomic_torch_save, read_jsonl, safe_torch_load, write_jsonl
+from ..evaluation.generate import wire_mask
 
 
 class _StopFlag:
@@ -314,7 +315,6 @@ def phase2_batch(lm, prompts, switches, pad_id: int):
     `recon` (prompt positions that go through compressor+adapter), `labels`
     (gold answer tokens, -100 elsewhere, aligned so logits[:, t] predicts
     labels[:, t]), `prompt_pos` and `answer_pos` (where the KL may be taken)."""
-    from .generate import wire_mask
     tok = lm.tokenizer
     seqs, metas = [], []
     for p in prompts:
@@ -348,7 +348,6 @@ def phase2_loss(lm, adapter, encode: Callable, batch: dict, cfg: TrainConfig) ->
     do at inference. Gradients reach only the adapter: the LLM's parameters
     have requires_grad=False and are not in the optimizer.
     """
-    from .losses import answer_cross_entropy, logit_kl
     dev = lm.device
     ids, attn = batch["ids"].to(dev), batch["attn"].to(dev)
     sel = batch["recon"].to(dev)

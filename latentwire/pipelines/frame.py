@@ -31,8 +31,10 @@ import binascii
 import hashlib
 from pathlib import Path
 
-from .errors import LatentWireError
-from .wire import Payload
+from ..errors import LatentWireError
+from ..wire.wire import Payload
+from . import KINDS
+from ..llm.models import file_digest
 
 MAGIC = b"LW"
 VERSION = 1
@@ -51,7 +53,6 @@ def _byte(*parts) -> int:
 def kind_label(kind: str, ratio: float) -> str | None:
     """The label a registry kind's pipeline has at `ratio` (its `name`), or None for a trained kind (its label
     comes from its weights). Tested equal to the built pipelines' names."""
-    from .pipelines import KINDS
     k = KINDS.get(kind)
     if k is None or k.trained:
         return None
@@ -64,7 +65,6 @@ def kind_label(kind: str, ratio: float) -> str | None:
 def known_labels() -> list[str]:
     """Every label of the registry's kinds at LABEL_RATIOS, the pooled LM encoder's (without a bottleneck), the
     v0.1 learned compressor's and Stage 1's."""
-    from .pipelines import KINDS
     out = ["latentwire"] + [f"{k}_r{r:g}" for k in ("lmenc", "learned") for r in LABEL_RATIOS]
     for k in KINDS:
         out += list(dict.fromkeys(kind_label(k, r) for r in LABEL_RATIOS if kind_label(k, r)))
@@ -136,7 +136,6 @@ def _model_name(lm) -> str:
 
 def files_digest(paths) -> str | None:
     """A digest of trained weights' files (for `Pipeline.weights_digest`), None when there are none."""
-    from .models import file_digest
     files = sorted(Path(p) for p in paths if Path(p).is_file())
     if not files:
         return None

@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 import torch
 
+from ..errors import LatentWireError
+
 
 def _umask() -> int:
     old = os.umask(0)
@@ -78,7 +80,6 @@ def read_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> list[dict]:
     the file and line, or skipped with `skip_bad` (caches)."""
     import warnings
 
-    from .errors import LatentWireError
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
     rows = []
@@ -118,7 +119,6 @@ def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
     dicts only. A pickle that would run code (or build any other object) is
     refused with an error naming `what` (the flag or file) -- loading a
     checkpoint from a user's path never executes what it contains."""
-    from .errors import LatentWireError
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file

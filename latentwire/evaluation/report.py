@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .frame import FRAME_BYTES
-from .runio import atomic_write_text, read_jsonl
-from .wire import LMArithmeticCodec
+from ..pipelines.frame import FRAME_BYTES
+from ..util.runio import atomic_write_text, read_jsonl
+from ..wire.wire import LMArithmeticCodec
 
 
 def _plt():

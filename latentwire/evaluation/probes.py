@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from .data import FEWSHOT_SHOTS, Example, PromptBuilder
+from ..data import FEWSHOT_SHOTS, Example, PromptBuilder
+from ..llm.forward import read_tails
 
 REPEAT_CUE = "\nRepeat the context:"
 """The cue after which a receiver writes the paragraph back (copy objective, reconstruction accuracy)."""
@@ -71,7 +72,7 @@ def sample_questions(lm, text: str, n: int, seed: int, max_new_tokens: int = 32)
 def question_probes(lm, builder: PromptBuilder, text: str, questions: Sequence[str], batch_size: int = 8
                     ) -> list[Probe]:
     """Each question answered by the LLM reading the paragraph (the evaluation's path and template)."""
-    from .generate import generate_predictions
+    from .generate import generate_predictions  # upward: the layers contract lists it
     prompts = [builder.build(Example(f"probe-{i}", "probe", text, q, ["-"])) for i, q in enumerate(questions)]
     answers = generate_predictions(lm, prompts, None, batch_size=batch_size, progress=False)
     tok = lm.tokenizer
@@ -110,7 +111,6 @@ def repeat_probe(builder: PromptBuilder, ctx_ids: Sequence[int]) -> Probe:
 def attach_teacher(lm, hc, n_head: int, ctx_ids: Sequence[int], probes: Sequence[Probe], topk: int = 64,
                    batch: int = 16) -> None:
     """The teacher's top-k at each probe's target positions: the LLM reading [head][paragraph as text][tail][target]."""
-    from .forward import read_tails
     reading = torch.tensor(list(ctx_ids), dtype=torch.long)
     for b in range(0, len(probes), batch):
         chunk = probes[b:b + batch]

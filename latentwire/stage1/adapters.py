@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compress import check_meta, read_artifact
-from .config import AdapterConfig
-from .errors import LatentWireError
-from .runio import atomic_torch_save
+from ..wire.compress import check_meta, read_artifact
+from ..config import AdapterConfig
+from ..errors import LatentWireError
+from ..util.runio import atomic_torch_save
 
 
 def rms(x: torch.Tensor, dim: int = -1, keepdim: bool = True) -> torch.Tensor:

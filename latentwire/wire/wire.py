@@ -12,7 +12,7 @@ byte counts are the lengths of real byte strings, never a formula.
 
 Byte-count conventions (stated in the README):
 * transport framing is not counted (the message length is known, as for any
-  file or packet; a payload file's 8-byte frame, latentwire/frame.py, is
+  file or packet; a payload file's 8-byte frame, latentwire/pipelines/frame.py, is
   reported beside the payload); a payload whose values are narrower than a byte carries
   a varint count of positions, because its padding would be ambiguous;
 * what both ends hold before any message -- the model, the tokenizer, the
@@ -35,7 +35,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import LatentWireError
+from ..errors import LatentWireError
+from ..data import context_token_ids, distinct_contexts
 
 
 class Payload(bytes):
@@ -259,7 +260,7 @@ class LMArithmeticCodec(TextCodec):
         """Steps the LLM over up to LANES contexts at once: lane j's i-th token
         (i < lengths[j]) is pick(j, i, p), where p is its distribution (float64
         numpy [V]) given the head and the lane's earlier tokens."""
-        from .models import cache_kwarg, get_cache
+        from ..llm.models import cache_kwarg, get_cache  # deferred: `import latentwire` loads no LLM code
         if len(lengths) > self.LANES:
             raise ValueError(f"at most {self.LANES} contexts step together")
         steps = max(lengths, default=0)
@@ -606,7 +607,6 @@ def text_references(lm, prompts, code_length: bool = True, ac_contexts: int = 0,
     arithmetic coding (actual, on the first `ac_contexts` contexts, decoded
     and checked). `prompts`: data.Prompt objects (one reference per distinct
     context)."""
-    from .data import context_token_ids, distinct_contexts
     ctx = distinct_contexts(prompts)
     ntok = [len(p.context_ids) for p in ctx]
     tokenize = lambda t: context_token_ids(lm.tokenizer, t)  # noqa: E731

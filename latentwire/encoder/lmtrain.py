@@ -1,4 +1,4 @@
-"""Training the pooled LM encoder (latentwire/lmenc.py): a plain loop.
+"""Training the pooled LM encoder (latentwire/encoder/lmenc.py): a plain loop.
 
 Stage A (self-supervised, `enc_steps_a`): each example is, at random,
 * reconstruction -- the encoder reads the paragraph; the frozen receiver
@@ -38,17 +38,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import EncConfig
-from .data import Example, PromptBuilder, interleave_by_title
-from .errors import LatentWireError
-from .forward import cache_copy, forward_after, head_cache, head_logits, right_pad
+from ..config import EncConfig
+from ..data import Example, PromptBuilder, interleave_by_title
+from ..errors import LatentWireError
+from ..llm.forward import cache_copy, forward_after, head_cache, head_logits, right_pad
 from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
-from .probes import REPEAT_CUE
+from ..evaluation.probes import REPEAT_CUE
 from .seqcomp import answer_ids
-from .models import cache_root, get_cache
-from .runio import JsonlLogger, TensorStore, atomic_torch_save, content_key, safe_torch_load, write_json
-from .train import _StopFlag
-from .wire import torch_threads
+from ..llm.models import cache_root, get_cache
+from ..util.runio import (JsonlLogger, TensorStore, atomic_torch_save, content_key, read_jsonl, safe_torch_load,
+                          write_json, write_jsonl)
+from ..stage1.train import _StopFlag
+from ..wire.wire import torch_threads
 
 
 # ------------------------------------------------------------- data
@@ -301,8 +302,8 @@ def lr_at(step: int, cfg: EncConfig) -> float:
 
 def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
     """Mean F1 (x 100) of greedy answers on `prompts` through `pipe`'s wire (payload bytes -> what the LLM reads)."""
-    from .generate import generate_predictions
-    from .metrics import score_example
+    from ..evaluation.generate import generate_predictions
+    from ..evaluation.metrics import score_example
     if not prompts:
         return float("nan")
     preds = generate_predictions(lm, prompts, pipe, batch_size=batch_size, progress=False)
@@ -311,7 +312,7 @@ def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
 
 def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
     """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
-    from .pipelines.learned import PooledLMPipeline
+    from ..pipelines.learned import PooledLMPipeline
     was = enc.training
     enc.eval()
     try:
@@ -367,6 +368,11 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
     hc, n_head = head_cache(lm, head), len(head)
     cue = builder._ids(REPEAT_CUE)
     total = cfg.enc_steps_a + cfg.enc_steps_b
+    if resume:  # a run killed between checkpoints logged steps the resumed one will log again: drop them
+        for name in ("train_log.jsonl", "heldout.jsonl"):
+            if (out / name).is_file():
+                kept = [r for r in read_jsonl(out / name, skip_bad=True) if r.get("step", 0) <= step]
+                write_jsonl(out / name, kept)
     steps_log, evals_log = JsonlLogger(out / "train_log.jsonl"), JsonlLogger(out / "heldout.jsonl")
     precision = step_precision(cfg.enc_precision, lm.device)
     amp = torch.autocast(lm.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -471,7 +477,7 @@ def code_version() -> str:
     """The package version and, from a git checkout, the commit (with '+dirty' when files differ)."""
     import subprocess
 
-    from . import __version__
+    from .. import __version__
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+dirty"], capture_output=True,
@@ -488,8 +494,8 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
     the weights). Returns encoder.json's content."""
     import shlex
 
-    from .models import display_name, file_digest, load_model
-    from .run import load_data
+    from ..llm.models import display_name, file_digest, load_model
+    from ..evaluation.run import load_data
     enc_cfg.validate()
     cfg.model.validate()
     for flag, v in (("--sender-model", cfg.model.sender_model), ("--codec-model", cfg.model.codec_model),

@@ -14,24 +14,28 @@ from typing import Sequence
 
 import torch
 
-from . import dist
+from ..util import dist
 from .answers import cached_predictions, sharded_predictions, text_predictions
 from .compare import (add_controls, answer_split, control_deltas, measure_readings, pipeline_ratio, pipeline_entry, probe_set, score_rows, send_all,
                       wire_entry)
-from .config import RunConfig
-from .data import Example, PromptBuilder, interleave_by_title, load_squad_hub, load_squad_json, split_by_title, \
+from ..config import RunConfig
+from ..data import Example, PromptBuilder, interleave_by_title, load_squad_hub, load_squad_json, split_by_title, \
     synthetic_squad
-from .errors import LatentWireError
+from ..errors import LatentWireError
 from .generate import EvalSwitches
 from .metrics import pipeline_metrics
-from .models import load_model
-from .pipelines import KINDS, BuildContext, build
-from .pipelines.text import text_pipeline
-from .report import metrics_table, write_report
+from ..llm.models import load_model
+from ..pipelines import KINDS, BuildContext, build
+from ..pipelines.text import text_pipeline
+from .report import answer_split_table, controls_table, metrics_table, write_report
 from .rundir import prepare_run_dir, write_predictions
-from .runio import JsonlLogger, NullLogger, seed_everything, write_json
-from .stage1 import training_pool
-from .wire import text_references
+from ..util.runio import JsonlLogger, NullLogger, seed_everything, write_json
+from ..stage1.stage1 import Stage1, check_saved_artifacts, fit_stage1, training_pool
+from ..wire.wire import text_references
+from ..pipelines.cross import CrossModelPipeline, SenderIdsPipeline
+from ..encoder.seqcomp import prepare_learned, read_compressor_file
+from ..pipelines.learned import LearnedSeqPipeline
+from ..pipelines.optimized import fit_summary
 
 
 def load_data(cfg: RunConfig) -> tuple[list[Example], list[Example], dict]:
@@ -203,14 +207,12 @@ def build_pipelines(cfg: RunConfig, lm, prompts, builder: PromptBuilder, out: Pa
 
     def make(spec: str, ratio: float) -> list:
         if s_ctx is not None and spec in CROSS_KINDS:
-            from .pipelines.cross import CrossModelPipeline
             return [CrossModelPipeline(p, sender.tokenizer, lm.tokenizer, sender.source, lm)
                     for p in build(spec, BuildContext(**{**s_ctx.__dict__, "ratio": ratio}))]
         return build(spec, BuildContext(**{**ctx.__dict__, "ratio": ratio, "sender": sender}))
 
     pipes: dict = {}
     if sender is not None:
-        from .pipelines.cross import SenderIdsPipeline
         pipes["sender_ids"] = SenderIdsPipeline(sender.tokenizer, sender.vocab_size, lm.vocab_size, sender.source, lm)
     specs = cfg.eval.sequence_kinds() + cfg.eval.pipeline_specs()
     per_ratio = [s for s in specs if s in KINDS and KINDS[s].ratio]
@@ -249,7 +251,6 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
 
     data = load_data(cfg)  # a bad data file is reported before the model loads
     if "learned" in cfg.eval.sequence_kinds():
-        from .seqcomp import read_compressor_file
         for flag, path in (("--seq-path", cfg.seq.seq_path), ("--seq-sender-path", cfg.seq.seq_sender_path)):
             if path:
                 read_compressor_file(path, flag)  # so is a bad saved compressor
@@ -271,7 +272,6 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
         events.log(event="codec_model", source=codec.source, d_model=codec.d_model, vocab=codec.vocab_size)
     fp = lm.fingerprint() | {"compress_dim": k}
     if cfg.eval.stage1:  # saved artifacts are checked before any work starts
-        from .stage1 import check_saved_artifacts
         check_saved_artifacts(cfg, fp)
     events.log(event="model", source=lm.source, d_model=lm.d_model, vocab=lm.vocab_size, device=str(lm.device),
                dtype=str(lm.dtype))
@@ -282,12 +282,9 @@ def run_experiment(cfg: RunConfig, use_cache: bool = True, resume: bool = False,
     sw = eval_switches(cfg)
     stage1 = None
     if cfg.eval.stage1:
-        from .stage1 import Stage1, fit_stage1
         stage1 = Stage1(*fit_stage1(cfg, lm, inp, fp, k, out, events, resume, log, sw))
     learned, seq_summary = None, None
     if "learned" in cfg.eval.sequence_kinds():
-        from .pipelines.learned import LearnedSeqPipeline
-        from .seqcomp import prepare_learned
         comp, layer, seq_summary = prepare_learned(lm, cfg.seq, seq_train_prompts(cfg, lm, inp.train),
                                                    prompts[0].head_ids, out, cfg.seq.seq_seed, cfg.progress, resume,
                                                    log, use_cache=use_cache, sender=sender)
@@ -359,7 +356,6 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
             entry["answer_cache"] = {k: cached[k] for k in ("hits", "misses", "path")}
             log(f"{name}: {cached['misses']} answers generated, {cached['hits']} read from the answer cache")
         if hasattr(pipe, "fitter"):
-            from .pipelines.optimized import fit_summary
             entry["fits"] = fit_summary(pipe.fitter)
         metrics["pipelines"][name] = entry
         if stage1 is not None and name in stage1.names:
@@ -384,10 +380,8 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
     write_report(out, metrics, diags, asdict(cfg))
     log("\n" + metrics_table(metrics))
     if controls:
-        from .report import controls_table
         log("\n" + controls_table(metrics))
     if metrics.get("answer_split"):
-        from .report import answer_split_table
         log("\n" + answer_split_table(metrics))
     if metrics.get("verdict"):
         log("\n".join(["", "verdict:"] + [f"- {v}" for v in metrics["verdict"]]))

@@ -13,9 +13,9 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import LatentWireError
-from .runio import write_json, write_jsonl
+from ..config import RunConfig
+from ..errors import LatentWireError
+from ..util.runio import write_json, write_jsonl
 
 
 def write_predictions(out: Path, stem: str, rows: list[dict]) -> None:

@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import Prompt
-from .generate import EmbedTransform, EvalSwitches, wire_mask
+from ..data import Prompt
+from ..evaluation.generate import EmbedTransform, EvalSwitches, wire_mask
 
 NORM_LOW, NORM_HIGH = 0.8, 1.2
 

@@ -42,16 +42,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import dist
-from .config import SeqConfig
-from .data import context_token_ids
-from .errors import LatentWireError
-from .forward import cache_copy, forward_after, head_cache, logits_kw, right_pad
-from .models import cache_root, get_cache
-from .report import reference_text
-from .pipelines.tokens import budget
-from .runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
-from .wire import Quantizer, bounded_quantizer
+from ..util import dist
+from ..config import SeqConfig
+from ..data import context_token_ids
+from ..errors import LatentWireError
+from ..llm.forward import cache_copy, forward_after, head_cache, logits_kw, right_pad
+from ..llm.models import cache_root, get_cache, same_model_source
+from ..evaluation.report import reference_text
+from ..pipelines.tokens import budget
+from ..util.runio import JsonlLogger, NullLogger, atomic_torch_save, safe_torch_load
+from ..wire.wire import Quantizer, bounded_quantizer
+from ..stage1.train import _Checkpoint, _drop_rows_after, _StopFlag, checked_step, warmup_cosine
 
 FORMAT = 1  # of seq_compressor.pt
 
@@ -192,7 +193,6 @@ def read_compressor_file(path: str | Path, flag: str = "--seq-path") -> dict:
 
 
 def _check_model(flag: str, path, saved: dict | None, lm, role: str) -> None:
-    from .models import same_model_source
     fp = lm.fingerprint()
     for k in ("model", "d_model", "vocab_size"):
         have = (saved or {}).get(k)
@@ -459,7 +459,6 @@ def train_seq(lm, comp: SeqCompressor, items: Sequence[dict], hc, n_head: int, c
     step) every --seq-ckpt-every steps and on SIGINT/SIGTERM; `resume=True`
     continues exactly where the last one left off. Under torchrun each rank
     takes its share of every step's questions (DDP averages gradients)."""
-    from .train import _Checkpoint, _drop_rows_after, _StopFlag, checked_step, warmup_cosine
     out_dir = Path(out_dir)
     d = dist.current()
     if not items:

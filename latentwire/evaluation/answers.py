@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, dist
-from .config import RunConfig
+from .. import __version__
+from ..util import dist
+from ..config import RunConfig
 from .generate import generate_predictions
-from .models import cache_root
-from .runio import read_jsonl, write_json
+from ..llm.models import cache_root
+from ..util.runio import read_jsonl, write_json
 
 
 def _fingerprint_sources() -> str:
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in ("decode.py", "generate.py", "forward.py", "wire.py", "data.py", "models.py", "pipelines/base.py",
-                 "pipelines/text.py", "pipelines/tokens.py"):
+    here = Path(__file__).parent.parent
+    for name in ("llm/decode.py", "evaluation/generate.py", "llm/forward.py", "wire/wire.py", "data.py", "llm/models.py",
+                 "pipelines/base.py", "pipelines/text.py", "pipelines/tokens.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 

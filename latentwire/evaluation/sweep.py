@@ -24,10 +24,13 @@ from dataclasses import fields
 from pathlib import Path
 
 
-from .config import GROUPS, RunConfig, apply_preset
-from .errors import LatentWireError
+from ..config import GROUPS, RunConfig, apply_preset
+from ..errors import LatentWireError
 from .metrics import paired_delta
-from .runio import atomic_write_text, read_jsonl
+from ..util.runio import atomic_write_text, read_jsonl
+from .run import run_experiment
+from .rundir import config_diff, finished_metrics
+from .report import plot_f1_vs_bytes
 
 RESULT_COLUMNS = ["name", "pipeline", "overrides", "text_f1", "f1", "f1_ci95", "em", "f1_retention", "agreement",
                   "token_recovery_vocab", "cos", "norm_ratio", "norm_status", "collapsed", "wire_bytes",
@@ -145,9 +148,6 @@ def run_sweep(base: RunConfig, runs: list[dict], out: str | Path, log=print, use
     reused only when its resolved config equals the entry's (so a changed
     `base` reruns what it changes); results.csv is rewritten from the runs'
     own metrics.json after each run."""
-    from .run import run_experiment
-    from .rundir import config_diff, finished_metrics
-    from .runio import atomic_write_text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
@@ -253,7 +253,6 @@ def plot_sweep(rows: list[dict], out: Path) -> list[str]:
         fig.tight_layout(); fig.savefig(out / "f1_vs_ratio.png", dpi=110); plt.close(fig)
         made.append("f1_vs_ratio.png")
     if rows and rows[0].get("wire_bytes"):
-        from .report import plot_f1_vs_bytes
         first = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())
         pts = [{"label": (r["name"] if r["pipeline"] == "latentwire" else f"{r['name']}: {r['pipeline']}")[:32],
                 "bytes": float(r["wire_bytes"]), "f1": float(r["f1"]),
