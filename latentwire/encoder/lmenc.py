@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ..config import EncConfig
 from ..errors import LatentWireError
 from ..llm.forward import decoder_stack
+from ..llm.models import same_model_source
 from ..util.runio import TensorStore, atomic_write_bytes, atomic_write_text, content_key
 from ..wire.wire import bounded_quantizer
 
@@ -429,7 +430,6 @@ def load_encoder(lm, folder: str | Path, flag: str = "--pipeline") -> tuple[Pool
     when a tensor is missing or extra). Loads safetensors only: nothing in the folder runs code."""
     from safetensors.torch import load_file
 
-    from ..llm.models import same_model_source
     meta = read_meta(folder, flag)
     fp = lm.fingerprint()
     rec = meta.get("receiver", {})

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shlex
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,15 +43,19 @@ from tqdm.auto import tqdm
 from ..config import EncConfig
 from ..data import Example, PromptBuilder, interleave_by_title
 from ..errors import LatentWireError
-from ..llm.forward import cache_copy, forward_after, head_cache, head_logits, right_pad
-from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
+from ..evaluation.generate import generate_predictions
+from ..evaluation.metrics import score_example
 from ..evaluation.probes import REPEAT_CUE
-from .seqcomp import answer_ids
-from ..llm.models import cache_root, get_cache
+from ..evaluation.run import load_data
+from ..llm.forward import cache_copy, forward_after, head_cache, head_logits, right_pad
+from ..llm.models import cache_root, display_name, file_digest, get_cache, load_model
+from ..pipelines.learned import PooledLMPipeline
+from ..stage1.train import _StopFlag
 from ..util.runio import (JsonlLogger, TensorStore, atomic_torch_save, content_key, read_jsonl, safe_torch_load,
                           write_json, write_jsonl)
-from ..stage1.train import _StopFlag
 from ..wire.wire import torch_threads
+from .lmenc import PooledEncoder, build_encoder, load_encoder, save_encoder
+from .seqcomp import answer_ids
 
 
 # ------------------------------------------------------------- data
@@ -302,8 +308,6 @@ def lr_at(step: int, cfg: EncConfig) -> float:
 
 def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
     """Mean F1 (x 100) of greedy answers on `prompts` through `pipe`'s wire (payload bytes -> what the LLM reads)."""
-    from ..evaluation.generate import generate_predictions
-    from ..evaluation.metrics import score_example
     if not prompts:
         return float("nan")
     preds = generate_predictions(lm, prompts, pipe, batch_size=batch_size, progress=False)
@@ -312,7 +316,6 @@ def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
 
 def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
     """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
-    from ..pipelines.learned import PooledLMPipeline
     was = enc.training
     enc.eval()
     try:
@@ -475,10 +478,8 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
 
 def code_version() -> str:
     """The package version and, from a git checkout, the commit (with '+dirty' when files differ)."""
-    import subprocess
-
-    from .. import __version__
-    root = Path(__file__).resolve().parent.parent
+    from .. import __version__  # the package's own __init__: upward, listed in the layers contract
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+dirty"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -492,10 +493,6 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
     """`latentwire train-encoder`: load the receiver (cfg.model) and the training questions (cfg.data's
     --squad-train, else the built-in synthetic set's training articles), train, write `out` (config.json beside
     the weights). Returns encoder.json's content."""
-    import shlex
-
-    from ..llm.models import display_name, file_digest, load_model
-    from ..evaluation.run import load_data
     enc_cfg.validate()
     cfg.model.validate()
     for flag, v in (("--sender-model", cfg.model.sender_model), ("--codec-model", cfg.model.codec_model),
