@@ -435,6 +435,36 @@ def test_gpu_encoder_script_trains_evaluates_and_archives_on_the_tiny_model(tmp_
     assert r.returncode == 0 and "resumed" in (out / "full.log").read_text()
 
 
+def test_the_cpu_training_script_keeps_its_weights_and_a_new_machine_continues_from_them(tmp_path):
+    """scripts/train_encoder.sh: a piece of training, then its best weights and logs copied to KEEP (no optimizer
+    state); a machine without the run folder continues from KEEP with the same recipe, and KEEP follows it."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from conftest import squad_json
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "train.json").write_text(json.dumps(squad_json(synthetic_squad(8, 0))))
+    env = os.environ | {"PY": os.sys.executable, "SQUAD_TRAIN": str(tmp_path / "train.json"),
+                        "RUN": str(tmp_path / "run"), "KEEP": str(tmp_path / "keep")}
+    tiny = ["--model", "tiny-random", "--enc-batch", "2", "--enc-heldout-paragraphs", "2", "--enc-heldout-questions",
+            "2", "--enc-eval-every", "1", "--no-progress"]
+    r = subprocess.run(["bash", "scripts/train_encoder.sh", *tiny, "--enc-steps-a", "1", "--enc-steps-b", "1"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    kept = sorted(p.name for p in (tmp_path / "keep").iterdir())
+    assert "encoder.json" in kept and "heldout.jsonl" in kept and not any(k.endswith(".pt") for k in kept)
+    assert any(k.endswith(".safetensors") for k in kept)
+    import shutil
+    shutil.rmtree(tmp_path / "run")  # a new machine: the committed folder only
+    r = subprocess.run(["bash", "scripts/train_encoder.sh", *tiny, "--enc-steps-a", "1", "--enc-steps-b", "2"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "continuing from" in r.stdout and "resumed the weights" in r.stdout
+    meta = json.loads((tmp_path / "keep" / "encoder.json").read_text())
+    assert meta["record"]["steps"] == 3 and meta["record"]["finished"]
+
+
 @pytest.mark.integration
 def test_the_encoder_on_the_real_default_model(smollm, tmp_path):
     """SmolLM2-135M: a LoRA-16 encoder (untrained) sends the example paragraph as M x 576 fp16 values, its
