@@ -165,6 +165,29 @@ def measure(model: str, squad_train: str | None, levers, batch: int, repeats: in
     return rows_out
 
 
+def matmul_rates(threads: int, repeats: int = 20) -> dict:
+    """GFLOP/s of one projection-shaped product ([512 x 576] @ [576 x 1536], SmolLM2's MLP) in fp32 and bf16 at
+    `threads`, and whether oneDNN runs bf16 natively here: what decides --enc-precision auto."""
+    import torch
+
+    from latentwire.encoder.lmtrain import cpu_has_bf16
+    from latentwire.wire.wire import torch_threads
+    out = {"threads": threads, "bf16_native": cpu_has_bf16(), "capability": torch.backends.cpu.get_cpu_capability()}
+    with torch_threads(threads):
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, w = torch.randn(512, 576, dtype=dt), torch.randn(1536, 576, dtype=dt)
+            for _ in range(3):
+                a @ w.T
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    a @ w.T
+                runs.append(2 * 512 * 576 * 1536 * repeats / (time.perf_counter() - t0) / 1e9)
+            out[f"{name}_gflops"] = statistics.median(runs)
+    return out
+
+
 def _enc_ids(enc, rows):
     import torch
 
@@ -180,8 +203,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['lever']} | {r['tune']} | {r['threads']} | {r['precision']} | {r['head']} | {r['teacher']} | "
                      f"{r['bottom']} | {r['step_s_A']:.2f} | {r['examples_per_s_A']:.2f} | {r['step_s_B']:.2f} | "
                      f"{r['examples_per_s_B']:.2f} | {r['hours_to_gpu_examples']:.1f} |")
-    cache = [f"{r['lever']}: teacher {r['teacher_s_per_question']:.3f} s a question" for r in rows
-             if "teacher_s_per_question" in r][:1]
+    cache = [f"teacher {r['teacher_s_per_question']:.3f} s a question (a paragraph's questions together)"
+             for r in rows if "teacher_s_per_question" in r][:1]
     cache += [f"bottom {r['bottom_s_per_paragraph']:.3f} s a paragraph" for r in rows
               if "bottom_s_per_paragraph" in r][:1]
     if cache:
@@ -211,12 +234,20 @@ def main(argv=None) -> int:
     import torch
     n = torch.get_num_threads()
     try:
+        rates = [matmul_rates(k) for k in sorted({1, a.threads_max})]
         rows = measure(a.model, a.squad_train, a.levers.split(","), a.batch, a.repeats, a.seed, a.threads_max,
                        a.fill)
     finally:
         torch.set_num_threads(n)  # main may run in-process
     what = f"model {a.model}, data {rows[0]['data']}, {rows[0]['train_paragraphs']} training paragraphs, seed {a.seed}"
-    print(record("encoder_cost.py", sys.argv[1:] if argv is None else argv, a.out, rows, what, table(rows), t0, load0))
+    cpu = (f"This CPU ({rates[0]['capability']}; oneDNN bf16 native: {rates[0]['bf16_native']}), one "
+           "[512 x 576] @ [576 x 1536] product: " + "; ".join(
+               f"{r['threads']} thread{'s' if r['threads'] > 1 else ''} fp32 {r['fp32_gflops']:.1f}, bf16 "
+               f"{r['bf16_gflops']:.1f} GFLOP/s" for r in rates) + ".\n\n")
+    for r in rows:
+        r["matmul"] = rates
+    print(record("encoder_cost.py", sys.argv[1:] if argv is None else argv, a.out, rows, what, cpu + table(rows), t0,
+                 load0))
     return 0
 
 

@@ -506,6 +506,7 @@ def test_encoder_cost_benchmark_prints_its_table(tmp_path):
     assert all(x["step_s_A"] > 0 and x["examples_per_s_B"] > 0 and x["hours_to_gpu_examples"] > 0 for x in rows)
     assert rows[2]["bottom_s_per_paragraph"] > 0 and rows[2]["teacher_s_per_question"] > 0
     assert "| bottom |" in r.stdout and "load average" in (tmp_path / "table.md").read_text()
+    assert "oneDNN bf16 native" in r.stdout and rows[0]["matmul"][0]["fp32_gflops"] > 0
     bad = run_script([sys.executable, str(root / "benchmarks" / "encoder_cost.py"), "--levers", "nope"])
     assert bad.returncode == 2 and "--levers nope" in bad.stderr
 
