@@ -94,14 +94,19 @@ def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> Non
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, x, label in ((axes[0], "examples", "examples seen"), (axes[1], "cpu_min", "CPU minutes of training steps")):
         for r in runs:
-            ax.plot([p[x] for p in r["points"]], [p["f1"] for p in r["points"]], marker="o", ms=3, label=r["name"])
+            line, = ax.plot([p[x] for p in r["points"]], [p["f1"] for p in r["points"]], marker="o", ms=3,
+                            label=r["name"])
+            if x == "examples" and r["config"]["enc"]["enc_steps_a"]:  # where stage A ends
+                ax.axvline(r["config"]["enc"]["enc_steps_a"] * r["config"]["enc"]["enc_batch"], color=line.get_color(),
+                           ls=":", lw=0.8)
         for kind, style in zip(REFERENCES, ("-", "--", ":")):
             ax.axhline(ref[kind], color="gray", ls=style, lw=1,
                        label=f"{kind if kind != 'truncate' else f'truncate r={ratio}'} {ref[kind]:.1f}")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out F1 (greedy, through the wire)")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[0].set_title("dotted vertical: the end of stage A", fontsize=8)
+    axes[1].legend(fontsize=8, loc="center right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
