@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..config import EncConfig
 from ..errors import LatentWireError
-from ..llm.forward import decoder_stack
+from ..llm.forward import decoder_stack, right_pad
 from ..llm.models import same_model_source
 from ..util.runio import TensorStore, atomic_write_bytes, atomic_write_text, content_key
 from ..wire.wire import bounded_quantizer
@@ -219,11 +219,7 @@ class BottomCache:
         dev = next(dec.parameters()).device
         for i in tqdm(range(0, len(todo), batch), desc="bottom states", disable=not progress):
             rows = todo[i:i + batch]
-            x = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long, device=dev)
-            m = torch.zeros_like(x, dtype=torch.bool)
-            for j, r in enumerate(rows):
-                x[j, :len(r)] = torch.tensor(r)
-                m[j, :len(r)] = True
+            x, m = right_pad([torch.tensor(r, dtype=torch.long, device=dev) for r in rows])
             hs = dec(input_ids=x, attention_mask=m.long(), use_cache=False,
                      output_hidden_states=True).hidden_states[self.start]
             for j, r in enumerate(rows):
