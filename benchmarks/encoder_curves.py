@@ -8,7 +8,9 @@ and config.json are read; the reference lines are computed once on the
 runs' held-out questions (the same split: same data, seed and hold-out
 sizes, checked) and kept in --out/references.json, reused -- and said so --
 only when the model's weights, the questions, the ratio and the template are
-identical.
+identical. Where a run logged each question's score (train-encoder does),
+a point gets its 95% bootstrap interval and its paired difference from
+truncation on the same questions (a band on the plot; columns in the table).
 
   python benchmarks/encoder_curves.py --runs runs/enc/top2 --squad-train ../shared/squad/train-v1.1-first44.json \
       --out docs/encoder-curves
@@ -37,7 +39,7 @@ def load_run(folder: Path) -> dict:
         raise LatentWireError(f"--runs {folder}: no held-out evaluation in heldout.jsonl yet")
     batch = cfg["enc"]["enc_batch"]
     points = [{"step": e["step"], "examples": e["step"] * batch, "cpu_min": e["seconds"] / 60,
-               "f1": e["heldout_f1"]} for e in evals]
+               "f1": e["heldout_f1"], **({"f1s": e["f1s"]} if e.get("f1s") else {})} for e in evals]
     return {"name": folder.name, "folder": str(folder), "config": cfg, "points": points}
 
 
@@ -65,26 +67,46 @@ def heldout_prompts(runs: list[dict], squad_train: str | None, lm):
 
 
 def references(lm, prompts, ratio: int, template: str, out: Path, log=print) -> dict:
-    """F1 of text, truncate_r<ratio> and none on `prompts`; from out/references.json when its key matches."""
+    """Each held-out question's F1 (0..1) under text, truncate_r<ratio> and none: {kind: [scores]}; from
+    out/references.json when its key matches (and it holds per-question scores)."""
     from latentwire.api import load_pipeline
-    from latentwire.encoder.lmtrain import code_version, prompts_f1
+    from latentwire.encoder.lmtrain import code_version, prompts_scores
     from latentwire.util.runio import content_key, write_json
     key = content_key(lm.weights_digest(), [p.example.id for p in prompts], ratio, template)
     path = out / "references.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("key") == key:
+        if old.get("key") == key and isinstance(old.get("scores"), dict):
             log(f"references reused from {path} (same weights, {len(prompts)} questions, r = {ratio}, {template})")
-            return old["f1"]
-    f1 = {}
+            return old["scores"]
+    scores = {}
     for kind in REFERENCES:
         t0 = time.time()
         pipe = load_pipeline(kind, lm=lm, ratio=ratio, options={"template": template})
-        f1[kind] = prompts_f1(lm, prompts, pipe)
-        log(f"{kind}: F1 {f1[kind]:.2f} on {len(prompts)} held-out questions ({time.time() - t0:.0f} s)")
-    write_json(path, {"key": key, "f1": f1, "questions": len(prompts), "ratio": ratio, "template": template,
-                      "code_version": code_version()})
-    return f1
+        scores[kind] = prompts_scores(lm, prompts, pipe)
+        log(f"{kind}: F1 {mean100(scores[kind]):.2f} on {len(prompts)} held-out questions ({time.time() - t0:.0f} s)")
+    write_json(path, {"key": key, "f1": {k: mean100(v) for k, v in scores.items()}, "scores": scores,
+                      "questions": len(prompts), "ratio": ratio, "template": template, "code_version": code_version()})
+    return scores
+
+
+def mean100(xs) -> float:
+    return 100 * sum(xs) / len(xs) if xs else float("nan")
+
+
+def intervals(runs: list[dict], ref_scores: dict, n_boot: int = 1000, seed: int = 0) -> None:
+    """Add to every point that logged its questions' scores (train-encoder does since 2026-12-07): its F1's 95%
+    bootstrap interval over the held-out questions (`ci`), and the paired difference from truncation on the same
+    questions with its interval (`d_trunc`). Earlier points have the mean only."""
+    from latentwire.evaluation.metrics import bootstrap_ci, paired_delta
+    trunc = [{"f1": x} for x in ref_scores["truncate"]]
+    for r in runs:
+        for p in r["points"]:
+            f1s = p.get("f1s")
+            if not f1s or len(f1s) != len(trunc):
+                continue
+            p["ci"] = list(bootstrap_ci(f1s, n_boot, seed))
+            p["d_trunc"] = list(paired_delta(trunc, [{"f1": x} for x in f1s], "f1", n_boot, seed))
 
 
 def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> None:
@@ -96,6 +118,10 @@ def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> Non
         for r in runs:
             line, = ax.plot([p[x] for p in r["points"]], [p["f1"] for p in r["points"]], marker="o", ms=3,
                             label=r["name"])
+            band = [p for p in r["points"] if "ci" in p]
+            if band:  # the 95% interval over the held-out questions, where the run logged their scores
+                ax.fill_between([p[x] for p in band], [p["ci"][0] for p in band], [p["ci"][1] for p in band],
+                                color=line.get_color(), alpha=0.15, lw=0)
             if x == "examples" and r["config"]["enc"]["enc_steps_a"]:  # where stage A ends
                 ax.axvline(r["config"]["enc"]["enc_steps_a"] * r["config"]["enc"]["enc_batch"], color=line.get_color(),
                            ls=":", lw=0.8)
@@ -114,11 +140,14 @@ def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> Non
 
 
 def table(runs: list[dict], ref: dict) -> str:
-    lines = ["| run | step | examples | CPU min | held-out F1 | vs truncation |", "|---|---|---|---|---|---|"]
+    lines = ["| run | step | examples | CPU min | held-out F1 [95% CI] | vs truncation (paired) [95% CI] |",
+             "|---|---|---|---|---|---|"]
     for r in runs:
         for p in r["points"]:
-            lines.append(f"| {r['name']} | {p['step']} | {p['examples']:,} | {p['cpu_min']:.1f} | {p['f1']:.2f} | "
-                         f"{p['f1'] - ref['truncate']:+.2f} |")
+            f1 = f"{p['f1']:.2f}" + (f" [{p['ci'][0]:.1f}, {p['ci'][1]:.1f}]" if "ci" in p else "")
+            d = (f"{p['d_trunc'][0]:+.2f} [{p['d_trunc'][1]:+.1f}, {p['d_trunc'][2]:+.1f}]" if "d_trunc" in p
+                 else f"{p['f1'] - ref['truncate']:+.2f}")
+            lines.append(f"| {r['name']} | {p['step']} | {p['examples']:,} | {p['cpu_min']:.1f} | {f1} | {d} |")
     return "\n".join(lines)
 
 
@@ -139,18 +168,22 @@ def main(argv=None) -> int:
         lm = load_model(model)
         prompts, data = heldout_prompts(runs, a.squad_train, lm)
         ratio = runs[0]["config"]["enc"]["enc_ratio"]
-        ref = references(lm, prompts, ratio, runs[0]["config"]["data"]["template"], out)
+        ref_scores = references(lm, prompts, ratio, runs[0]["config"]["data"]["template"], out)
     except LatentWireError as e:
         print(f"encoder_curves.py: error: {e}", file=sys.stderr)
         return 2
     what = (f"model {display_name(lm.source)}, {len(prompts)} held-out questions of {data} (paragraphs held out of "
             f"training, seed {runs[0]['config']['enc']['enc_seed']}), greedy")
+    ref = {k: mean100(v) for k, v in ref_scores.items()}
+    intervals(runs, ref_scores)
     plot(runs, ref, ratio, out / "curves.png", what)
     cmd = "python benchmarks/encoder_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = (f"`{cmd}` ({what})\n\nreferences on the same questions: text {ref['text']:.2f}, truncate r={ratio} "
           f"{ref['truncate']:.2f}, none {ref['none']:.2f}\n\n{table(runs, ref)}\n")
     atomic_write_text(out / "table.md", md)
-    write_json(out / "curves.json", {"runs": runs, "references": ref})
+    write_json(out / "curves.json", {"runs": [{**r, "points": [{k: v for k, v in p.items() if k != "f1s"}
+                                                                for p in r["points"]]} for r in runs],
+                                     "references": ref})
     print(md)
     return 0
 

@@ -566,8 +566,20 @@ def test_encoder_curves_plots_runs_against_references_and_reuses_them(tmp_path):
     assert (tmp_path / "c" / "curves.png").stat().st_size > 0 and "reused" not in first.stdout
     again = run_script(script)
     assert again.returncode == 0 and "references reused" in again.stdout
-    assert json.loads((tmp_path / "c" / "curves.json").read_text())["references"] == \
-        json.loads((tmp_path / "c" / "references.json").read_text())["f1"]
+    refs = json.loads((tmp_path / "c" / "references.json").read_text())
+    curves = json.loads((tmp_path / "c" / "curves.json").read_text())
+    assert curves["references"] == refs["f1"]
+    # each evaluation logged its questions' scores: the mean is theirs, and the curve pairs them with truncation
+    evals = [json.loads(line) for line in (tmp_path / "e" / "heldout.jsonl").read_text().splitlines()]
+    for e, p in zip(evals, curves["runs"][0]["points"]):
+        assert len(e["f1s"]) == 3 and e["heldout_f1"] == pytest.approx(100 * sum(e["f1s"]) / 3, abs=0.01)
+        d = 100 * (sum(e["f1s"]) - sum(refs["scores"]["truncate"])) / 3
+        assert p["d_trunc"][0] == pytest.approx(d, abs=0.01) and p["ci"][0] <= p["f1"] + 1e-6 <= p["ci"][1] + 2e-6
+    # a run logged before the scores were (no f1s): its points keep the mean, without an interval
+    (tmp_path / "e" / "heldout.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in e.items() if k != "f1s"}) + "\n" for e in evals))
+    old = run_script(script)
+    assert old.returncode == 0 and "| e | 1 | 2 |" in old.stdout and " [" not in old.stdout.split("| e | 1 | 2 |")[1]
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text((tmp_path / "e" / "config.json").read_text())
     bad = run_script(script[:2] + ["--runs", str(tmp_path / "x"), "--out", str(tmp_path / "c")])

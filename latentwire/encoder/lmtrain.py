@@ -306,22 +306,36 @@ def lr_at(step: int, cfg: EncConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
-    """Mean F1 (x 100) of greedy answers on `prompts` through `pipe`'s wire (payload bytes -> what the LLM reads)."""
+def prompts_scores(lm, prompts, pipe, batch_size: int = 16) -> list[float]:
+    """Each question's F1 (0..1, the official v1.1 metric) of greedy answers on `prompts` through `pipe`'s wire
+    (payload bytes -> what the LLM reads), in the prompts' order: per question, so that a caller can put an
+    interval on the mean and pair two pipelines on the same questions."""
     if not prompts:
-        return float("nan")
+        return []
     preds = generate_predictions(lm, prompts, pipe, batch_size=batch_size, progress=False)
-    return 100 * sum(score_example(p, pr.example.answers)["f1"] for p, pr in zip(preds, prompts)) / len(prompts)
+    return [score_example(p, pr.example.answers)["f1"] for p, pr in zip(preds, prompts)]
 
 
-def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
-    """Mean F1 on the held-out prompts through the wire itself (payload bytes -> vectors -> greedy answer)."""
+def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
+    """Mean F1 (x 100) of `prompts_scores` (nan without prompts)."""
+    s = prompts_scores(lm, prompts, pipe, batch_size)
+    return 100 * sum(s) / len(s) if s else float("nan")
+
+
+def heldout_scores(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> list[float]:
+    """Each held-out question's F1 (0..1) through the wire itself (payload bytes -> vectors -> greedy answer)."""
     was = enc.training
     enc.eval()
     try:
-        return prompts_f1(lm, prompts, PooledLMPipeline(lm, enc), batch_size)
+        return prompts_scores(lm, prompts, PooledLMPipeline(lm, enc), batch_size)
     finally:
         enc.train(was)
+
+
+def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
+    """Mean F1 (x 100) on the held-out prompts through the wire (`heldout_scores`)."""
+    s = heldout_scores(enc, lm, prompts, batch_size)
+    return 100 * sum(s) / len(s) if s else float("nan")
 
 
 def _optimizer(enc: PooledEncoder, cfg: EncConfig) -> torch.optim.Optimizer:
@@ -403,8 +417,10 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
     by_ids = {tuple(p.ids): p for p in paras}
 
     def evaluate(at: int) -> None:
-        f1 = heldout_f1(enc, lm, held)
-        evals_log.log(step=at, heldout_f1=f1, seconds=seconds)
+        scores = heldout_scores(enc, lm, held)
+        f1 = 100 * sum(scores) / len(scores) if scores else float("nan")
+        # each question's F1 too: the curves put intervals on a point and pair runs on the same questions
+        evals_log.log(step=at, heldout_f1=f1, seconds=seconds, f1s=[round(x, 4) for x in scores])
         log(f"step {at}: held-out F1 {f1:.2f} on {len(held)} questions")
         if f1 > best["f1"]:
             best.update(f1=f1, step=at, state={k: v.detach().cpu().clone() for k, v in enc.trainable_state().items()})
