@@ -566,6 +566,13 @@ class EncConfig:
     """Gradient-norm clip."""
     enc_recon_tokens: int = 128
     """Stage A reconstruction target: the first N context tokens."""
+    enc_recon_span: str = "first"
+    """Where stage A's reconstruction target lies: `first` (the first --enc-recon-tokens context tokens, the GPU
+    recipe) or `window` (a window of that many tokens at a random place in the paragraph, its first
+    --enc-recon-anchor tokens given to the receiver untrained, so that it knows where to copy from): the
+    answers of stage B lie anywhere in the paragraph, and `first` trains exact copying of its start only."""
+    enc_recon_anchor: int = 8
+    """`--enc-recon-span window`: the window's first N tokens, read by the receiver after the cue, not trained."""
     enc_cont_tokens: int = 64
     """Stage A continuation target: the next N tokens after a prefix of L/3..2L/3."""
     enc_w_kl: float = 0.5
@@ -615,6 +622,8 @@ class EncConfig:
             _positive(n, getattr(self, n), allow_zero=True)
         _choice("enc_input", self.enc_input, ("all", "first-m"))
         _choice("enc_tune", self.enc_tune, ("full", "lora", "top"))
+        _choice("enc_recon_span", self.enc_recon_span, ("first", "window"))
+        _positive("enc_recon_anchor", self.enc_recon_anchor, allow_zero=True)
         _choice("enc_save_dtype", self.enc_save_dtype, ("bfloat16", "float16", "float32"))
         _choice("enc_precision", self.enc_precision, ("auto", "bf16", "fp32"))
         _positive("enc_threads", self.enc_threads, allow_zero=True)

@@ -200,6 +200,19 @@ def test_batches_are_a_function_of_seed_and_step(tiny):
             assert r.tail[:2] == cue and r.t0 == 2 and r.tail[2:] == r.enc_ids[:16]
         else:
             assert r.t0 == 0 and len(r.tail) <= 8
+    # --enc-recon-span window: a window anywhere in the paragraph, its anchor read but not trained
+    wins = [r for r in make_batch(paras, "A", 3, small(enc_batch=64, enc_recon_span="window", enc_recon_anchor=4),
+                                  cue) if r.kind == "recon"]
+    starts = set()
+    for r in wins:
+        body = r.tail[2:]
+        w = next(i for i in range(len(r.enc_ids)) if r.enc_ids[i:i + len(body)] == body)
+        starts.add(w)
+        assert r.tail[:2] == cue and r.t0 == 2 + min(4, len(body)) and len(body) <= 4 + 16
+        assert len(body) == min(4 + 16, len(r.enc_ids))  # the window fits: 16 trained tokens after the anchor
+    assert len(starts) > 1 and max(starts) > 0
+    with pytest.raises(LatentWireError, match="--enc-recon-span"):
+        small(enc_recon_span="middle").validate()
     held_ctx = {p.example.context for p in held}
     assert not any(tuple(p.ids) in {tuple(builder.context_ids(c))[:256] for c in held_ctx} for p in paras)
 

@@ -114,6 +114,10 @@ def stage_a_row(p: Para, rng: random.Random, cue: list[int], cfg: EncConfig) -> 
     if L >= 6 and rng.random() < 0.5:
         s = rng.randint(max(1, L // 3), max(1, (2 * L) // 3))
         return Row(p.ids[:s], p.ids[s:s + cfg.enc_cont_tokens], 0, "cont")
+    if cfg.enc_recon_span == "window":  # anywhere in the paragraph, found by its first few tokens (the anchor)
+        n, k = cfg.enc_recon_tokens, cfg.enc_recon_anchor
+        w = rng.randint(0, max(0, L - n - k))
+        return Row(p.ids, cue + p.ids[w:w + k + n], len(cue) + len(p.ids[w:w + k]), "recon")
     return Row(p.ids, cue + p.ids[:cfg.enc_recon_tokens], len(cue), "recon")
 
 
