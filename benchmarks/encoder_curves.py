@@ -70,7 +70,7 @@ def references(lm, prompts, ratio: int, template: str, out: Path, log=print) -> 
     """Each held-out question's F1 (0..1) under text, truncate_r<ratio> and none: {kind: [scores]}; from
     out/references.json when its key matches (and it holds per-question scores)."""
     from latentwire.api import load_pipeline
-    from latentwire.encoder.lmtrain import code_version, prompts_scores
+    from latentwire.encoder.lmtrain import code_version, mean100, prompts_scores
     from latentwire.util.runio import content_key, write_json
     key = content_key(lm.weights_digest(), [p.example.id for p in prompts], ratio, template)
     path = out / "references.json"
@@ -88,10 +88,6 @@ def references(lm, prompts, ratio: int, template: str, out: Path, log=print) -> 
     write_json(path, {"key": key, "f1": {k: mean100(v) for k, v in scores.items()}, "scores": scores,
                       "questions": len(prompts), "ratio": ratio, "template": template, "code_version": code_version()})
     return scores
-
-
-def mean100(xs) -> float:
-    return 100 * sum(xs) / len(xs) if xs else float("nan")
 
 
 def intervals(runs: list[dict], ref_scores: dict, n_boot: int = 1000, seed: int = 0) -> None:
@@ -174,6 +170,7 @@ def main(argv=None) -> int:
         return 2
     what = (f"model {display_name(lm.source)}, {len(prompts)} held-out questions of {data} (paragraphs held out of "
             f"training, seed {runs[0]['config']['enc']['enc_seed']}), greedy")
+    from latentwire.encoder.lmtrain import mean100
     ref = {k: mean100(v) for k, v in ref_scores.items()}
     intervals(runs, ref_scores)
     plot(runs, ref, ratio, out / "curves.png", what)

@@ -565,7 +565,7 @@ class EncConfig:
     enc_clip: float = 1.0
     """Gradient-norm clip."""
     enc_recon_tokens: int = 128
-    """Stage A reconstruction target: the first N context tokens."""
+    """Stage A reconstruction target: N context tokens (the first N, or a window of N: --enc-recon-span)."""
     enc_recon_span: str = "first"
     """Where stage A's reconstruction target lies: `first` (the first --enc-recon-tokens context tokens, the GPU
     recipe) or `window` (a window of that many tokens at a random place in the paragraph, its first

@@ -320,10 +320,14 @@ def prompts_scores(lm, prompts, pipe, batch_size: int = 16) -> list[float]:
     return [score_example(p, pr.example.answers)["f1"] for p, pr in zip(preds, prompts)]
 
 
+def mean100(scores: Sequence[float]) -> float:
+    """Mean x 100 of per-question scores (nan without any)."""
+    return 100 * sum(scores) / len(scores) if scores else float("nan")
+
+
 def prompts_f1(lm, prompts, pipe, batch_size: int = 16) -> float:
-    """Mean F1 (x 100) of `prompts_scores` (nan without prompts)."""
-    s = prompts_scores(lm, prompts, pipe, batch_size)
-    return 100 * sum(s) / len(s) if s else float("nan")
+    """Mean F1 (x 100) of `prompts_scores`."""
+    return mean100(prompts_scores(lm, prompts, pipe, batch_size))
 
 
 def heldout_scores(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> list[float]:
@@ -338,8 +342,7 @@ def heldout_scores(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> lis
 
 def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
     """Mean F1 (x 100) on the held-out prompts through the wire (`heldout_scores`)."""
-    s = heldout_scores(enc, lm, prompts, batch_size)
-    return 100 * sum(s) / len(s) if s else float("nan")
+    return mean100(heldout_scores(enc, lm, prompts, batch_size))
 
 
 def _optimizer(enc: PooledEncoder, cfg: EncConfig) -> torch.optim.Optimizer:
@@ -422,7 +425,7 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
 
     def evaluate(at: int) -> None:
         scores = heldout_scores(enc, lm, held)
-        f1 = 100 * sum(scores) / len(scores) if scores else float("nan")
+        f1 = mean100(scores)
         # each question's F1 too: the curves put intervals on a point and pair runs on the same questions
         evals_log.log(step=at, heldout_f1=f1, seconds=seconds, f1s=[round(x, 4) for x in scores])
         log(f"step {at}: held-out F1 {f1:.2f} on {len(held)} questions")
