@@ -340,11 +340,6 @@ def heldout_scores(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> lis
         enc.train(was)
 
 
-def heldout_f1(enc: PooledEncoder, lm, prompts, batch_size: int = 16) -> float:
-    """Mean F1 (x 100) on the held-out prompts through the wire (`heldout_scores`)."""
-    return mean100(heldout_scores(enc, lm, prompts, batch_size))
-
-
 def _optimizer(enc: PooledEncoder, cfg: EncConfig) -> torch.optim.Optimizer:
     lm_p = [p for n, p in enc.named_parameters() if p.requires_grad and n.startswith("sender.")]
     pr_p = [p for n, p in enc.named_parameters() if p.requires_grad and not n.startswith("sender.")]
@@ -547,5 +542,5 @@ def train_job(cfg, enc_cfg: EncConfig, out: str | Path, resume: bool = False, ar
                              record=record)
 
 
-__all__ = ["Para", "Row", "heldout_f1", "prompts_f1", "loss_step", "lr_at", "make_batch", "receiver_logits",
-           "split_training", "teacher_topk", "train_encoder", "train_job"]
+__all__ = ["Para", "Row", "heldout_scores", "mean100", "prompts_f1", "prompts_scores", "loss_step", "lr_at",
+           "make_batch", "receiver_logits", "split_training", "teacher_topk", "train_encoder", "train_job"]
