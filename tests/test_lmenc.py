@@ -280,8 +280,6 @@ def test_a_folder_for_another_receiver_or_a_damaged_one_is_refused_in_one_line(t
 def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_path, monkeypatch):
     """`--pipeline learned` with no folder loads the encoder shipped for the receiver (matched by its weights'
     digest); send/ask answer as the evaluation path does. Without shipped weights: one line."""
-    import shutil
-
     import latentwire.encoder.weights as weights
     from conftest import run_cli
 
@@ -291,8 +289,8 @@ def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_pat
     with pytest.raises(LatentWireError, match="no trained encoder is shipped"):
         lw.load_pipeline("learned", lm=tiny)
     ship = tmp_path / "shipped"
-    shutil.copytree(out, ship / "tiny")
     monkeypatch.setattr(weights, "SHIPPED", ship)
+    weights.ship(out, "tiny")
     pipe = lw.load_pipeline("learned", lm=tiny)
     assert isinstance(pipe, PooledLMPipeline) and pipe.weights_digest == meta["digest"]
     ex = synthetic_squad()[70]
@@ -307,6 +305,28 @@ def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_pat
     prompt = pipe.builder.build(ex)
     assert r.stdout.rstrip("\n") == generate_predictions(tiny, [prompt], pipe, max_new_tokens=4, progress=False)[0]
     assert r.stdout.rstrip("\n") == lw.ask(pipe, pipe.send(ex.context), ex.question, max_new_tokens=4)
+
+
+def test_ship_copies_only_the_weights_checked_and_atomically(trained, tmp_path):
+    """weights.ship: encoder.json + the files it names, nothing else; a second ship replaces the folder; weights
+    over the limit, a folder that is not an encoder's, or a bad name end in one line and write nothing."""
+    from latentwire.encoder.weights import ship
+    out, meta = trained
+    dest = tmp_path / "shipped"
+    f = ship(out, "tiny", dest=dest)
+    assert sorted(p.name for p in f.iterdir()) == sorted(meta["files"] + ["encoder.json"])
+    assert all((f / n).read_bytes() == (out / n).read_bytes() for n in meta["files"] + ["encoder.json"])
+    (f / "stale").write_text("x")
+    ship(out, "tiny", dest=dest)  # replaces: the stale file is gone, nothing half-written is left beside it
+    assert not (f / "stale").exists() and [p.name for p in dest.iterdir()] == ["tiny"]
+    size = sum((out / n).stat().st_size for n in meta["files"])
+    with pytest.raises(LatentWireError, match=f"over the {size - 1:,}"):
+        ship(out, "big", limit=size - 1, dest=dest)
+    with pytest.raises(LatentWireError, match="no encoder.json"):
+        ship(tmp_path, "x", dest=dest)
+    with pytest.raises(LatentWireError, match="--name"):
+        ship(out, "a/b", dest=dest)
+    assert [p.name for p in dest.iterdir()] == ["tiny"]
 
 
 def test_training_stops_at_its_time_limit_and_resumes(tiny, tmp_path):
