@@ -78,3 +78,33 @@ def test_real_squad_files_are_disjoint_and_reconstruction_agrees(smollm, table, 
                                   EvalSwitches(keep_cue=True), batch_size=6, max_new_tokens=10, progress=False)
     assert sum(t == r for t, r in zip(text, recon)) >= 5
     assert sum(t == r for t, r in zip(text, linear)) <= 3
+
+
+def test_the_shipped_learned_wire_answers_with_no_training(smollm, tmp_path):
+    """The pooled LM encoder shipped for the default model (latentwire/shipped/): `--pipeline learned` and
+    `lw.load_pipeline("learned")` load it with no folder and no training; `send` writes its payload in a frame,
+    M = ceil(L / 4) positions of bf16 vectors, and `ask` answers from the file as the API does."""
+    import math
+
+    import latentwire as lw
+    from pathlib import Path
+
+    from conftest import run_cli
+    from latentwire.encoder.weights import shipped_encoder
+    folder = shipped_encoder(smollm)
+    assert folder is not None, "no encoder shipped for the default model (scripts/ship_encoder.py)"
+    pipe = lw.load_pipeline("learned", lm=smollm)
+    para = Path(__file__).resolve().parents[1] / "examples" / "paragraph.txt"
+    text = " ".join(para.read_text().split())
+    out = tmp_path / "l.bin"
+    r = run_cli("send", "--pipeline", "learned", str(para), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    payload = pipe.send(text)
+    assert out.read_bytes() == lw.wrap(pipe, payload)
+    assert payload.positions == math.ceil(len(smollm.tokenizer(text)["input_ids"]) / 4)
+    assert len(payload) == payload.positions * smollm.d_model * 2
+    q = "Who designed the tower?"
+    r = run_cli("ask", "--pipeline", "learned", str(out), q, "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    answer = r.stdout.rstrip("\n")
+    assert answer and answer == lw.ask(pipe, out.read_bytes(), q, max_new_tokens=12)
