@@ -307,7 +307,7 @@ def test_shipped_weights_load_and_answer_without_training(tiny, trained, tmp_pat
     assert r.stdout.rstrip("\n") == lw.ask(pipe, pipe.send(ex.context), ex.question, max_new_tokens=4)
 
 
-def test_ship_copies_only_the_weights_checked_and_atomically(trained, tmp_path):
+def test_ship_copies_only_the_weights_checked_and_atomically(trained, tmp_path, monkeypatch):
     """weights.ship: encoder.json + the files it names, nothing else; a second ship replaces the folder; weights
     over the limit, a folder that is not an encoder's, or a bad name end in one line and write nothing."""
     from latentwire.encoder.weights import ship
@@ -327,6 +327,17 @@ def test_ship_copies_only_the_weights_checked_and_atomically(trained, tmp_path):
     with pytest.raises(LatentWireError, match="--name"):
         ship(out, "a/b", dest=dest)
     assert [p.name for p in dest.iterdir()] == ["tiny"]
+    import shutil
+    real = shutil.copyfile
+
+    def fail_on_meta(a, b):  # a copy that dies at its last file (a full disk, a kill)
+        if str(b).endswith("encoder.json"):
+            raise OSError("disk full")
+        return real(a, b)
+    monkeypatch.setattr(shutil, "copyfile", fail_on_meta)
+    with pytest.raises(OSError):
+        ship(out, "tiny", dest=dest)
+    assert [p.name for p in dest.iterdir()] == ["tiny"] and (dest / "tiny" / "encoder.json").is_file()
 
 
 def test_training_stops_at_its_time_limit_and_resumes(tiny, tmp_path):

@@ -54,9 +54,13 @@ def ship(src: str | Path, name: str, limit: int = SHIP_LIMIT, dest: Path | None 
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the package's data from other users of an install
-    for f in meta["files"]:
-        shutil.copyfile(Path(src) / f, tmp / f)
-    shutil.copyfile(Path(src) / "encoder.json", tmp / "encoder.json")
+    try:
+        for f in meta["files"]:
+            shutil.copyfile(Path(src) / f, tmp / f)
+        shutil.copyfile(Path(src) / "encoder.json", tmp / "encoder.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-copied is left beside the shipped folders
+        raise
     final = dest / name
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=dest))
