@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--squad-train", default=None, help="the runs' training file (default: as their config.json says)")
     ap.add_argument("--out", default="runs/encoder_curves", help="folder for curves.png, table.md, references.json")
     a = ap.parse_args(argv)
+    from latentwire.encoder.lmtrain import mean100
     from latentwire.errors import LatentWireError
     from latentwire.llm.models import display_name, load_model
     from latentwire.util.runio import atomic_write_text, write_json
@@ -170,7 +171,6 @@ def main(argv=None) -> int:
         return 2
     what = (f"model {display_name(lm.source)}, {len(prompts)} held-out questions of {data} (paragraphs held out of "
             f"training, seed {runs[0]['config']['enc']['enc_seed']}), greedy")
-    from latentwire.encoder.lmtrain import mean100
     ref = {k: mean100(v) for k, v in ref_scores.items()}
     intervals(runs, ref_scores)
     plot(runs, ref, ratio, out / "curves.png", what)
