@@ -10,7 +10,9 @@ sizes, checked) and kept in --out/references.json, reused -- and said so --
 only when the model's weights, the questions, the ratio and the template are
 identical. Where a run logged each question's score (train-encoder does),
 a point gets its 95% bootstrap interval and its paired difference from
-truncation on the same questions (a band on the plot; columns in the table).
+truncation on the same questions (a band on the plot; columns in the table),
+and, where the reference run (--paired-with, default the first of --runs)
+logged them at the same step, its paired difference from that run.
 
   python benchmarks/encoder_curves.py --runs runs/enc/top2 --squad-train ../shared/squad/train-v1.1-first44.json \
       --out docs/encoder-curves
@@ -90,12 +92,16 @@ def references(lm, prompts, ratio: int, template: str, out: Path, log=print) -> 
     return scores
 
 
-def intervals(runs: list[dict], ref_scores: dict, n_boot: int = 1000, seed: int = 0) -> None:
+def intervals(runs: list[dict], ref_scores: dict, base: dict | None = None, n_boot: int = 1000, seed: int = 0
+              ) -> None:
     """Add to every point that logged its questions' scores (train-encoder does since 2026-12-07): its F1's 95%
-    bootstrap interval over the held-out questions (`ci`), and the paired difference from truncation on the same
-    questions with its interval (`d_trunc`). Earlier points have the mean only."""
+    bootstrap interval over the held-out questions (`ci`), the paired difference from truncation on the same
+    questions with its interval (`d_trunc`), and -- where run `base` logged its scores at the same step -- the
+    paired difference from `base` (`d_base`: one change against the recipe, at equal steps, on the same
+    questions). Earlier points have the mean only."""
     from latentwire.evaluation.metrics import bootstrap_ci, paired_delta
     trunc = [{"f1": x} for x in ref_scores["truncate"]]
+    at = {p["step"]: p["f1s"] for p in (base or {}).get("points", []) if len(p.get("f1s") or ()) == len(trunc)}
     for r in runs:
         for p in r["points"]:
             f1s = p.get("f1s")
@@ -103,6 +109,9 @@ def intervals(runs: list[dict], ref_scores: dict, n_boot: int = 1000, seed: int 
                 continue
             p["ci"] = list(bootstrap_ci(f1s, n_boot, seed))
             p["d_trunc"] = list(paired_delta(trunc, [{"f1": x} for x in f1s], "f1", n_boot, seed))
+            if r is not base and p["step"] in at:
+                p["d_base"] = list(paired_delta([{"f1": x} for x in at[p["step"]]], [{"f1": x} for x in f1s], "f1",
+                                                n_boot, seed))
 
 
 def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> None:
@@ -135,15 +144,16 @@ def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> Non
     plt.close(fig)
 
 
-def table(runs: list[dict], ref: dict) -> str:
-    lines = ["| run | step | examples | CPU min | held-out F1 [95% CI] | vs truncation (paired) [95% CI] |",
-             "|---|---|---|---|---|---|"]
+def table(runs: list[dict], ref: dict, base: str) -> str:
+    lines = ["| run | step | examples | CPU min | held-out F1 [95% CI] | vs truncation (paired) [95% CI] | "
+             f"vs {base} at the same step (paired) [95% CI] |", "|---|---|---|---|---|---|---|"]
+    ci = lambda d: f"{d[0]:+.2f} [{d[1]:+.1f}, {d[2]:+.1f}]"  # noqa: E731
     for r in runs:
         for p in r["points"]:
             f1 = f"{p['f1']:.2f}" + (f" [{p['ci'][0]:.1f}, {p['ci'][1]:.1f}]" if "ci" in p else "")
-            d = (f"{p['d_trunc'][0]:+.2f} [{p['d_trunc'][1]:+.1f}, {p['d_trunc'][2]:+.1f}]" if "d_trunc" in p
-                 else f"{p['f1'] - ref['truncate']:+.2f}")
-            lines.append(f"| {r['name']} | {p['step']} | {p['examples']:,} | {p['cpu_min']:.1f} | {f1} | {d} |")
+            d = ci(p["d_trunc"]) if "d_trunc" in p else f"{p['f1'] - ref['truncate']:+.2f}"
+            lines.append(f"| {r['name']} | {p['step']} | {p['examples']:,} | {p['cpu_min']:.1f} | {f1} | {d} | "
+                         f"{ci(p['d_base']) if 'd_base' in p else '-'} |")
     return "\n".join(lines)
 
 
@@ -152,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", action="append", required=True, help="a train-encoder folder (repeat, or comma-separate)")
     ap.add_argument("--squad-train", default=None, help="the runs' training file (default: as their config.json says)")
     ap.add_argument("--out", default="runs/encoder_curves", help="folder for curves.png, table.md, references.json")
+    ap.add_argument("--paired-with", default=None, metavar="RUN",
+                    help="the run (folder name) every other run is paired against at equal steps (default: the first)")
     a = ap.parse_args(argv)
     from latentwire.encoder.lmtrain import mean100
     from latentwire.errors import LatentWireError
@@ -165,6 +177,10 @@ def main(argv=None) -> int:
         lm = load_model(model)
         prompts, data = heldout_prompts(runs, a.squad_train, lm)
         ratio = runs[0]["config"]["enc"]["enc_ratio"]
+        names = [r["name"] for r in runs]
+        if a.paired_with is not None and a.paired_with not in names:
+            raise LatentWireError(f"--paired-with {a.paired_with}: not one of --runs ({', '.join(names)})")
+        base = runs[names.index(a.paired_with or names[0])]
         ref_scores = references(lm, prompts, ratio, runs[0]["config"]["data"]["template"], out)
     except LatentWireError as e:
         print(f"encoder_curves.py: error: {e}", file=sys.stderr)
@@ -172,11 +188,11 @@ def main(argv=None) -> int:
     what = (f"model {display_name(lm.source)}, {len(prompts)} held-out questions of {data} (paragraphs held out of "
             f"training, seed {runs[0]['config']['enc']['enc_seed']}), greedy")
     ref = {k: mean100(v) for k, v in ref_scores.items()}
-    intervals(runs, ref_scores)
+    intervals(runs, ref_scores, base)
     plot(runs, ref, ratio, out / "curves.png", what)
     cmd = "python benchmarks/encoder_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = (f"`{cmd}` ({what})\n\nreferences on the same questions: text {ref['text']:.2f}, truncate r={ratio} "
-          f"{ref['truncate']:.2f}, none {ref['none']:.2f}\n\n{table(runs, ref)}\n")
+          f"{ref['truncate']:.2f}, none {ref['none']:.2f}\n\n{table(runs, ref, base['name'])}\n")
     atomic_write_text(out / "table.md", md)
     write_json(out / "curves.json", {"runs": [{**r, "points": [{k: v for k, v in p.items() if k != "f1s"}
                                                                 for p in r["points"]]} for r in runs],

@@ -619,6 +619,20 @@ def test_encoder_curves_plots_runs_against_references_and_reuses_them(tmp_path):
         assert len(e["f1s"]) == 3 and e["heldout_f1"] == pytest.approx(100 * sum(e["f1s"]) / 3, abs=0.01)
         d = 100 * (sum(e["f1s"]) - sum(refs["scores"]["truncate"])) / 3
         assert p["d_trunc"][0] == pytest.approx(d, abs=0.01) and p["ci"][0] <= p["f1"] + 1e-6 <= p["ci"][1] + 2e-6
+    # a second run (every answer right) paired with the first at each step, on the same questions
+    import shutil
+    shutil.copytree(tmp_path / "e", tmp_path / "e2")
+    (tmp_path / "e2" / "heldout.jsonl").write_text("".join(
+        json.dumps(e | {"f1s": [1.0] * 3, "heldout_f1": 100.0}) + "\n" for e in evals))
+    two = run_script(script + ["--runs", str(tmp_path / "e2")])
+    assert two.returncode == 0, two.stderr
+    assert "vs e at the same step (paired)" in two.stdout
+    runs2 = json.loads((tmp_path / "c" / "curves.json").read_text())["runs"]
+    for e, p in zip(evals, runs2[1]["points"]):
+        assert p["d_base"][0] == pytest.approx(100 - 100 * sum(e["f1s"]) / 3, abs=0.01)
+    assert all("d_base" not in p for p in runs2[0]["points"])
+    nope = run_script(script + ["--paired-with", "nope"])
+    assert nope.returncode == 2 and "--paired-with nope" in nope.stderr
     # a run logged before the scores were (no f1s): its points keep the mean, without an interval
     (tmp_path / "e" / "heldout.jsonl").write_text("".join(
         json.dumps({k: v for k, v in e.items() if k != "f1s"}) + "\n" for e in evals))
