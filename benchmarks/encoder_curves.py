@@ -12,7 +12,9 @@ identical. Where a run logged each question's score (train-encoder does),
 a point gets its 95% bootstrap interval and its paired difference from
 truncation on the same questions (a band on the plot; columns in the table),
 and, where the reference run (--paired-with, default the first of --runs)
-logged them at the same step, its paired difference from that run.
+logged them at the same step, its paired difference from that run. A second
+plot, losses.png, draws the training losses each run logged (train_log.jsonl,
+running means): runs with the same seed see the same batches at each step.
 
   python benchmarks/encoder_curves.py --runs runs/enc/top2 --squad-train ../shared/squad/train-v1.1-first44.json \
       --out docs/encoder-curves
@@ -39,10 +41,54 @@ def load_run(folder: Path) -> dict:
     evals = read_jsonl(folder / "heldout.jsonl", skip_bad=True) if (folder / "heldout.jsonl").is_file() else []
     if not evals:
         raise LatentWireError(f"--runs {folder}: no held-out evaluation in heldout.jsonl yet")
+    log = folder / "train_log.jsonl"
+    steps = [e for e in (read_jsonl(log, skip_bad=True) if log.is_file() else []) if "step" in e and "ce" in e]
     batch = cfg["enc"]["enc_batch"]
     points = [{"step": e["step"], "examples": e["step"] * batch, "cpu_min": e["seconds"] / 60,
                "f1": e["heldout_f1"], **({"f1s": e["f1s"]} if e.get("f1s") else {})} for e in evals]
-    return {"name": folder.name, "folder": str(folder), "config": cfg, "points": points}
+    return {"name": folder.name, "folder": str(folder), "config": cfg, "points": points,
+            "losses": [{"step": e["step"], "stage": e["stage"], "ce": e["ce"], "kl": e.get("kl")} for e in steps]}
+
+
+def running_mean(xs: list[float], n: int) -> list[float]:
+    """The mean of each value and the n - 1 before it (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - n] if i >= n else 0.0)
+        out.append(acc / min(i + 1, n))
+    return out
+
+
+def plot_losses(runs: list[dict], path: Path, title: str, window: int = 50) -> bool:
+    """The training losses each step logged (train_log.jsonl: the same batches in every run with the same seed,
+    so equal steps compare like with like): stage A's reconstruction + continuation CE and stage B's answer CE
+    and KL to the teacher, each a running mean over `window` steps. False when no run logged a step."""
+    if not any(r["losses"] for r in runs):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("A", "ce", "stage A: reconstruction + continuation CE"), ("B", "ce", "stage B: answer CE"),
+              ("B", "kl", "stage B: KL to the teacher"))
+    colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(runs)}  # a run keeps its colour across panels
+    for ax, (stage, key, label) in zip(axes, panels):
+        for r in runs:
+            rows = [e for e in r["losses"] if e["stage"] == stage and e.get(key) is not None]
+            if rows:
+                ax.plot([e["step"] for e in rows], running_mean([e[key] for e in rows], window), lw=1,
+                        color=colors[r["name"]])
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"running mean over {window} steps")
+    from matplotlib.lines import Line2D
+    axes[2].legend([Line2D([], [], color=c) for c in colors.values()], list(colors), fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def heldout_prompts(runs: list[dict], squad_train: str | None, lm):
@@ -190,12 +236,14 @@ def main(argv=None) -> int:
     ref = {k: mean100(v) for k, v in ref_scores.items()}
     intervals(runs, ref_scores, base)
     plot(runs, ref, ratio, out / "curves.png", what)
+    plot_losses(runs, out / "losses.png", f"training losses, model {display_name(lm.source)}, {data}")
     cmd = "python benchmarks/encoder_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = (f"`{cmd}` ({what})\n\nreferences on the same questions: text {ref['text']:.2f}, truncate r={ratio} "
           f"{ref['truncate']:.2f}, none {ref['none']:.2f}\n\n{table(runs, ref, base['name'])}\n")
     atomic_write_text(out / "table.md", md)
-    write_json(out / "curves.json", {"runs": [{**r, "points": [{k: v for k, v in p.items() if k != "f1s"}
-                                                                for p in r["points"]]} for r in runs],
+    write_json(out / "curves.json", {"runs": [{**{k: v for k, v in r.items() if k != "losses"},
+                                               "points": [{k: v for k, v in p.items() if k != "f1s"}
+                                                          for p in r["points"]]} for r in runs],
                                      "references": ref})
     print(md)
     return 0

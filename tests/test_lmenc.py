@@ -589,6 +589,15 @@ def test_step_host_benchmark_counts_a_steps_ops_and_flops(tmp_path):
     assert step_host.main(["--model", "tiny-random", "--tokens", "2", "--out", str(tmp_path)]) == 2
 
 
+def test_encoder_curves_running_mean():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from encoder_curves import running_mean
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0, 4.0], 5) == [2.0, 3.0] and running_mean([], 3) == []
+
+
 def test_encoder_curves_plots_runs_against_references_and_reuses_them(tmp_path):
     """benchmarks/encoder_curves.py on a tiny run: the curves' table (every evaluation, against truncation), the
     plot, the references on the run's held-out questions computed once and then reused, said so; a folder without
@@ -608,6 +617,7 @@ def test_encoder_curves_plots_runs_against_references_and_reuses_them(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "| e | 1 | 2 |" in first.stdout and "| e | 2 | 4 |" in first.stdout and "truncate r=4" in first.stdout
     assert (tmp_path / "c" / "curves.png").stat().st_size > 0 and "reused" not in first.stdout
+    assert (tmp_path / "c" / "losses.png").stat().st_size > 0  # the training losses the run logged
     again = run_script(script)
     assert again.returncode == 0 and "references reused" in again.stdout
     refs = json.loads((tmp_path / "c" / "references.json").read_text())
