@@ -183,7 +183,7 @@ def plot(runs: list[dict], ref: dict, ratio: int, path: Path, title: str) -> Non
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out F1 (greedy, through the wire)")
     axes[0].set_title("dotted vertical: the end of stage A", fontsize=8)
-    axes[1].legend(fontsize=8, loc="center right")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.93))  # below the text line, above the curves
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -200,6 +200,25 @@ def table(runs: list[dict], ref: dict, base: str) -> str:
             d = ci(p["d_trunc"]) if "d_trunc" in p else f"{p['f1'] - ref['truncate']:+.2f}"
             lines.append(f"| {r['name']} | {p['step']} | {p['examples']:,} | {p['cpu_min']:.1f} | {f1} | {d} | "
                          f"{ci(p['d_base']) if 'd_base' in p else '-'} |")
+    return "\n".join(lines)
+
+
+def loss_table(runs: list[dict], base: dict) -> str:
+    """Each run's mean training loss terms against `base`'s on the very same steps (the same batches, where the
+    seeds agree): stage A's CE, stage B's answer CE and KL. A difference near 0 at equal steps says the change did
+    not make the loss fall faster on the examples it trained on."""
+    ref = {(e["stage"], e["step"]): e for e in base["losses"]}
+    lines = [f"| run | stage | term | steps shared with {base['name']} | mean | {base['name']} on the same steps | "
+             "difference |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if r is base:
+            continue
+        for stage, key in (("A", "ce"), ("B", "ce"), ("B", "kl")):
+            pairs = [(e[key], ref[(stage, e["step"])][key]) for e in r["losses"] if e["stage"] == stage
+                     and e.get(key) is not None and (ref.get((stage, e["step"])) or {}).get(key) is not None]
+            if pairs:
+                a, b = (sum(x) / len(pairs) for x in zip(*pairs))
+                lines.append(f"| {r['name']} | {stage} | {key} | {len(pairs)} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
     return "\n".join(lines)
 
 
@@ -239,7 +258,8 @@ def main(argv=None) -> int:
     plot_losses(runs, out / "losses.png", f"training losses, model {display_name(lm.source)}, {data}")
     cmd = "python benchmarks/encoder_curves.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = (f"`{cmd}` ({what})\n\nreferences on the same questions: text {ref['text']:.2f}, truncate r={ratio} "
-          f"{ref['truncate']:.2f}, none {ref['none']:.2f}\n\n{table(runs, ref, base['name'])}\n")
+          f"{ref['truncate']:.2f}, none {ref['none']:.2f}\n\n{table(runs, ref, base['name'])}\n\n"
+          f"training losses on the same steps (train_log.jsonl; plot: losses.png)\n\n{loss_table(runs, base)}\n")
     atomic_write_text(out / "table.md", md)
     write_json(out / "curves.json", {"runs": [{**{k: v for k, v in r.items() if k != "losses"},
                                                "points": [{k: v for k, v in p.items() if k != "f1s"}

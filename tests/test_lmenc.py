@@ -641,6 +641,10 @@ def test_encoder_curves_plots_runs_against_references_and_reuses_them(tmp_path):
     for e, p in zip(evals, runs2[1]["points"]):
         assert p["d_base"][0] == pytest.approx(100 - 100 * sum(e["f1s"]) / 3, abs=0.01)
     assert all("d_base" not in p for p in runs2[0]["points"])
+    # the training losses on the same steps: e2 is a copy of e, so every term's difference is 0
+    assert "| e2 | A | ce | 1 |" in two.stdout and "| e2 | B | ce | 1 |" in two.stdout
+    assert all(line.endswith("| +0.000 |") for line in two.stdout.splitlines() if line.startswith("| e2 | A |")
+               or line.startswith("| e2 | B |"))
     nope = run_script(script + ["--paired-with", "nope"])
     assert nope.returncode == 2 and "--paired-with nope" in nope.stderr
     # a run logged before the scores were (no f1s): its points keep the mean, without an interval
