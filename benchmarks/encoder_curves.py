@@ -207,6 +207,8 @@ def loss_table(runs: list[dict], base: dict) -> str:
     """Each run's mean training loss terms against `base`'s on the very same steps (the same batches, where the
     seeds agree): stage A's CE, stage B's answer CE and KL. A difference near 0 at equal steps says the change did
     not make the loss fall faster on the examples it trained on."""
+    if len(runs) < 2:
+        return "(one run: nothing to pair)"
     ref = {(e["stage"], e["step"]): e for e in base["losses"]}
     lines = [f"| run | stage | term | steps shared with {base['name']} | mean | {base['name']} on the same steps | "
              "difference |", "|---|---|---|---|---|---|---|"]
