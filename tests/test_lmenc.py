@@ -400,6 +400,12 @@ def test_train_encoder_command_and_a_run_with_the_first_m_control(tmp_path):
     split = m["answer_split"]["r4"]
     assert split["within"] + split["beyond"] == 6 and "lmenc_r4" in split["pipelines"]
     assert "## Where the answer lies" in (tmp_path / "run" / "report.md").read_text()
+    # in each part, the wire against its first-M control, paired over the same questions
+    for part, cell in split["pipelines"]["lmenc_r4"].items():
+        assert cell["d_first_m"][0] == pytest.approx(cell["f1"] - split["pipelines"]["lmenc_r4:first-m"][part]["f1"],
+                                                     abs=1e-6)
+        assert "d_first_m" not in split["pipelines"]["lmenc_r4:first-m"][part]
+    assert "ΔF1 vs its first-M control" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_cached_bottom_states_give_the_senders_own_states_and_gradients(tiny):

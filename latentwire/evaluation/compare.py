@@ -195,10 +195,13 @@ def answer_within(tokenizer, example, context_text: str, ratio: float) -> bool:
 
 
 def answer_split(tokenizer, prompts, rows_by: dict[str, list[dict]], ratios: Sequence[float], n_boot: int,
-                 seed: int) -> dict:
+                 seed: int, controls: dict | None = None) -> dict:
     """Every row's F1 on the questions whose answer lies within the first M tokens and on the rest, at each ratio
-    r whose truncation row the run has, with ΔF1 against truncation paired over those questions:
-    {"r4": {"within": n, "beyond": n, "pipelines": {name: {"within": {"f1", "d_truncate"}, "beyond": ...}}}}."""
+    r whose truncation row the run has, with ΔF1 against truncation paired over those questions, and -- for a
+    learned row whose first-M control is in the run (`controls`, from add_controls) -- ΔF1 against that control
+    (`d_first_m`: on the questions beyond M, what the wire's content past truncation's tokens adds):
+    {"r4": {"within": n, "beyond": n, "pipelines": {name: {"within": {"f1", "d_truncate"[, "d_first_m"]},
+    "beyond": ...}}}}."""
     out = {}
     cache: dict[tuple, bool] = {}
     for r in ratios:
@@ -217,6 +220,9 @@ def answer_split(tokenizer, prompts, rows_by: dict[str, list[dict]], ratios: Seq
         for name, rows in rows_by.items():
             if [x["id"] for x in rows] != [x["id"] for x in base]:
                 continue
+            fm = ((controls or {}).get(name) or {}).get("first_m")
+            fm_rows = rows_by.get(fm) if fm and [x["id"] for x in rows_by.get(fm, [])] == [x["id"] for x in base] \
+                else None
             cell = {}
             for part, idx in parts.items():
                 if not idx:
@@ -224,6 +230,8 @@ def answer_split(tokenizer, prompts, rows_by: dict[str, list[dict]], ratios: Seq
                 a, b = [base[i] for i in idx], [rows[i] for i in idx]
                 cell[part] = {"f1": 100 * sum(x["f1"] for x in b) / len(b),
                               "d_truncate": None if name == tname else list(paired_delta(a, b, "f1", n_boot, seed))}
+                if fm_rows is not None:
+                    cell[part]["d_first_m"] = list(paired_delta([fm_rows[i] for i in idx], b, "f1", n_boot, seed))
             entry["pipelines"][name] = cell
         out[f"r{r:g}"] = entry
     return out

@@ -312,6 +312,15 @@ def answer_split_table(metrics: dict) -> str:
                 cs += ["-", "-"] if c is None else [f"{c['f1']:.2f}", "-" if c["d_truncate"] is None else
                                                     _delta({"d_f1": c["d_truncate"]})]
             out.append(f"| {name} | " + " | ".join(cs) + " |")
+        paired = [(n, c) for n, c in e["pipelines"].items() if any("d_first_m" in (c.get(p) or {})
+                                                                   for p in ("within", "beyond"))]
+        if paired:  # the wire against its first-M control: what content past truncation's tokens adds
+            out += ["", f"| learned pipeline | ΔF1 vs its first-M control, answer within (n={e['within']}) | "
+                        f"answer beyond (n={e['beyond']}) |", "|---|---|---|"]
+            for name, c in paired:
+                out.append(f"| {name} | " + " | ".join(
+                    _delta({"d_f1": c[p]["d_first_m"]}) if "d_first_m" in (c.get(p) or {}) else "-"
+                    for p in ("within", "beyond")) + " |")
         out.append("")
     return "\n".join(out).rstrip()
 

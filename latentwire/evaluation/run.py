@@ -364,7 +364,7 @@ def evaluate_pipelines(cfg: RunConfig, lm, inp: Inputs, pipes: dict, baseline, o
     if not d.is_main:
         return {}
     ratios = sorted({r for r in (pipeline_ratio(p) for p in pipes.values()) if r is not None})
-    metrics["answer_split"] = answer_split(lm.tokenizer, prompts, rows_by, ratios, nb, seed)
+    metrics["answer_split"] = answer_split(lm.tokenizer, prompts, rows_by, ratios, nb, seed, controls)
     if controls:
         for name, c in control_deltas(rows_by, controls, nb, seed).items():
             metrics["pipelines"][name]["controls"] = c
