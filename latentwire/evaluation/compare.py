@@ -217,12 +217,12 @@ def answer_split(tokenizer, prompts, rows_by: dict[str, list[dict]], ratios: Seq
         parts = {"within": [i for i, x in enumerate(inside) if x], "beyond": [i for i, x in enumerate(inside) if not x]}
         base = rows_by[tname]
         entry = {"within": len(parts["within"]), "beyond": len(parts["beyond"]), "truncate": tname, "pipelines": {}}
+        same = {n for n, rows in rows_by.items() if [x["id"] for x in rows] == [x["id"] for x in base]}
         for name, rows in rows_by.items():
-            if [x["id"] for x in rows] != [x["id"] for x in base]:
+            if name not in same:
                 continue
             fm = ((controls or {}).get(name) or {}).get("first_m")
-            fm_rows = rows_by.get(fm) if fm and [x["id"] for x in rows_by.get(fm, [])] == [x["id"] for x in base] \
-                else None
+            fm_rows = rows_by[fm] if fm in same else None
             cell = {}
             for part, idx in parts.items():
                 if not idx:
