@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 REFERENCES = ("text", "truncate", "none")
+# the training-loss terms train_log.jsonl holds, by stage: losses.png draws one panel each, loss_table a row each
+LOSS_TERMS = (("A", "ce", "stage A: reconstruction + continuation CE"), ("B", "ce", "stage B: answer CE"),
+              ("B", "kl", "stage B: KL to the teacher"))
 
 
 def load_run(folder: Path) -> dict:
@@ -69,10 +72,8 @@ def plot_losses(runs: list[dict], path: Path, title: str, window: int = 50) -> b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = (("A", "ce", "stage A: reconstruction + continuation CE"), ("B", "ce", "stage B: answer CE"),
-              ("B", "kl", "stage B: KL to the teacher"))
     colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(runs)}  # a run keeps its colour across panels
-    for ax, (stage, key, label) in zip(axes, panels):
+    for ax, (stage, key, label) in zip(axes, LOSS_TERMS):
         for r in runs:
             rows = [e for e in r["losses"] if e["stage"] == stage and e.get(key) is not None]
             if rows:
@@ -215,7 +216,7 @@ def loss_table(runs: list[dict], base: dict) -> str:
     for r in runs:
         if r is base:
             continue
-        for stage, key in (("A", "ce"), ("B", "ce"), ("B", "kl")):
+        for stage, key, _ in LOSS_TERMS:
             pairs = [(e[key], ref[(stage, e["step"])][key]) for e in r["losses"] if e["stage"] == stage
                      and e.get(key) is not None and (ref.get((stage, e["step"])) or {}).get(key) is not None]
             if pairs:
