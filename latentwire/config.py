@@ -545,6 +545,12 @@ class EncConfig:
     straight-through; needs --enc-dz > 0)."""
     enc_hidden: int = 0
     """Hidden width of the projector's residual MLP (0: 2 x d_model)."""
+    enc_start: str = "states"
+    """What each vector starts from before the projector adds to it. states: the pooled final states themselves
+    (rescaled to the receiver's mean embedding RMS) | embeds: the mean of the group's token embeddings (the
+    receiver's own table; rescaled to the group's mean token norm), the projector adding what the sender's states
+    say -- at step 0 the first-M control *is* truncation, and the wire starts from each group's mean embedding.
+    Needs --enc-dz 0 (tokens do not cross a bottleneck)."""
     enc_steps_a: int = 300
     """Stage A steps: half reconstruction (the receiver repeats the first --enc-recon-tokens context tokens after
     the vectors), half continuation (the encoder reads a prefix, the receiver writes the next --enc-cont-tokens)."""
@@ -587,7 +593,7 @@ class EncConfig:
     enc_heldout_questions: int = 150
     """Questions of the held-out paragraphs answered (greedy, F1) at every evaluation; the best state is kept."""
     enc_eval_every: int = 100
-    """Steps between held-out evaluations (and at the end of each stage)."""
+    """Steps between held-out evaluations (and at step 0 of a fresh run and at the end of each stage)."""
     enc_ckpt_every: int = 100
     """Checkpoint every N steps (atomic; also at the time limit and on SIGINT/SIGTERM)."""
     enc_cache_bottom: bool = False
@@ -621,6 +627,10 @@ class EncConfig:
                   "enc_heldout_paragraphs"):
             _positive(n, getattr(self, n), allow_zero=True)
         _choice("enc_input", self.enc_input, ("all", "first-m"))
+        _choice("enc_start", self.enc_start, ("states", "embeds"))
+        if self.enc_start == "embeds" and self.enc_dz:
+            raise LatentWireError(f"--enc-start embeds needs --enc-dz 0 (got {self.enc_dz}): the tokens' "
+                                  "embeddings do not cross a bottleneck")
         _choice("enc_tune", self.enc_tune, ("full", "lora", "top"))
         _choice("enc_recon_span", self.enc_recon_span, ("first", "window"))
         _positive("enc_recon_anchor", self.enc_recon_anchor, allow_zero=True)

@@ -74,6 +74,31 @@ def test_first_m_control_reads_only_the_first_m_tokens(tiny):
     assert pipe.name == "lmenc_r4:first-m" and pipe.first_m_of == "lmenc_r4"
 
 
+def test_embeds_start_hands_the_first_m_control_truncations_embeddings_and_the_wire_each_groups_mean(tiny):
+    """--enc-start embeds: an untrained first-M control reads exactly the tokens' embeddings (what truncation hands
+    the receiver); at r = 4 each vector is its group's mean embedding at the group's mean token norm; training
+    moves the vectors from there (the projector reads the sender's states); a bottleneck refuses it."""
+    table = tiny.embedding_table().float()
+    ids = list(range(10, 31))  # 21 tokens: M = 6
+    ctl = PooledLMPipeline(tiny, build_encoder(tiny, small(enc_input="first-m", enc_start="embeds")), meta={})
+    assert torch.allclose(ctl.receive(ctl.send("a", ids)), table[ids[:6]], atol=1e-2, rtol=1e-2)  # 16-bit floats
+    assert ctl.name == "lmenc_r4_emb:first-m" and ctl.first_m_of == "lmenc_r4_emb"
+    enc = build_encoder(tiny, small(enc_start="embeds"))
+    x = torch.tensor([ids])
+    v, _ = enc.encode(x, torch.ones_like(x, dtype=torch.bool))
+    g = table[ids[4:8]]
+    want = g.mean(0) * g.norm(dim=-1).mean() / g.mean(0).norm()
+    assert v.shape == (1, 6, tiny.d_model) and torch.allclose(v[0, 1], want, atol=1e-5)
+    torch.nn.init.normal_(enc.proj[2].weight)
+    moved, _ = enc.encode(x, torch.ones_like(x, dtype=torch.bool))
+    assert not torch.allclose(moved, v)
+    moved.sum().backward()  # gradients reach the sender's trainable states through the projector
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in enc.named_parameters()
+               if n.startswith("sender.") and p.requires_grad)
+    with pytest.raises(LatentWireError, match="--enc-start embeds needs --enc-dz 0"):
+        small(enc_start="embeds", enc_dz=8).validate()
+
+
 def test_the_batch_assembly_equals_plain_forwards(tiny):
     """receiver_logits builds [head][vectors_b][tail_b] for every row by one gather; each row's logits at its
     trained positions equal a plain forward of that row alone."""
@@ -231,6 +256,8 @@ def test_saved_weights_round_trip_and_hold_only_the_trainable_part(tiny, trained
     assert meta["record"]["steps"] == 4 and meta["record"]["finished"]
     assert (out / "train_log.jsonl").is_file() and (out / "heldout.jsonl").is_file() and (out / "ckpt.pt").is_file()
     assert meta["shape"]["enc_dz"] == 8 and json.loads((out / "encoder.json").read_text())["digest"] == meta["digest"]
+    evals = [json.loads(line)["step"] for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert evals == [0, 2, 4]  # the curve starts at the untrained encoder
     enc, _ = load_encoder(tiny, out)
     assert set(enc.trainable_state()) == {k for k, p in enc.named_parameters() if p.requires_grad}
     pipe, again = lw.load_pipeline(str(out), lm=tiny), lw.load_pipeline(str(out), lm=tiny)

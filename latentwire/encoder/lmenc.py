@@ -80,13 +80,16 @@ class PooledEncoder(torch.nn.Module):
     frozen LM reads [.., d]); `forward` is the pair with the wire's quantizer between them (straight-through)."""
 
     def __init__(self, sender: torch.nn.Module, d_model: int, ratio: int, emb_rms: float, d_z: int = 0,
-                 bits: int = 16, hidden: int = 0, first_m: bool = False):
+                 bits: int = 16, hidden: int = 0, first_m: bool = False, start: str = "states"):
         super().__init__()
         if d_z == 0 and bits not in (16, 32):
             raise LatentWireError(f"--enc-bits {bits}: without a bottleneck (--enc-dz 0) the vectors cross as "
                                   "16- or 32-bit floats")
+        if start == "embeds" and d_z:
+            raise LatentWireError(f"--enc-start embeds needs --enc-dz 0 (got {d_z})")
         self.sender = sender
         self.ratio, self.d_z, self.bits, self.first_m = int(ratio), int(d_z), int(bits), bool(first_m)
+        self.start = start
         hidden = hidden or 2 * d_model
         self.down = torch.nn.Linear(d_model, d_z) if d_z else None
         self.up = torch.nn.Linear(d_z, d_model) if d_z else None
@@ -128,10 +131,23 @@ class PooledEncoder(torch.nn.Module):
         y = y + self.proj(y)
         return self.target_rms * y / y.float().pow(2).mean(-1, keepdim=True).add(1e-8).sqrt().to(y.dtype)
 
+    def mean_embeds(self, ids: torch.Tensor, mask: torch.Tensor, ratio: int) -> torch.Tensor:
+        """Each group's mean token embedding (the frozen table both ends hold), rescaled to the group's mean token
+        norm: at r = 1 exactly the tokens' embeddings (what truncation hands the receiver)."""
+        with torch.no_grad():
+            e = self.sender.get_input_embeddings()(ids).float()
+            mean, _ = pool_states(e, mask, ratio)
+            norm, _ = pool_states(e.norm(dim=-1, keepdim=True), mask, ratio)
+            return mean * norm / mean.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, ratio: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L] right-padded, mask [B, L] -> codes [B, M, k] (what the quantizer writes) and mask [B, M]."""
         p, pm = pool_states(self.states(ids, mask), mask, ratio or self.ratio)
+        if self.start == "embeds":
+            # Why: the first-M control showed that the read-in (final states -> projector) loses the exact tokens
+            # it is handed; starting from the tokens' own embeddings keeps them, and training adds the rest.
+            return self.mean_embeds(ids, mask, ratio or self.ratio).to(p.dtype) + self.proj(p), pm
         if self.d_z:
             z = self.down(p)
             return (torch.tanh(z) if self.bits < 16 else z), pm
@@ -307,7 +323,7 @@ def build_encoder(lm, cfg: EncConfig) -> PooledEncoder:
     table = lm.embedding_table().float()
     emb_rms = float(table.pow(2).mean(-1).sqrt().mean())
     enc = PooledEncoder(make_sender(lm, cfg), lm.d_model, cfg.enc_ratio, emb_rms, cfg.enc_dz, cfg.enc_bits,
-                        cfg.enc_hidden, cfg.enc_input == "first-m")
+                        cfg.enc_hidden, cfg.enc_input == "first-m", cfg.enc_start)
     if cfg.enc_cache_bottom:
         enc.cache_bottom(cfg.enc_top_layers)
     return enc.to(lm.device)
@@ -316,7 +332,7 @@ def build_encoder(lm, cfg: EncConfig) -> PooledEncoder:
 # ------------------------------------------------------------- save / load
 
 SHAPE_FIELDS = ("enc_ratio", "enc_tune", "enc_lora_rank", "enc_top_layers", "enc_dz", "enc_bits", "enc_hidden",
-                "enc_input")
+                "enc_input", "enc_start")
 """The config fields that decide the encoder's parameters and wire (saved; a loader rebuilds from them)."""
 
 

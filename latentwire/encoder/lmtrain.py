@@ -441,6 +441,8 @@ def train_encoder(lm, train_examples: Sequence[Example], builder: PromptBuilder,
     # as the time limit does: the best state, encoder.json and ckpt.pt are written, and --resume continues
     with _StopFlag() as stop:
         try:
+            if step == 0:  # the curve starts where the untrained encoder is (what training is measured from)
+                evaluate(0)
             while step < total:
                 if cfg.enc_time_limit and seconds >= cfg.enc_time_limit:
                     stopped = f"time limit ({cfg.enc_time_limit:g} s)"

@@ -85,11 +85,12 @@ def from_file(lm, path: str | Path, sender=None, flag: str = "--seq-path") -> Le
 
 
 def default_name(enc, meta: dict, first_m: bool | None = None) -> str:
-    """lmenc_r{r}[_z{d_z}x{bits}][_s{seed}][:first-m]: a row per shape, seed and input, so that a bytes sweep,
-    two seeds and the first-M control sit in one run."""
+    """lmenc_r{r}[_z{d_z}x{bits}][_emb][_s{seed}][:first-m]: a row per shape, start (_emb: --enc-start embeds),
+    seed and input, so that a bytes sweep, two seeds, two read-ins and the first-M control sit in one run."""
     seed = (meta.get("record", {}).get("config") or {}).get("enc_seed", 0)
     first_m = enc.first_m if first_m is None else first_m
-    return (f"lmenc_r{enc.ratio}" + (f"_z{enc.d_z}x{enc.bits}" if enc.d_z else "") + (f"_s{seed}" if seed else "")
+    return (f"lmenc_r{enc.ratio}" + (f"_z{enc.d_z}x{enc.bits}" if enc.d_z else "")
+            + ("_emb" if enc.start == "embeds" else "") + (f"_s{seed}" if seed else "")
             + (":first-m" if first_m else ""))
 
 
@@ -132,7 +133,7 @@ class PooledLMPipeline(Pipeline):
     def describe(self):
         e = self.enc
         out = {"name": self.name, "kind": "learned", "encoder": "pooled-lm", "ratio": e.ratio, "d_z": e.d_z,
-               "bits": e.bits, "input": "first-m" if e.first_m else "all"}
+               "bits": e.bits, "input": "first-m" if e.first_m else "all", "start": e.start}
         rec = self.meta.get("record", {})
         for k in ("steps", "seconds", "heldout_f1", "examples_seen"):
             if k in rec:
