@@ -9,7 +9,11 @@ cross the wire at `bits` bits (tanh then uniform levels, straight-through
 in training); a residual MLP (d -> hidden GELU -> d, its second layer
 zero-initialised, so that at the start the receiver reads the pooled states
 themselves) maps each vector; each output is rescaled to the mean RMS of the
-receiver's token embeddings.
+receiver's token embeddings. With `--enc-start embeds` each vector instead
+starts from its group's mean token embedding (the receiver's own table, at
+the group's mean token norm) and the MLP adds what the sender's states say:
+an untrained first-M control then hands the receiver truncation's exact
+embeddings.
 
 Receiver: the frozen LM reads the M vectors as input embeddings where the
 context's tokens were: [head + "Context:"] [M vectors] ["\\nQuestion: " q
