@@ -71,7 +71,7 @@ def test_first_m_control_reads_only_the_first_m_tokens(tiny):
     a = pipe.send("a", ids)
     b = pipe.send("b", ids[:6] + [5] * 15)  # what lies beyond the first M tokens changes nothing
     assert a.positions == 6 and bytes(a) == bytes(b)
-    assert pipe.name == "lmenc_r4:first-m" and pipe.first_m_of == "lmenc_r4"
+    assert pipe.name == "lmenc_r4_firstm" and pipe.first_m_of == "lmenc_r4"
 
 
 def test_embeds_start_hands_the_first_m_control_truncations_embeddings_and_the_wire_each_groups_mean(tiny):
@@ -82,7 +82,7 @@ def test_embeds_start_hands_the_first_m_control_truncations_embeddings_and_the_w
     ids = list(range(10, 31))  # 21 tokens: M = 6
     ctl = PooledLMPipeline(tiny, build_encoder(tiny, small(enc_input="first-m", enc_start="embeds")), meta={})
     assert torch.allclose(ctl.receive(ctl.send("a", ids)), table[ids[:6]], atol=1e-2, rtol=1e-2)  # 16-bit floats
-    assert ctl.name == "lmenc_r4_emb:first-m" and ctl.first_m_of == "lmenc_r4_emb"
+    assert ctl.name == "lmenc_r4_emb_firstm" and ctl.first_m_of == "lmenc_r4_emb"
     enc = build_encoder(tiny, small(enc_start="embeds"))
     x = torch.tensor([ids])
     v, _ = enc.encode(x, torch.ones_like(x, dtype=torch.bool))
@@ -422,16 +422,16 @@ def test_train_encoder_command_and_a_run_with_the_first_m_control(tmp_path):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     ctl = m["controls"]["lmenc_r4"]
     assert ctl == {"other": "lmenc_r4:other", "none": "none", "truncate": "truncate_r4",
-                   "first_m": "lmenc_r4:first-m"}
+                   "first_m": "lmenc_r4_firstm"}
     assert "first_m" in m["pipelines"]["lmenc_r4"]["controls"]
     split = m["answer_split"]["r4"]
     assert split["within"] + split["beyond"] == 6 and "lmenc_r4" in split["pipelines"]
     assert "## Where the answer lies" in (tmp_path / "run" / "report.md").read_text()
     # in each part, the wire against its first-M control, paired over the same questions
     for part, cell in split["pipelines"]["lmenc_r4"].items():
-        assert cell["d_first_m"][0] == pytest.approx(cell["f1"] - split["pipelines"]["lmenc_r4:first-m"][part]["f1"],
+        assert cell["d_first_m"][0] == pytest.approx(cell["f1"] - split["pipelines"]["lmenc_r4_firstm"][part]["f1"],
                                                      abs=1e-6)
-        assert "d_first_m" not in split["pipelines"]["lmenc_r4:first-m"][part]
+        assert "d_first_m" not in split["pipelines"]["lmenc_r4_firstm"][part]
     assert "ΔF1 vs its first-M control" in (tmp_path / "run" / "report.md").read_text()
 
 
@@ -501,7 +501,7 @@ def test_gpu_encoder_script_trains_evaluates_and_archives_on_the_tiny_model(tmp_
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     m = json.loads((out / "eval" / "metrics.json").read_text())
-    assert m["controls"]["lmenc_r4"]["first_m"] == "lmenc_r4:first-m" and m["n_eval"] == 4
+    assert m["controls"]["lmenc_r4"]["first_m"] == "lmenc_r4_firstm" and m["n_eval"] == 4
     with tarfile.open(f"{out}.tgz") as t:
         names = t.getnames()
     assert "g/eval/report.md" in names and not any(n.endswith((".pt", ".safetensors")) for n in names)

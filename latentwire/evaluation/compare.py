@@ -217,7 +217,8 @@ def answer_split(tokenizer, prompts, rows_by: dict[str, list[dict]], ratios: Seq
         parts = {"within": [i for i, x in enumerate(inside) if x], "beyond": [i for i, x in enumerate(inside) if not x]}
         base = rows_by[tname]
         entry = {"within": len(parts["within"]), "beyond": len(parts["beyond"]), "truncate": tname, "pipelines": {}}
-        same = {n for n, rows in rows_by.items() if [x["id"] for x in rows] == [x["id"] for x in base]}
+        base_ids = [x["id"] for x in base]
+        same = {n for n, rows in rows_by.items() if [x["id"] for x in rows] == base_ids}
         for name, rows in rows_by.items():
             if name not in same:
                 continue

@@ -85,13 +85,16 @@ def from_file(lm, path: str | Path, sender=None, flag: str = "--seq-path") -> Le
 
 
 def default_name(enc, meta: dict, first_m: bool | None = None) -> str:
-    """lmenc_r{r}[_z{d_z}x{bits}][_emb][_s{seed}][:first-m]: a row per shape, start (_emb: --enc-start embeds),
-    seed and input, so that a bytes sweep, two seeds, two read-ins and the first-M control sit in one run."""
+    """lmenc_r{r}[_z{d_z}x{bits}][_emb][_firstm][_s{seed}]: a row per shape, start (_emb: --enc-start embeds),
+    input (_firstm: --enc-input first-m) and seed, so that a bytes sweep, two seeds, two read-ins and the first-M
+    control sit in one run. `_firstm` is a name, not a role (not `NAME:first-m`, as `:other` is): such an
+    encoder is a wire of its own (the shipped one is), and the first-M control of its twin only when the twin
+    is in the same run (`first_m_of`, compare.add_controls)."""
     seed = (meta.get("record", {}).get("config") or {}).get("enc_seed", 0)
     first_m = enc.first_m if first_m is None else first_m
     return (f"lmenc_r{enc.ratio}" + (f"_z{enc.d_z}x{enc.bits}" if enc.d_z else "")
-            + ("_emb" if enc.start == "embeds" else "") + (f"_s{seed}" if seed else "")
-            + (":first-m" if first_m else ""))
+            + ("_emb" if enc.start == "embeds" else "") + ("_firstm" if first_m else "")
+            + (f"_s{seed}" if seed else ""))
 
 
 class PooledLMPipeline(Pipeline):
