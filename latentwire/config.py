@@ -550,7 +550,9 @@ class EncConfig:
     (rescaled to the receiver's mean embedding RMS) | embeds: the mean of the group's token embeddings (the
     receiver's own table; rescaled to the group's mean token norm), the projector adding what the sender's states
     say -- at step 0 the first-M control *is* truncation, and the wire starts from each group's mean embedding.
-    Needs --enc-dz 0 (tokens do not cross a bottleneck)."""
+    With a bottleneck (--enc-dz > 0) only for --enc-input first-m: the payload is then truncation's M token ids
+    plus M x d_z codes (a side channel the receiver adds to the ids' embeddings); a pooled group's mean embedding
+    would need all of its tokens on the wire."""
     enc_steps_a: int = 300
     """Stage A steps: half reconstruction (the receiver repeats the first --enc-recon-tokens context tokens after
     the vectors), half continuation (the encoder reads a prefix, the receiver writes the next --enc-cont-tokens)."""
@@ -628,9 +630,9 @@ class EncConfig:
             _positive(n, getattr(self, n), allow_zero=True)
         _choice("enc_input", self.enc_input, ("all", "first-m"))
         _choice("enc_start", self.enc_start, ("states", "embeds"))
-        if self.enc_start == "embeds" and self.enc_dz:
-            raise LatentWireError(f"--enc-start embeds needs --enc-dz 0 (got {self.enc_dz}): the tokens' "
-                                  "embeddings do not cross a bottleneck")
+        if self.enc_start == "embeds" and self.enc_dz and self.enc_input != "first-m":
+            raise LatentWireError(f"--enc-start embeds with --enc-dz {self.enc_dz} needs --enc-input first-m: a "
+                                  "pooled group's mean embedding would need all its tokens on the wire")
         _choice("enc_tune", self.enc_tune, ("full", "lora", "top"))
         _choice("enc_recon_span", self.enc_recon_span, ("first", "window"))
         _positive("enc_recon_anchor", self.enc_recon_anchor, allow_zero=True)

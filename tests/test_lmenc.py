@@ -95,8 +95,36 @@ def test_embeds_start_hands_the_first_m_control_truncations_embeddings_and_the_w
     moved.sum().backward()  # gradients reach the sender's trainable states through the projector
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in enc.named_parameters()
                if n.startswith("sender.") and p.requires_grad)
-    with pytest.raises(LatentWireError, match="--enc-start embeds needs --enc-dz 0"):
+    with pytest.raises(LatentWireError, match="--enc-start embeds with --enc-dz 8 needs --enc-input first-m"):
         small(enc_start="embeds", enc_dz=8).validate()
+
+
+def test_side_channel_wire_sends_truncations_ids_and_codes_that_add_to_their_embeddings(tiny, tmp_path):
+    """--enc-start embeds --enc-input first-m --enc-dz 8 --enc-bits 4: the payload is M, the first M ids at
+    ceil(log2 V) bits and M x 8 codes at 4 bits, exactly; untrained, the receiver reads truncation's embeddings;
+    trained codes move them; what lies beyond the first M tokens changes nothing; the weights round-trip."""
+    cfg = small(enc_input="first-m", enc_start="embeds", enc_dz=8, enc_bits=4)
+    cfg.validate()
+    enc = build_encoder(tiny, cfg)
+    assert enc.sends_ids
+    pipe = PooledLMPipeline(tiny, enc, meta={})
+    assert pipe.name == "lmenc_r4_z8x4_emb_firstm"
+    table = tiny.embedding_table().float()
+    ids = list(range(10, 31))  # 21 tokens: M = 6
+    pl = pipe.send("a", ids)
+    id_bits = math.ceil(math.log2(table.shape[0]))
+    assert pl.positions == 6 and len(pl) == 1 + math.ceil(6 * id_bits / 8) + math.ceil(6 * 8 * 4 / 8)
+    assert torch.allclose(pipe.receive(pl), table[ids[:6]], atol=1e-6)  # the ids cross exactly: truncation
+    assert bytes(pipe.send("b", ids[:6] + [3] * 15)) == bytes(pl)
+    torch.nn.init.normal_(enc.proj[2].weight, std=0.05)
+    moved = pipe.decode(bytes(pipe.send("a", ids)))  # receive() memoises per payload; the weights changed
+    assert not torch.allclose(moved, table[ids[:6]], atol=1e-3)
+    x = torch.tensor([ids[:6]])
+    v, _ = enc(x, torch.ones_like(x, dtype=torch.bool), 1)  # training's path (straight-through codes) = the wire's
+    assert torch.allclose(v[0], moved, atol=1e-5)
+    save_encoder(enc, tmp_path, tiny, cfg, {"steps": 0}, dtype=torch.float32)  # fp32: the same codes, exactly
+    again = lw.load_pipeline(str(tmp_path), lm=tiny)
+    assert again.enc.sends_ids and torch.allclose(again.receive(again.send("a", ids)), moved, atol=1e-5)
 
 
 def test_the_batch_assembly_equals_plain_forwards(tiny):
@@ -206,6 +234,31 @@ def test_training_steps_lower_the_loss_and_train_only_what_the_mode_says(tiny, t
         assert set(t) == {"ce", "kl", "loss"} and torch.isclose(t["loss"], t["ce"] + 0.5 * t["kl"])
         opt.zero_grad()
         t["loss"].backward()
+        opt.step()
+        losses.append(float(t["loss"].detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_the_side_channel_trains_through_its_4_bit_codes(tiny):
+    """The side-channel wire's loss step: gradients pass the 4-bit codes straight through to the sender's top
+    block, and a few steps on one batch lower the loss from truncation's (where the untrained wire starts)."""
+    torch.manual_seed(0)
+    cfg = small(enc_tune="top", enc_top_layers=1, enc_input="first-m", enc_start="embeds", enc_dz=8, enc_bits=4)
+    enc = build_encoder(tiny, cfg)
+    builder = PromptBuilder(tiny.tokenizer, "fewshot")
+    head = head_of(builder)
+    hc = head_cache(tiny, head)
+    paras, _ = split_training(synthetic_squad()[:40], builder, cfg)
+    rows = make_batch(paras, "B", 0, cfg, [])
+    opt = torch.optim.Adam([p for p in enc.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for i in range(6):
+        t = loss_step(enc, tiny, hc, len(head), rows, cfg)
+        opt.zero_grad()
+        t["loss"].backward()
+        if i == 1:  # the projector's last layer starts at zero: from the second step on, gradients reach the sender
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in enc.named_parameters()
+                       if n.startswith("sender.") and p.requires_grad)
         opt.step()
         losses.append(float(t["loss"].detach()))
     assert losses[-1] < losses[0]

@@ -89,8 +89,8 @@ class PooledEncoder(torch.nn.Module):
         if d_z == 0 and bits not in (16, 32):
             raise LatentWireError(f"--enc-bits {bits}: without a bottleneck (--enc-dz 0) the vectors cross as "
                                   "16- or 32-bit floats")
-        if start == "embeds" and d_z:
-            raise LatentWireError(f"--enc-start embeds needs --enc-dz 0 (got {d_z})")
+        if start == "embeds" and d_z and not first_m:
+            raise LatentWireError(f"--enc-start embeds with --enc-dz {d_z} needs --enc-input first-m")
         self.sender = sender
         self.ratio, self.d_z, self.bits, self.first_m = int(ratio), int(d_z), int(bits), bool(first_m)
         self.start = start
@@ -107,8 +107,14 @@ class PooledEncoder(torch.nn.Module):
 
     @property
     def code_dim(self) -> int:
-        """Values per position on the wire."""
+        """Values per position on the wire (besides the token ids, where `sends_ids`)."""
         return self.d_z or self.proj[2].out_features
+
+    @property
+    def sends_ids(self) -> bool:
+        """The side-channel wire (embeds start, first-M input, a bottleneck): the payload carries truncation's M
+        token ids as well as the codes; the receiver adds the decoded codes to those tokens' embeddings."""
+        return self.start == "embeds" and bool(self.d_z)
 
     def sender_input(self, ids: Sequence[int]) -> tuple[list[int], int]:
         """(the tokens the sender reads, the pooling ratio): all L tokens pooled by r; the first-M control reads
@@ -148,7 +154,7 @@ class PooledEncoder(torch.nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L] right-padded, mask [B, L] -> codes [B, M, k] (what the quantizer writes) and mask [B, M]."""
         p, pm = pool_states(self.states(ids, mask), mask, ratio or self.ratio)
-        if self.start == "embeds":
+        if self.start == "embeds" and not self.d_z:
             # Why: the first-M control showed that the read-in (final states -> projector) loses the exact tokens
             # it is handed; starting from the tokens' own embeddings keeps them, and training adds the rest.
             return self.mean_embeds(ids, mask, ratio or self.ratio).to(p.dtype) + self.proj(p), pm
@@ -157,15 +163,22 @@ class PooledEncoder(torch.nn.Module):
             return (torch.tanh(z) if self.bits < 16 else z), pm
         return self._finish(p), pm
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """codes [.., k] -> the vectors the receiver reads [.., d]."""
+    def decode(self, z: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [.., k] -> the vectors the receiver reads [.., d]. `base`: for the side-channel wire
+        (`sends_ids`), the embeddings of the token ids that came with the codes; the codes add to them (the
+        projector's last layer starts at zero, so an untrained side channel hands over truncation exactly)."""
+        if self.sends_ids:
+            if base is None:
+                raise ValueError("this encoder's codes add to its token ids' embeddings: pass base")
+            return base.to(z.dtype) + self.proj(self.up(z))
         return self._finish(self.up(z)) if self.d_z else z
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, ratio: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         z, m = self.encode(ids, mask, ratio)
         zq = self.quantizer.roundtrip(z.reshape(-1, z.shape[-1])).view(z.shape)
-        return self.decode(zq), m
+        base = self.mean_embeds(ids, mask, ratio or self.ratio) if self.sends_ids else None
+        return self.decode(zq, base), m
 
     # --- what ships: the trainable part only
     def trainable_state(self) -> dict[str, torch.Tensor]:

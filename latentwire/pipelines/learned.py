@@ -13,12 +13,14 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data import context_token_ids
-from ..wire.wire import Payload
+from ..wire.wire import Payload, pack_uints, read_varint, unpack_uints, varint
 from .base import Pipeline
 from .tokens import budget
 from ..encoder.lmenc import META, load_encoder
@@ -116,6 +118,11 @@ class PooledLMPipeline(Pipeline):
     def _dev(self):
         return next(self.enc.parameters()).device
 
+    @property
+    def id_bits(self) -> int:
+        """Bits of a token id on the side-channel wire: ceil(log2 V), as `truncate` sends them."""
+        return max(1, math.ceil(math.log2(self.enc.sender.get_input_embeddings().num_embeddings)))
+
     @torch.no_grad()
     def encode(self, text, ids):
         src, r = self.enc.sender_input(ids)
@@ -124,14 +131,24 @@ class PooledLMPipeline(Pipeline):
         x = torch.tensor([src], dtype=torch.long, device=self._dev())
         z, _ = self.enc.encode(x, torch.ones_like(x, dtype=torch.bool), r)
         assert z.shape[1] == budget(len(ids), self.ratio)
-        return Payload(self.enc.quantizer.to_bytes(z[0].float().cpu()), positions=int(z.shape[1]))
+        codes = self.enc.quantizer.to_bytes(z[0].float().cpu())
+        if self.enc.sends_ids:  # M, then the M ids at ceil(log2 V) bits (truncation's), then the codes
+            codes = varint(len(src)) + pack_uints(np.asarray(src), self.id_bits) + codes
+        return Payload(codes, positions=int(z.shape[1]))
 
     @torch.no_grad()
     def decode(self, data):
         if not data:
             return torch.zeros((0, self.lm.d_model))
-        z = self.enc.quantizer.from_bytes(bytes(data), self.enc.code_dim)
-        return self.enc.decode(z.to(self._dev())).float()
+        data, base = bytes(data), None
+        if self.enc.sends_ids:
+            m, used = read_varint(data)
+            n = (m * self.id_bits + 7) // 8
+            ids = torch.as_tensor(unpack_uints(data[used:used + n], self.id_bits, m), device=self._dev())[None]
+            base = self.enc.mean_embeds(ids, torch.ones_like(ids, dtype=torch.bool), 1)[0]
+            data = data[used + n:]
+        z = self.enc.quantizer.from_bytes(data, self.enc.code_dim).to(self._dev())
+        return self.enc.decode(z, base).float()
 
     def describe(self):
         e = self.enc
